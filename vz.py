@@ -1,0 +1,950 @@
+"""VideoZoomer toolbox: everything the three scripts share, top to bottom.
+
+1. Frames: PyAV sampler for the low-fps overview and the zoom clips, resize, patchify.
+2. Protocol: system prompt, frame tags, tool replies, and the one renderer that builds
+   (ids, trainable) in lockstep for SFT, RL and inference alike.
+3. Parser: one assistant turn -> a zoom call, an answer, or a one-line error. Never raises.
+4. Model: loading from a local directory, and writing a tiny Qwen2.5-VL checkpoint.
+5. Rollout: G trajectories per (video, question); the prompt is prefilled once and its
+   KV cache shared, every later turn prefills only its new tokens.
+6. Distributed: torchrun init and cleanup.
+
+The agent protocol (tags, keys, budgets) is ../shared/PROTOCOL.md; keep to it.
+"""
+
+import itertools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# 1. Frames
+
+
+class VideoError(Exception):
+    """A video we cannot use; the message is one line, meant for the user."""
+
+
+@dataclass
+class VisionConfig:
+    """Preprocessing constants; the defaults are Qwen2.5-VL's with the paper's pixel bounds."""
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    min_pixels: int = 25088  # 32 merged patches
+    max_pixels: int = 100352  # 128 merged patches: at most 128 visual tokens per frame
+
+    @property
+    def factor(self):
+        return self.patch_size * self.merge_size
+
+
+def load_vision_config(model_dir):
+    """Read preprocessor_config.json (new `size` keys or legacy min/max_pixels)."""
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    size = cfg.get("size") or {}
+    defaults = VisionConfig()
+    return VisionConfig(
+        patch_size=cfg.get("patch_size", defaults.patch_size),
+        merge_size=cfg.get("merge_size", defaults.merge_size),
+        temporal_patch_size=cfg.get("temporal_patch_size", defaults.temporal_patch_size),
+        image_mean=tuple(cfg.get("image_mean", defaults.image_mean)),
+        image_std=tuple(cfg.get("image_std", defaults.image_std)),
+        min_pixels=size.get("shortest_edge", cfg.get("min_pixels", defaults.min_pixels)),
+        max_pixels=size.get("longest_edge", cfg.get("max_pixels", defaults.max_pixels)),
+    )
+
+
+def resize_shape(height, width, vcfg):
+    """(h, w) with sides multiples of patch*merge, aspect kept, pixels in [min, max]."""
+    factor = vcfg.factor
+    if max(height, width) / min(height, width) > 200:
+        raise VideoError(f"aspect ratio {width}x{height} is too extreme (over 200:1)")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > vcfg.max_pixels:
+        scale = math.sqrt(height * width / vcfg.max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < vcfg.min_pixels:
+        scale = math.sqrt(vcfg.min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+@dataclass
+class Frame:
+    time: float  # seconds since the video's first frame, from the source frame's own pts
+    image: np.ndarray  # (h, w, 3) uint8 RGB, already resized
+    _patches: tuple = field(default=None, repr=False)
+
+    def patches(self, vcfg):
+        """(pixel_values, grid_thw) for the vision tower, computed once per frame."""
+        if self._patches is None:
+            self._patches = patchify(self.image, vcfg)
+        return self._patches
+
+
+def patchify(image, vcfg):
+    """(h, w, 3) uint8 -> pixel_values (h/p * w/p, 3*T*p*p) and grid_thw (3,), Qwen2.5-VL's layout.
+
+    Patches are ordered merge-window by merge-window (the merger fuses each m x m window), and the
+    single image is repeated on the temporal axis to fill one temporal patch.
+    """
+    height, width, channels = image.shape
+    p, m, t = vcfg.patch_size, vcfg.merge_size, vcfg.temporal_patch_size
+    assert height % (p * m) == 0 and width % (p * m) == 0, f"frame {width}x{height} is not patch-aligned"
+    mean = torch.tensor(vcfg.image_mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(vcfg.image_std, dtype=torch.float32).view(-1, 1, 1)
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0  # (C, H, W)
+    x = (x - mean) / std
+    grid_h, grid_w = height // p, width // p
+    x = x.unsqueeze(0).expand(t, -1, -1, -1)  # (T, C, H, W)
+    x = x.reshape(t, channels, grid_h // m, m, p, grid_w // m, m, p)
+    x = x.permute(2, 5, 3, 6, 1, 0, 4, 7)  # (gh/m, gw/m, m, m, C, T, p, p)
+    pixel_values = x.reshape(grid_h * grid_w, channels * t * p * p).contiguous()
+    return pixel_values, torch.tensor([1, grid_h, grid_w])
+
+
+class Video:
+    """One open video stream. Times are seconds since its first frame; seeks are planned in pts."""
+
+    def __init__(self, path):
+        self.path = path
+        if os.path.isdir(path):
+            raise VideoError(f"{path}: is a directory, not a video file")
+        if not os.path.isfile(path):
+            raise VideoError(f"{path}: no such file")
+        if os.path.getsize(path) == 0:
+            raise VideoError(f"{path}: file is empty")
+        try:
+            self.container = av.open(path)
+        except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+            raise VideoError(f"{path}: not a readable video ({_one_line(e)})") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise VideoError(f"{path}: has no video stream")
+        self.stream = self.container.streams.video[0]
+        self.time_base = self.stream.time_base or Fraction(1, 1000000)
+        self.width, self.height = self.stream.codec_context.width, self.stream.codec_context.height
+        if not self.width or not self.height:
+            self.close()
+            raise VideoError(f"{path}: video stream has no frame size")
+        self.start_pts = self.stream.start_time or 0
+        # Index entries carry DTS; a keyframe's pts is >= its dts, so a seek planned from them can land
+        # one GOP late, which _frames() detects and undoes by seeking further back.
+        self.keyframe_dts = [e.timestamp for e in self.stream.index_entries if e.is_keyframe]
+        self.duration = self._probe_duration()
+
+    def _probe_duration(self):
+        if self.stream.duration:
+            return float(self.stream.duration * self.time_base)
+        if self.container.duration:  # microseconds, counted from the container's own start
+            start = (self.container.start_time or 0) / 1e6
+            return self.container.duration / 1e6 - (float(self.start_pts * self.time_base) - start)
+        # No header duration (raw streams): decode once to find the last frame.
+        last = None
+        for frame, _ in self._frames(self.start_pts):
+            last = frame
+        if last is None:
+            raise VideoError(f"{self.path}: video stream has no decodable frames")
+        step = 1 / float(self.stream.average_rate or 25)
+        return self._time(last.pts) + step
+
+    def _time(self, pts):
+        return float((pts - self.start_pts) * self.time_base)
+
+    def _ticks(self, seconds):
+        # Floor with a little slack so 2.0 s maps onto a frame stamped at exactly 2.0 s.
+        return self.start_pts + math.floor(seconds / self.time_base + 1e-6)
+
+    def _frames(self, ticks):
+        """Yield (frame, next_pts) in display order, starting with the frame showing at `ticks`."""
+        back = 0
+        one_second = math.ceil(1 / self.time_base)
+        while True:
+            target = max(ticks - back, self.start_pts)
+            try:
+                self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
+            except av.FFmpegError:
+                self.container.seek(0, backward=True)  # unseekable input: rewind and decode forward
+            decoded = self._decode()
+            first = next(decoded, None)
+            if first is None:
+                if target == self.start_pts:
+                    return
+                back = back * 2 or one_second  # landed past the end: back off
+                continue
+            if first.pts <= ticks or target == self.start_pts:
+                break
+            back = back * 2 or one_second  # landed on a keyframe shown after `ticks`
+        current = first
+        for frame in decoded:
+            if frame.pts <= current.pts:
+                continue  # leftovers from before the keyframe
+            if frame.pts <= ticks:
+                current = frame
+                continue
+            yield current, frame.pts
+            current = frame
+        yield current, math.inf
+
+    def _decode(self):
+        try:
+            for frame in self.container.decode(self.stream):
+                if frame.pts is not None:
+                    yield frame
+        except av.FFmpegError as e:
+            # A damaged tail ends the stream early; whatever decoded so far is still served.
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                print(f"warning: {self.path}: decoding stopped early ({_one_line(e)})")
+
+    def _keyframe_after(self, pts, ticks):
+        """True when a keyframe lies between the decoder's position and `ticks`: seeking is cheaper."""
+        if not self.keyframe_dts:
+            return ticks - pts > 1 / self.time_base
+        i = np.searchsorted(self.keyframe_dts, ticks, side="right") - 1
+        return i >= 0 and self.keyframe_dts[i] > pts
+
+    def _rgb(self, frame, size):
+        height, width = size
+        image = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC")
+        return Frame(time=self._time(frame.pts), image=image.to_ndarray())
+
+    def serve(self, times, vcfg, seek=True):
+        """The frames showing at the given increasing times (seconds); seeks between sparse targets."""
+        size = resize_shape(self.height, self.width, vcfg)
+        out, frames, current = [], None, None
+        for seconds in times:
+            ticks = self._ticks(seconds)
+            if current is None or (seek and self._keyframe_after(current[0].pts, ticks)):
+                frames = self._frames(ticks)
+                current = next(frames, None)
+                if current is None:
+                    raise VideoError(f"{self.path}: no decodable frame at {seconds:.2f}s")
+            while current[1] <= ticks:
+                current = next(frames)
+            out.append(self._rgb(current[0], size))
+        return out
+
+    def close(self):
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _one_line(error):
+    return " ".join(str(error).split())
+
+
+def open_video(path):
+    return Video(path)
+
+
+def sample_overview(video, vcfg, fps=0.5, max_frames=64):
+    """One frame every 1/fps seconds; if that is more than max_frames, max_frames spread uniformly."""
+    num_frames = math.ceil(video.duration * fps - 1e-9)
+    if num_frames > max_frames:
+        times = [k * video.duration / max_frames for k in range(max_frames)]
+    else:
+        times = [k / fps for k in range(max(num_frames, 1))]
+    return video.serve(times, vcfg)
+
+
+def clip_times(start, end, num_frames):
+    """num_frames times evenly spaced from start to end inclusive (just start for one frame)."""
+    if num_frames == 1:
+        return [start]
+    return [start + k * (end - start) / (num_frames - 1) for k in range(num_frames)]
+
+
+def sample_clip(video, vcfg, start, end, num_frames):
+    """Frames showing at clip_times(...), from one seek and a forward decode; never a frame twice.
+
+    When [start, end] shows fewer source frames than asked, all of them are returned.
+    """
+    size = resize_shape(video.height, video.width, vcfg)
+    targets = [video._ticks(t) for t in clip_times(start, end, num_frames)]
+    span, span_pts, picked = [], [], []  # span: frames showing in [start, end], kept while few
+    k = 0
+    for frame, next_pts in video._frames(targets[0]):
+        span_pts.append(frame.pts)
+        if len(span) <= num_frames:
+            span.append(frame)
+        while k < len(targets) and targets[k] < next_pts:
+            picked.append(frame)
+            k += 1
+        if k == len(targets):
+            break
+    if len(span_pts) <= num_frames:
+        chosen = span
+    elif len({f.pts for f in picked}) == len(picked):
+        chosen = picked
+    else:
+        # Irregular frame times sent two targets to one frame: pick evenly by frame index instead.
+        index = np.round(np.linspace(0, len(span_pts) - 1, num_frames)).astype(int)
+        times = [video._time(span_pts[i]) for i in index]
+        return video.serve(times, vcfg, seek=False)
+    return [video._rgb(f, size) for f in chosen]
+
+
+# -----------------------------------------------------------------------------
+# 2. Protocol: text of every turn, and the renderer
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The episode budgets of PROTOCOL.md."""
+    max_turns: int = 5  # assistant turns, so at most max_turns - 1 zooms
+    max_frames: int = 128  # overview included
+    max_frames_per_call: int = 16
+    max_new_tokens: int = 1024  # per assistant turn
+    max_total_tokens: int = 32768  # whole episode, frames included
+
+
+SYSTEM_PROMPT = """\
+You are watching a video through a low-frame-rate overview: a few frames spread over the whole video, \
+each introduced by a tag <frameI_timeT.TTs> giving its time in seconds. Anything shorter than the gap \
+between two overview frames may be missing from it.
+To look closer, call the temporal zoom tool, which returns high-frame-rate frames of one segment:
+<video_zoom> {{"segment": [start_sec, end_sec], "fps": n}} </video_zoom>
+For example <video_zoom> {{"segment": [12.0, 18.0], "fps": 2}} </video_zoom> returns 12 frames \
+between 12 s and 18 s. A call returns int(fps * (end_sec - start_sec)) frames, which must be from 1 to \
+{max_frames_per_call}. You can zoom at most {max_zooms} times and see at most {max_frames} frames in total.
+In every turn, first reason inside <think></think>. Then either call the tool once, or give your final \
+answer inside <answer></answer> (for a multiple-choice question the option letter, e.g. \
+<answer>\\boxed{{B}}</answer>). Never answer in a turn that calls the tool."""
+
+CONTINUE = "Continue reasoning in <think></think>, then zoom again or give your final answer in <answer></answer>."
+FIX_CALL = "Fix the call and try again, or give your final answer in <answer></answer>."
+LAST_TURN = "This is your last turn: do not call the tool again; give your final answer in <answer></answer> now."
+
+
+def frame_tag(index, seconds):
+    return f"<frame{index}_time{seconds:.2f}s>"
+
+
+def format_question(question, options):
+    """The question, then one option per line as 'A. ...' (letters added when missing)."""
+    lines = [question.strip()]
+    for letter, option in zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", options or []):
+        option = option.strip()
+        lines.append(option if re.match(rf"^{letter}[.)]\s", option) else f"{letter}. {option}")
+    return "\n".join(lines)
+
+
+def tagged(frames):
+    """Message parts for a group of frames: tag, image, newline; i restarts at 0 in each group."""
+    parts = []
+    for index, frame in enumerate(frames):
+        parts += [frame_tag(index, frame.time), frame, "\n"]
+    return parts
+
+
+def zoom_reply_parts(call, frames, last_turn):
+    notes = []
+    if call.clamped:
+        notes.append(f"The segment end {call.requested_end:.2f}s is past the end of the video, so it was "
+                     f"clamped to {call.end:.2f}s.")
+    if len(frames) < call.num_frames:
+        notes.append(f"The segment holds only {len(frames)} distinct frames, so {len(frames)} are returned "
+                     f"instead of {call.num_frames}.")
+    head = (f"<tool_response>Here are {len(frames)} frames from {call.start:.2f}s to {call.end:.2f}s "
+            f"at {call.fps:g} fps. " + " ".join(notes)).rstrip() + "\n"
+    return [head] + tagged(frames) + ["</tool_response>\n" + (LAST_TURN if last_turn else CONTINUE)]
+
+
+def error_reply_parts(error, last_turn):
+    return [f"<tool_response>Error: {error}</tool_response>\n" + (LAST_TURN if last_turn else FIX_CALL)]
+
+
+class Renderer:
+    """Turns protocol pieces into token ids; every method returns (ids, trainable) lists in lockstep.
+
+    Special tokens are looked up once by name. Runs of text between special tokens are tokenized as
+    one string, so rendering piece by piece gives the same ids as tokenizing the whole conversation.
+    """
+
+    def __init__(self, tokenizer, vcfg):
+        self.tokenizer, self.vcfg = tokenizer, vcfg
+        ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (
+            "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|endoftext|>")}
+        for name, value in ids.items():
+            assert value is not None and value != tokenizer.unk_token_id, f"tokenizer lacks {name}"
+        self.im_start, self.im_end = ids["<|im_start|>"], ids["<|im_end|>"]
+        self.vision_start, self.vision_end = ids["<|vision_start|>"], ids["<|vision_end|>"]
+        self.image_pad, self.pad = ids["<|image_pad|>"], ids["<|endoftext|>"]
+
+    def encode(self, text):
+        # Text from users and models is plain text: a literal "<|im_end|>" in it is not a special token.
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def image_ids(self, frame):
+        _, grid = frame.patches(self.vcfg)
+        num_tokens = int(grid.prod()) // self.vcfg.merge_size ** 2
+        return [self.vision_start] + [self.image_pad] * num_tokens + [self.vision_end]
+
+    def parts(self, parts):
+        """Ids for a list of str and Frame parts; consecutive strings are tokenized together."""
+        ids = []
+        for is_text, group in itertools.groupby(parts, key=lambda part: isinstance(part, str)):
+            if is_text:
+                ids += self.encode("".join(group))
+            else:
+                for frame in group:
+                    ids += self.image_ids(frame)
+        return ids
+
+    def message(self, role, parts):
+        """A whole non-assistant message, closed, followed by the next assistant header. Not trainable."""
+        ids = [self.im_start] + self.parts([f"{role}\n"] + parts) + [self.im_end] + self.encode("\n")
+        return ids, [0] * len(ids)
+
+    def assistant_header(self):
+        ids = [self.im_start] + self.encode("assistant\n")
+        return ids, [0] * len(ids)
+
+    def assistant_turn(self, text, answered):
+        """A recorded assistant turn (SFT). Trained: its text, and <|im_end|> when the model answered;
+        a zoom turn's closing <|im_end|> is written by the environment, so it is not trained."""
+        ids = self.encode(text)
+        return ids + [self.im_end] + self.encode("\n"), [1] * (len(ids) + answered) + [0] * (1 + (not answered))
+
+
+def system_text(limits, system_prompt=None):
+    template = system_prompt if system_prompt is not None else SYSTEM_PROMPT
+    return template.format(max_frames_per_call=limits.max_frames_per_call, max_zooms=limits.max_turns - 1,
+                           max_frames=limits.max_frames)
+
+
+# -----------------------------------------------------------------------------
+# 3. Parser: one assistant turn -> Zoom | Answer | Invalid | None
+
+
+@dataclass
+class Zoom:
+    start: float
+    end: float  # clamped to the video's duration
+    fps: float
+    num_frames: int
+    requested_end: float
+    clamped: bool
+
+
+@dataclass
+class Answer:
+    text: str  # content of <answer>, or of \boxed{} inside it
+    letter: str | None  # the option letter, when the content starts with one
+
+
+@dataclass
+class Invalid:
+    error: str  # one line, shown to the model inside <tool_response>
+
+
+ZOOM_OPEN, ZOOM_CLOSE = "<video_zoom>", "</video_zoom>"
+TURN_SHAPE = re.compile(r"\s*<think>(?:(?!<think>|</think>).)*</think>\s*"
+                        r"(?:<video_zoom>(?:(?!<video_zoom>|</video_zoom>).)*</video_zoom>|"
+                        r"<answer>(?:(?!<answer>|</answer>).)*</answer>)\s*", re.S)
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_zoom(body, duration, max_frames):
+    """Validate the JSON inside one <video_zoom> tag; returns Zoom or Invalid."""
+    body = body.strip()
+    if not body:
+        return Invalid("the call is empty; expected a JSON object with \"segment\" and \"fps\"")
+    try:
+        args = json.loads(body)
+    except (json.JSONDecodeError, RecursionError):
+        return Invalid("the call is not valid JSON; expected {\"segment\": [start_sec, end_sec], \"fps\": n}")
+    if not isinstance(args, dict):
+        return Invalid("the call must be a JSON object with keys \"segment\" and \"fps\"")
+    missing = [key for key in ("segment", "fps") if key not in args]
+    if missing:
+        return Invalid(f"the call is missing the key \"{missing[0]}\"")
+    extra = sorted(set(args) - {"segment", "fps"})
+    if extra:
+        return Invalid(f"unexpected key \"{extra[0]}\"; only \"segment\" and \"fps\" are allowed")
+    segment, fps = args["segment"], args["fps"]
+    if not (isinstance(segment, list) and len(segment) == 2 and all(_number(v) for v in segment)):
+        return Invalid("\"segment\" must be a list of two numbers [start_sec, end_sec]")
+    if not _number(fps):
+        return Invalid("\"fps\" must be a number")
+    start, end, fps = float(segment[0]), float(segment[1]), float(fps)
+    if not all(math.isfinite(v) for v in (start, end, fps)):
+        return Invalid("segment and fps must be finite numbers")
+    if start < 0:
+        return Invalid(f"segment start {start:g}s is negative")
+    if start >= end:
+        return Invalid(f"segment start {start:g}s must be before its end {end:g}s")
+    if start >= duration:
+        return Invalid(f"segment start {start:g}s is at or past the end of the video ({duration:.2f}s)")
+    if fps <= 0:
+        return Invalid(f"fps must be positive, got {fps:g}")
+    clamped_end = min(end, duration)
+    num_frames = int(fps * (clamped_end - start))
+    if num_frames < 1:
+        return Invalid(f"the call asks for 0 frames (fps x duration = {fps * (clamped_end - start):.2f}); "
+                       "raise fps or widen the segment")
+    if num_frames > max_frames:
+        return Invalid(f"the call asks for {num_frames} frames but at most {max_frames} are allowed now; "
+                       "lower fps or narrow the segment")
+    return Zoom(start, clamped_end, fps, num_frames, end, end > duration)
+
+
+def parse_answer(content):
+    boxed = re.search(r"\\boxed\{([^{}]*)\}", content)
+    text = (boxed.group(1) if boxed else content).strip()
+    letter = re.match(r"^\(?([A-Z])(?:[.):\s]|$)", text)
+    return Answer(text, letter.group(1) if letter else None)
+
+
+def parse_turn(text, duration, max_frames):
+    """Classify one assistant turn (text without the closing <|im_end|>).
+
+    Returns (action, format_ok): action is Zoom, Answer, Invalid (a call the tool rejects) or None
+    (neither a call nor an answer: the episode ends). format_ok is True when the turn is exactly
+    <think>...</think> followed by one valid call or one answer.
+    """
+    opens, closes = text.count(ZOOM_OPEN), text.count(ZOOM_CLOSE)
+    has_answer = "<answer>" in text
+    if opens or closes:
+        if opens > 1 or closes > 1:
+            action = Invalid("more than one <video_zoom> tag in one turn; make exactly one call per turn")
+        elif opens != closes or text.index(ZOOM_CLOSE) < text.index(ZOOM_OPEN):
+            action = Invalid("the call must be written <video_zoom> {...} </video_zoom>")
+        elif has_answer:
+            action = Invalid("a turn must either call the tool or answer, not both")
+        else:
+            body = text[text.index(ZOOM_OPEN) + len(ZOOM_OPEN):text.index(ZOOM_CLOSE)]
+            action = parse_zoom(body, duration, max_frames)
+    elif has_answer:
+        match = re.search(r"<answer>(.*?)</answer>", text, re.S)
+        action = parse_answer(match.group(1)) if match else None
+    else:
+        action = None
+    format_ok = action is not None and not isinstance(action, Invalid) and TURN_SHAPE.fullmatch(text) is not None
+    return action, format_ok
+
+
+# -----------------------------------------------------------------------------
+# 4. Model: load from a local directory; write a tiny checkpoint
+
+
+def load_model(model_dir, device="cpu"):
+    """(model, tokenizer, vision config) from a local Hugging Face directory; safetensors only."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    for name in ("config.json", "preprocessor_config.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise FileNotFoundError(f"{model_dir}: not a model directory (no {name})")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"{model_dir}: model_type is {model_type!r}, expected 'qwen2_5_vl'")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    return model.to(device).eval(), tokenizer, load_vision_config(model_dir)
+
+
+def rope_positions(ids, grids, image_pad, merge_size, start):
+    """Qwen2.5-VL's 3-D rope positions for a chunk that starts at text position `start`.
+
+    Text tokens advance all three axes by one; an image's tokens take (start, start+row, start+col)
+    and the next text starts after max(rows, cols). Returns ((3, len) long tensor, next start).
+    """
+    ids = torch.as_tensor(ids)
+    positions = torch.empty(3, len(ids), dtype=torch.long)
+    grid_iter, index = iter(grids), 0
+    for is_image, group in itertools.groupby(ids.tolist(), key=lambda token: token == image_pad):
+        length = len(list(group))
+        while length > 0:
+            if not is_image:
+                positions[:, index:index + length] = torch.arange(start, start + length)
+                index, start, length = index + length, start + length, 0
+                continue
+            _, rows, cols = (int(v) // s for v, s in zip(next(grid_iter), (1, merge_size, merge_size)))
+            grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")).reshape(2, -1)
+            size = rows * cols
+            positions[0, index:index + size] = start
+            positions[1:, index:index + size] = grid + start
+            index, start, length = index + size, start + max(rows, cols), length - size
+    return positions, start
+
+
+PREPROCESSOR_CONFIG = {
+    "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+}
+
+
+def write_tiny_checkpoint(out_dir, corpus=(), seed=0, hidden_size=64, num_layers=2, vision_depth=2, note=None):
+    """Write a small random Qwen2.5-VL checkpoint directory that loads through load_model().
+    `note` is stored in config.json (videozoomer_note) and printed by infer.py."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = write_tiny_tokenizer(out_dir, list(corpus) + tokenizer_corpus())
+    token = tokenizer.convert_tokens_to_ids
+    head_dim = 16
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_dim, num_key_value_heads=2,
+            max_position_embeddings=65536, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                             "mrope_section": [2, 3, 3]},
+            bos_token_id=token("<|endoftext|>"), eos_token_id=token("<|im_end|>"), pad_token_id=token("<|endoftext|>")),
+        vision_config=dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1], window_size=112),
+        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=True)
+    if note:
+        config.videozoomer_note = note
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    vcfg = VisionConfig()
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(dict(PREPROCESSOR_CONFIG, patch_size=vcfg.patch_size, merge_size=vcfg.merge_size,
+                       temporal_patch_size=vcfg.temporal_patch_size, image_mean=list(vcfg.image_mean),
+                       image_std=list(vcfg.image_std),
+                       size={"shortest_edge": vcfg.min_pixels, "longest_edge": vcfg.max_pixels}), f, indent=2)
+    return out_dir
+
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+
+
+def tokenizer_corpus():
+    """Protocol text a tiny tokenizer should encode compactly."""
+    limits = Limits()
+    lines = [system_text(limits), CONTINUE, FIX_CALL, LAST_TURN, "system\n", "user\n", "assistant\n",
+             "<think></think>", "<answer></answer>", "\\boxed{A}", "</tool_response>\n",
+             "<tool_response>Here are 16 frames from 12.00s to 20.00s at 2 fps.\n"]
+    lines += [frame_tag(i, i * 2.0) for i in range(64)]
+    lines += ['<video_zoom> {"segment": [%d.0, %d.5], "fps": %d} </video_zoom>' % (i, i + 5, i % 4 + 1)
+              for i in range(40)]
+    return lines
+
+
+# Qwen2's pre-tokenizer split: letters with one leading symbol, single digits, punctuation runs,
+# newline runs, and spaces; the byte-level BPE then works inside each piece.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def write_tiny_tokenizer(out_dir, corpus, vocab_size=2000):
+    """A small byte-level BPE trained on `corpus`, with Qwen2.5's pre-tokenizer and its 22 added
+    tokens appended in Qwen's order. Every byte is encodable; the same corpus gives the same file."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    # Qwen marks the first 14 as special; the tool-call and fill-in-the-middle ones are plain added tokens.
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS[:14]])
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_SPECIAL_TOKENS[14:]])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:14], clean_up_tokenization_spaces=False)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+# -----------------------------------------------------------------------------
+# 5. Rollout
+
+
+@dataclass
+class Episode:
+    """One trajectory: token ids, the trainable mask, its frames in order, and what happened."""
+    ids: list
+    mask: list
+    frames: list
+    turns: list = field(default_factory=list)
+    answer: Answer | None = None
+    stop: str | None = None  # answer | no_answer | max_turns | length
+    num_zooms: int = 0
+    last_turn: bool = False  # the model has been told that its next turn is its last
+
+    def add(self, ids_and_mask):
+        ids, mask = ids_and_mask
+        assert len(ids) == len(mask)
+        self.ids += ids
+        self.mask += mask
+
+
+def build_prompt(renderer, video, question, options=(), limits=Limits(), overview_fps=0.5,
+                 max_overview_frames=64, system_prompt=None):
+    """The shared start of every trajectory: system, overview frames + question, assistant header."""
+    frames = sample_overview(video, renderer.vcfg, overview_fps, min(max_overview_frames, limits.max_frames))
+    episode = Episode(ids=[], mask=[], frames=list(frames), last_turn=limits.max_turns == 1)
+    episode.add(renderer.message("system", [system_text(limits, system_prompt)]))
+    episode.add(renderer.message("user", tagged(frames) + [format_question(question, options)]))
+    episode.add(renderer.assistant_header())
+    return episode
+
+
+def respond(renderer, video, episode, ids, limits):
+    """The environment's side of one assistant turn, shared by rollout and replay.
+
+    Appends the turn's ids as trainable, parses it, and either ends the episode (answer, no call,
+    last turn used, token cap hit) or appends the untrained reply: the closing <|im_end|> when the
+    model stopped at </video_zoom>, a user turn with the tool response, and the next assistant
+    header. Returns (reply ids, reply frames), or None when the episode has ended.
+    """
+    episode.add((ids, [1] * len(ids)))
+    turn = len(episode.turns) + 1
+    ended_by_model = bool(ids) and ids[-1] == renderer.im_end
+    text = renderer.decode(ids[:-1] if ended_by_model else ids)
+    budget = min(limits.max_frames_per_call, limits.max_frames - len(episode.frames))
+    action, format_ok = parse_turn(text, video.duration, budget)
+    record = {"turn": turn, "text": text, "format_ok": format_ok, "num_tokens": len(ids), "kind": None}
+    episode.turns.append(record)
+    frames = []
+    if not ended_by_model and ZOOM_CLOSE not in text:
+        episode.stop, record["kind"] = "length", "truncated"
+    elif isinstance(action, Answer):
+        episode.stop, episode.answer = "answer", action
+        record.update(kind="answer", answer=action.text, letter=action.letter)
+    elif action is None:
+        episode.stop, record["kind"] = "no_answer", "none"
+    elif episode.last_turn or turn >= limits.max_turns:
+        episode.stop, record["kind"] = "max_turns", "late_call"
+    elif isinstance(action, Invalid):
+        record.update(kind="invalid", error=action.error)
+    else:
+        frames = sample_clip(video, renderer.vcfg, action.start, action.end, action.num_frames)
+        record.update(kind="zoom", segment=[action.start, action.end], fps=action.fps,
+                      requested_end=action.requested_end, num_frames=len(frames),
+                      times=[round(frame.time, 3) for frame in frames])
+    if episode.stop is not None:
+        return None
+    episode.last_turn = turn + 1 == limits.max_turns
+    if isinstance(action, Invalid):
+        reply = error_reply_parts(action.error, episode.last_turn)
+    else:
+        reply = zoom_reply_parts(action, frames, episode.last_turn)
+    closing = ([] if ended_by_model else [renderer.im_end]) + renderer.encode("\n")
+    message, _ = renderer.message("user", reply)
+    header, _ = renderer.assistant_header()
+    if len(episode.ids) + len(closing) + len(message) + len(header) + limits.max_new_tokens > limits.max_total_tokens:
+        # The reply would leave no room for another turn: refuse the frames and ask for the answer now.
+        episode.last_turn, frames = True, []
+        record.update(kind="refused", error="the episode's token budget is used up, so no frames are returned")
+        message, _ = renderer.message("user", error_reply_parts(record["error"], True))
+    episode.num_zooms += record["kind"] == "zoom"
+    reply_ids = closing + message + header
+    episode.add((reply_ids, [0] * len(reply_ids)))
+    episode.frames += frames
+    record["reply"] = renderer.decode(message)
+    return reply_ids, frames
+
+
+def replay(renderer, video, prompt, texts, limits=Limits()):
+    """Render a recorded trajectory (assistant texts) exactly as rollout would have built it.
+
+    A turn that does not stop at </video_zoom> gets the <|im_end|> the model would have written.
+    Raises ValueError when the episode ends before all texts are used.
+    """
+    episode = Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames), last_turn=prompt.last_turn)
+    for index, text in enumerate(texts):
+        if episode.stop is not None:
+            raise ValueError(f"turn {index + 1} comes after the episode ended ({episode.stop})")
+        ids = renderer.encode(text)
+        if ZOOM_CLOSE not in text:
+            ids.append(renderer.im_end)
+        respond(renderer, video, episode, ids, limits)
+    return episode
+
+
+class KVBatch:
+    """Rows of conversations over one KV cache. Each row grows by chunks; chunks are left-padded, and
+    a 2-D attention mask over (past + chunk) hides the padding, so rows can differ in length."""
+
+    def __init__(self, model, renderer):
+        self.model, self.renderer = model, renderer
+        self.cache, self.attention = None, None  # attention: (rows, past) long
+        self.next_pos = []  # per row: the text position the next token takes
+
+    @torch.no_grad()
+    def extend(self, chunks, all_logits=False):
+        """chunks: per row (ids, frames). Returns logits (rows, vocab), or (rows, chunk, vocab)."""
+        device = self.model.device
+        width = max(1, max(len(ids) for ids, _ in chunks))
+        input_ids = torch.full((len(chunks), width), self.renderer.pad, dtype=torch.long)
+        positions = torch.zeros(3, len(chunks), width, dtype=torch.long)
+        chunk_mask = torch.zeros(len(chunks), width, dtype=torch.long)
+        pixels, grids = [], []
+        for row, (ids, frames) in enumerate(chunks):
+            if not ids:
+                continue
+            patches = [frame.patches(self.renderer.vcfg) for frame in frames]
+            pixels += [p for p, _ in patches]
+            grids += [g for _, g in patches]
+            row_positions, self.next_pos[row] = rope_positions(
+                ids, [g for _, g in patches], self.renderer.image_pad, self.renderer.vcfg.merge_size,
+                self.next_pos[row])
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            positions[:, row, width - len(ids):] = row_positions
+            chunk_mask[row, width - len(ids):] = 1
+        attention = chunk_mask if self.attention is None else torch.cat([self.attention, chunk_mask], 1)
+        out = self.model(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
+            pixel_values=torch.cat(pixels).to(device) if pixels else None,
+            image_grid_thw=torch.stack(grids).to(device) if grids else None,
+            cache=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        self.cache, self.attention = out.cache, attention
+        return out.logits.float() if all_logits else out.logits[:, -1].float()
+
+    def start(self, ids, frames, num_rows):
+        """Prefill the shared prompt once, then copy its cache to num_rows rows."""
+        self.next_pos = [0]
+        logits = self.extend([(ids, frames)])
+        self.cache.batch_repeat_interleave(num_rows)
+        self.attention = self.attention.repeat_interleave(num_rows, 0)
+        self.next_pos = self.next_pos * num_rows
+        return logits.repeat_interleave(num_rows, 0)
+
+    def select(self, rows):
+        self.cache.batch_select_indices(torch.tensor(rows, device=self.model.device))
+        self.attention = self.attention[rows]
+        self.next_pos = [self.next_pos[row] for row in rows]
+
+
+def sample_tokens(logits, temperature, top_p, generator):
+    """(rows, vocab) -> (rows,) token ids; greedy at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), temperature=1.0, top_p=1.0,
+            generator=None, on_turn=None):
+    """Run num_rollouts trajectories of the zoom protocol from one prompt.
+
+    The prompt (system + overview + question) goes through the vision tower and prefill once; its
+    cache is copied to every row. Each turn the rows decode together until each one stops at
+    </video_zoom>, <|im_end|> or its token cap; then respond() answers every row, and only the new
+    tokens (the stop token, the reply with its frames, the next header) are prefilled.
+
+    Args:
+        prompt: Episode from build_prompt (copied for each row).
+        generator: torch.Generator for sampling (seeded by the caller); unused when greedy.
+        on_turn: optional callback(index, episode, turn_record) as each turn finishes.
+    Returns:
+        list of Episode, one per row: ids, mask (1 exactly on model-generated tokens), frames, turns,
+        answer, stop.
+    """
+    if len(prompt.ids) + limits.max_new_tokens > limits.max_total_tokens:
+        raise ValueError(f"the prompt takes {len(prompt.ids)} tokens, which leaves less than max_new_tokens="
+                         f"{limits.max_new_tokens} of max_total_tokens={limits.max_total_tokens}")
+    episodes = [Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames), last_turn=prompt.last_turn)
+                for _ in range(num_rollouts)]
+    batch = KVBatch(model, renderer)
+    logits = batch.start(prompt.ids, prompt.frames, num_rollouts)
+    active = list(range(num_rollouts))  # episode index of each batch row
+    while active:
+        # Decode: rows sample together; a stopped row feeds padding that nobody attends to.
+        caps = [min(limits.max_new_tokens, limits.max_total_tokens - len(episodes[e].ids)) for e in active]
+        generated = [[] for _ in active]
+        stopped = [cap <= 0 for cap in caps]
+        while not all(stopped):
+            tokens = sample_tokens(logits, temperature, top_p, generator).tolist()
+            feed = []
+            for row, token in enumerate(tokens):
+                if not stopped[row]:
+                    generated[row].append(token)
+                    tail = renderer.decode(generated[row][-len(ZOOM_CLOSE):])
+                    stopped[row] = (token == renderer.im_end or ZOOM_CLOSE in tail
+                                    or len(generated[row]) >= caps[row])
+                    if not stopped[row]:
+                        feed.append(([token], []))
+                        continue
+                feed.append(([], []))
+            if not all(stopped):
+                logits = batch.extend(feed)
+        # Environment: every row's turn is answered; rows that go on prefill their reply.
+        chunks, keep = [], []
+        for row, e in enumerate(active):
+            reply = respond(renderer, video, episodes[e], generated[row], limits)
+            if on_turn is not None:
+                on_turn(e, episodes[e], episodes[e].turns[-1])
+            if reply is not None:
+                # The turn's last token was sampled but never fed; it leads the chunk.
+                chunks.append(([generated[row][-1]] + reply[0], reply[1]))
+                keep.append(row)
+        if keep:
+            batch.select(keep)
+            logits = batch.extend(chunks)
+        active = [active[row] for row in keep]
+    return episodes
+
+
+# -----------------------------------------------------------------------------
+# 6. Distributed
+
+
+def compute_init(device_arg="auto"):
+    """Read torchrun's env; one process and no group when it is unset. Returns (rank, local_rank, world, device)."""
+    import torch.distributed as dist
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
+                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
