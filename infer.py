@@ -157,16 +157,16 @@ def show_turn(row, episode, record):
         times = ", ".join(f"{t:.2f}" for t in record["times"])
         print(f">> zoom {record['segment'][0]:.2f}s-{record['segment'][1]:.2f}s at {record['fps']:g} fps: "
               f"{record['num_frames']} frames at [{times}]")
-    elif kind in ("invalid", "zoom_refused"):
-        print(f">> tool error: {record.get('error') or record['reply'].splitlines()[0]}")
+    elif kind in ("invalid", "refused"):
+        print(f">> tool error: {record['error']}")
     elif kind == "answer":
         print(f">> answer: {record['answer']}")
     elif kind == "truncated":
-        print(">> the turn hit its token limit; episode ends without an answer")
+        print(">> the turn hit its token limit; the episode ends without an answer")
     elif kind == "none":
-        print(">> no call and no answer; episode ends")
-    else:
-        print(">> called the tool on its last turn; episode ends without an answer")
+        print(">> neither a call nor an answer; the episode ends")
+    else:  # late_call
+        print(">> called the tool on its last turn; the episode ends without an answer")
 
 
 generator = torch.Generator().manual_seed(args.seed)

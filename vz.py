@@ -147,6 +147,8 @@ class Video:
         # one GOP late, which _frames() detects and undoes by seeking further back.
         self.keyframe_dts = [e.timestamp for e in self.stream.index_entries if e.is_keyframe]
         self.duration = self._probe_duration()
+        # Rollouts of one prompt often ask for the same segment: serve it (and its patches) once.
+        self.clips = {}
 
     def _probe_duration(self):
         if self.stream.duration:
@@ -281,6 +283,15 @@ def sample_clip(video, vcfg, start, end, num_frames):
     When [start, end] shows fewer source frames than asked, all of them are returned.
     """
     size = resize_shape(video.height, video.width, vcfg)
+    key = (start, end, num_frames, size)
+    if key not in video.clips:
+        if len(video.clips) >= 16:
+            video.clips.pop(next(iter(video.clips)))  # oldest first
+        video.clips[key] = _decode_clip(video, vcfg, size, start, end, num_frames)
+    return video.clips[key]
+
+
+def _decode_clip(video, vcfg, size, start, end, num_frames):
     targets = [video._ticks(t) for t in clip_times(start, end, num_frames)]
     span, span_pts, picked = [], [], []  # span: frames showing in [start, end], kept while few
     k = 0
@@ -558,6 +569,8 @@ def parse_turn(text, duration, max_frames):
 def load_model(model_dir, device="cpu"):
     """(model, tokenizer, vision config) from a local Hugging Face directory; safetensors only."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one bar per load is noise in a per-turn transcript
     for name in ("config.json", "preprocessor_config.json"):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise FileNotFoundError(f"{model_dir}: not a model directory (no {name})")

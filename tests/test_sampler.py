@@ -23,6 +23,21 @@ def showing(times, t):
     return bisect.bisect_right(times, t + EPS) - 1
 
 
+def check_clip(got, times, start, end, num_frames):
+    """got (served indices) against the clip definition, for any frame times."""
+    span = list(range(showing(times, start), showing(times, end) + 1))  # frames showing in [start, end]
+    targets = [start] if num_frames == 1 else np.linspace(start, end, num_frames).tolist()
+    expected = [showing(times, t) for t in targets]
+    if len(span) <= num_frames:
+        assert got == span  # every frame showing in the span, once
+    elif len(set(expected)) == len(expected):
+        assert got == expected  # the frame showing at each target
+    else:
+        # targets collide on one long frame while the span has enough frames: the spec only says
+        # never twice; check the frames are distinct, in order and from the span
+        assert got == sorted(set(got)) and set(got) <= set(span) and len(got) <= num_frames, got
+
+
 def served(frames, times, shape):
     """Indices read from the frames; checks each frame's time and size on the way."""
     indices = []
@@ -37,10 +52,16 @@ def served(frames, times, shape):
 # -----------------------------------------------------------------------------
 # Videos (written once per module, read-only afterwards)
 
-# 60 s CFR 25 fps, B-frames, keyframe every 250 frames (10 s): the main fixture.
+# 60 s CFR 25 fps, B-frames, keyframe every 250 frames (10 s): the main fixture, in mp4 and in
+# MPEG-TS (no index: FFmpeg's seek there lands on the keyframe *after* the target).
 CFR_FPS, CFR_FRAMES, CFR_GOP = 25, 1500, 250
-# VFR: 300 irregular gaps, from 5 ms bursts to 0.9 s holds; the last frame lasts LAST_DUR.
+CFR = ["cfr", "cfr_ts"]
+# VFR: 300 irregular gaps, from 5 ms bursts to 0.9 s holds; the last frame lasts VFR_LAST_DUR.
 VFR_LAST_DUR = 0.1
+# VFR ending on a still: 25 fps for 8 s, then frames at 8.96 and 9.96 (shown until 10.0).
+HOLD_TIMES = [0.04 * k for k in range(200)] + [8.96, 9.96]
+START = ["start5", "start5_mkv", "start5_ts"]
+ALL = CFR + ["long", "vfr_b0", "vfr_b2", "vfr_b2_hold"] + START
 
 
 def vfr_times():
@@ -60,11 +81,14 @@ def videos(tmp_path_factory):
         v[name] = dict(path=path, intended=intended, times=probe_frame_times(path), kw=kw)
 
     add("cfr", num_frames=CFR_FRAMES, fps=CFR_FPS, gop=CFR_GOP, bframes=2)
+    add("cfr_ts", "ts", num_frames=CFR_FRAMES, fps=CFR_FPS, gop=CFR_GOP, bframes=2)  # first pts 0.08 s
     add("long", num_frames=1000, fps=5, gop=50, bframes=2)  # 200 s: 0.5 fps would be 100 frames
     add("vfr_b0", num_frames=300, times=vfr_times(), bframes=0, last_duration=VFR_LAST_DUR)
     add("vfr_b2", num_frames=300, times=vfr_times(), bframes=2, last_duration=VFR_LAST_DUR)
+    add("vfr_b2_hold", num_frames=len(HOLD_TIMES), times=HOLD_TIMES, bframes=2, last_duration=0.04)
     add("start5", num_frames=500, fps=25, gop=100, bframes=2, start_time=5.0)  # first pts 5 s (mp4 edit list)
     add("start5_mkv", "mkv", num_frames=500, fps=25, gop=100, bframes=2, start_time=5.0)
+    add("start5_ts", "ts", num_frames=500, fps=25, gop=100, bframes=2, start_time=5.0)
     return v
 
 
@@ -82,6 +106,8 @@ def test_fixture_files_are_what_they_claim(videos):
             keys = [pts_sorted.index(p[0]) for p in packets if p[2]]
             assert keys == list(range(0, len(packets), v["kw"]["gop"])), name
         offset = v["kw"].get("start_time", 0.0)
+        if name == "cfr_ts":
+            offset = 0.08  # the TS muxer shifts by the B-frame delay so that dts >= 0
         assert float(start * tb) == pytest.approx(offset, abs=1e-3), name
         assert float(pts_sorted[0] * tb) == pytest.approx(offset, abs=1e-3), name
 
@@ -100,9 +126,10 @@ RESIZE_CASES = [
     (224, 224),    # square, exactly 64 merged patches
     (480, 640),    # 4:3
     (481, 853),    # odd sizes (rounding of both sides)
-    (100, 2000),   # 20:1 strip: one side clamps to 28
+    (100, 2000),   # 20:1 strip, scaled down (56x1400)
+    (40, 6000),    # 150:1 strip: the short side floors to 0 and is clamped to 28
     (720, 1280),   # 720p
-    (317, 567),    # 0.5 rounding corner: 317/28 = 11.32, 567/28 = 20.25
+    (182, 322),    # sides exactly k + 0.5 patches: Python's round-half-even (6.5 -> 6, 11.5 -> 12)
 ]
 
 
@@ -123,8 +150,9 @@ def test_resize_shape_uses_the_config_bounds(bounds):
 # -----------------------------------------------------------------------------
 # Overview
 
-def test_overview_cfr(videos):
-    v = videos["cfr"]
+@pytest.mark.parametrize("name", CFR)
+def test_overview_cfr(videos, name):
+    v = videos[name]
     with vz.open_video(v["path"]) as video:
         frames = vz.sample_overview(video, CFG, fps=0.5, max_frames=64)
         shape = vz.resize_shape(video.height, video.width, CFG)
@@ -181,31 +209,29 @@ CLIP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("name", CFR)
 @pytest.mark.parametrize("start,end,num_frames,expected", CLIP_CASES)
-def test_clip_cfr(videos, start, end, num_frames, expected):
-    v = videos["cfr"]
+def test_clip_cfr(videos, name, start, end, num_frames, expected):
+    v = videos[name]
     with vz.open_video(v["path"]) as video:
         frames = vz.sample_clip(video, CFG, start, end, num_frames)
         shape = vz.resize_shape(video.height, video.width, CFG)
-    got = served(frames, v["times"], shape)
-    # the table itself agrees with the definition (frame showing at each evenly spaced time)
-    targets = [start] if num_frames == 1 else np.linspace(start, end, num_frames).tolist()
-    by_definition = sorted({showing(v["times"], t) for t in targets})
-    span = list(range(showing(v["times"], start), showing(v["times"], end) + 1))
-    assert expected == (span if len(span) <= num_frames else by_definition)
-    assert got == expected
+    check_clip(expected, v["times"], start, end, num_frames)  # the table agrees with the definition
+    assert served(frames, v["times"], shape) == expected
 
 
-def test_clip_up_to_the_duration(videos):
-    # end == video.duration (the caller's clamp): the last target is past the last pts -> last frame
-    v = videos["cfr"]
+@pytest.mark.parametrize("name", ALL)
+def test_clip_up_to_the_duration(videos, name):
+    # end == video.duration (the caller's clamp): the last frame must be reachable, and served there
+    v = videos[name]
+    times = v["times"]
     with vz.open_video(v["path"]) as video:
         end = video.duration
-        frames = vz.sample_clip(video, CFG, 59.5, end, 4)
-        shape = vz.resize_shape(video.height, video.width, CFG)
-    expected = [showing(v["times"], t) for t in np.linspace(59.5, end, 4)]
-    assert expected[-1] == CFR_FRAMES - 1
-    assert served(frames, v["times"], shape) == expected
+        start = max(0.0, end - 2.0)
+        frames = vz.sample_clip(video, CFG, start, end, 4)
+    got = served(frames, times, (168, 308))
+    assert got[-1] == len(times) - 1, f"last frame {len(times) - 1} not reached; duration {end}"
+    check_clip(got, times, start, end, 4)
 
 
 # -----------------------------------------------------------------------------
@@ -233,19 +259,21 @@ KEYFRAME_TARGETS = [
 ]
 
 
+@pytest.mark.parametrize("name", CFR)
 @pytest.mark.parametrize("t,expected", KEYFRAME_TARGETS)
-def test_single_targets_near_keyframes(videos, t, expected):
-    v = videos["cfr"]
+def test_single_targets_near_keyframes(videos, name, t, expected):
+    v = videos[name]
     assert showing(v["times"], t) == expected
     with vz.open_video(v["path"]) as video:
         frames = vz.sample_clip(video, CFG, t, t, 1)
     assert served(frames, v["times"], (168, 308)) == [expected]
 
 
-def test_targets_near_keyframes_in_one_call(videos):
+@pytest.mark.parametrize("name", CFR)
+def test_targets_near_keyframes_in_one_video(videos, name):
     # All KEYFRAME_TARGETS in one increasing sequence through one open video: the sampler's
-    # decoder state carries over from one target to the next (forward decode vs re-seek).
-    v = videos["cfr"]
+    # decoder state carries over from one call to the next (forward decode vs re-seek).
+    v = videos[name]
     with vz.open_video(v["path"]) as video:
         got = []
         for t, _ in KEYFRAME_TARGETS:
@@ -273,7 +301,7 @@ VFR_CLIPS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["vfr_b0", "vfr_b2"])
+@pytest.mark.parametrize("name", ["vfr_b0", "vfr_b2", "vfr_b2_hold"])
 def test_vfr_overview(videos, name):
     v = videos[name]
     times = v["times"]
@@ -293,24 +321,13 @@ def test_vfr_clip(videos, name, start, end, num_frames):
     times = v["times"]
     with vz.open_video(v["path"]) as video:
         frames = vz.sample_clip(video, CFG, start, end, num_frames)
-    got = served(frames, times, (168, 308))
-    span = list(range(showing(times, start), showing(times, end) + 1))
-    targets = [start] if num_frames == 1 else np.linspace(start, end, num_frames).tolist()
-    expected = [showing(times, t) for t in targets]
-    if len(span) <= num_frames:
-        assert got == span  # every frame showing in the span, once
-    elif len(set(expected)) == len(expected):
-        assert got == expected  # the frame showing at each target
-    else:
-        # targets collide on one long frame while the span has enough frames: the spec only says
-        # never twice; check the frames are distinct, in order and from the span
-        assert got == sorted(set(got)) and set(got) <= set(span) and len(got) <= num_frames
+    check_clip(served(frames, times, (168, 308)), times, start, end, num_frames)
 
 
 # -----------------------------------------------------------------------------
 # First pts not 0 (mp4 with an edit list, mkv with absolute timestamps)
 
-@pytest.mark.parametrize("name", ["start5", "start5_mkv"])
+@pytest.mark.parametrize("name", START)
 def test_nonzero_start(videos, name):
     v = videos[name]
     times = v["times"]
@@ -331,11 +348,14 @@ def test_nonzero_start(videos, name):
 
 @pytest.mark.parametrize("name,true_duration,frame", [
     ("cfr", 60.0, 0.04),                   # CFR mp4 with B-frames
+    ("cfr_ts", 60.0, 0.04),                # CFR MPEG-TS, first pts 0.08 s
     ("long", 200.0, 0.2),                  # CFR 5 fps
-    ("vfr_b0", None, VFR_LAST_DUR),        # VFR, no B-frames: the header's duration is right
-    ("vfr_b2", None, VFR_LAST_DUR),        # VFR + B-frames: mov's header duration is dts-based (off)
+    ("vfr_b0", None, VFR_LAST_DUR),        # VFR, no B-frames: the mp4 header's duration is right
+    ("vfr_b2", None, VFR_LAST_DUR),        # VFR + B-frames: mov's header duration is dts-based
+    ("vfr_b2_hold", 10.0, 0.04),           # ... and here 0.96 s short (9.04 s): the last still is lost
     ("start5", 20.0, 0.04),                # first pts 5 s, mp4: duration counts from the first frame
-    ("start5_mkv", 20.0, 0.04),            # first pts 5 s, mkv: container duration is the end time
+    ("start5_mkv", 20.0, 0.04),            # first pts 5 s, mkv: container duration is the end time (25 s)
+    ("start5_ts", 20.0, 0.04),             # first pts 5 s, MPEG-TS
 ])
 def test_duration(videos, name, true_duration, frame):
     v = videos[name]

@@ -26,12 +26,22 @@ Findings about PyAV/FFmpeg that these helpers rely on (PyAV 18.1, FFmpeg 8):
   B-frame dts shifted below it.  Matroska keeps absolute timestamps too, but
   there `container.duration` is the end timestamp (start + length) and
   `stream.duration` is None.
-- The mov muxer derives the track duration from dts, and x264's dts for
-  variable frame rate + B-frames are synthetic (shifted copies of earlier
-  pts), so a VFR mp4 with B-frames reports a duration that is off by the
-  difference between the first and the last frame gaps.  Packet durations are
-  set explicitly here (gap to the next frame; `last_duration` for the last one)
-  so that CFR and no-B-frame VFR files carry the true duration.
+- MPEG-TS (.ts) keeps 1/90000 and a non-zero first pts as written; with
+  start_time=0 and B-frames the muxer shifts everything so that dts >= 0, so
+  the first pts is the B-frame delay (0.08 s at 25 fps with bf=2).  TS has no
+  index: FFmpeg seeks by a timestamp search over the file and, with B-frames,
+  `seek(t, backward=True)` lands on the first keyframe *after* t (even a seek
+  to exactly a keyframe's pts lands on the next one; a seek to exactly the
+  first pts lands on the second keyframe).  A seek to a timestamp below the
+  first pts (e.g. 0 when the first pts is 0.08 s) does rewind to the start.
+- The mov muxer derives the track (header) duration from dts plus the
+  duration of the last packet in decode order.  x264's dts for variable frame
+  rate + B-frames are synthetic (roughly the pts of the frame two places
+  earlier), so a VFR mp4 with B-frames can report a duration that is short by
+  about the last two frame gaps (e.g. 9.04 s for a video whose last frame is
+  shown 9.96-10.0 s).  Packet durations are set explicitly here (gap to the
+  next frame; `last_duration` for the last one) so that CFR and no-B-frame VFR
+  files carry the true duration.
 """
 from __future__ import annotations
 
@@ -116,7 +126,7 @@ class _GridPainter:
 
 def _open_writer(path, fps, width, height, gop, bframes, preset, crf=None):
     path = Path(path)
-    fmt = "matroska" if path.suffix.lower() == ".mkv" else None
+    fmt = {".mkv": "matroska", ".ts": "mpegts"}.get(path.suffix.lower())
     out = av.open(str(path), "w", format=fmt)
     options = {
         "bf": str(bframes),
@@ -167,7 +177,7 @@ def _encode_all(out, stream, pts, last_duration_ticks, make_yuv):
 
 def write_index_video(path, num_frames, fps=25, width=320, height=180, gop=250, bframes=2,
                       times=None, start_time=0.0, last_duration=None, preset="ultrafast"):
-    """Write an H.264 file (mp4, or mkv by extension) whose frame i shows index i.
+    """Write an H.264 file (mp4; mkv or MPEG-TS by extension) whose frame i shows index i.
 
     times: optional list of frame times in seconds (variable frame rate);
         default i / fps.  start_time is added to every pts (non-zero first pts).

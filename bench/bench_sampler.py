@@ -1,0 +1,235 @@
+"""Benchmark the overview sampler against decoding everything, and against a lower bound.
+
+    python bench/bench_sampler.py                      # 30-min 640x360 H.264, cached in $TMPDIR/vz-bench
+    python bench/bench_sampler.py --seconds 120        # a short run
+    python bench/bench_sampler.py --cache-dir DIR      # keep the generated video in DIR
+
+The video (tests/videos.py `write_bench_video`): 25 fps, moving textured content, B-frames (bf=2)
+and a keyframe exactly every 250 frames; every frame shows its own index, so each method's
+frames are checked, not only timed.  All timings are taken in this process, with the same
+PyAV/FFmpeg and the same decoder threading settings as vz's own Video object:
+
+  ours        vz.sample_overview(video, VisionConfig(), fps=0.5, max_frames=64); median of
+              --repeats runs, each on a freshly opened video (opening is not timed).
+  decode_all  one pass decoding every frame; the frame showing at each overview target is kept and
+              only those are converted to RGB at the same size and with the same bicubic scaler.
+  limit       the least decoding any exact sampler must do: for each keyframe that some target
+              needs, decode from that keyframe (the last one at or before the target's frame, in
+              pts) up to the last target frame of that GOP and convert the target frames to RGB.
+              The clock runs only while demuxing + decoding + converting; the seek is not timed,
+              nor is anything decoded past a target frame (the decoder stops as soon as it outputs
+              the target).  Median of --repeats runs.  This is what an ideal sampler with a
+              perfect index and free seeks would spend, so limit / ours <= 1 up to noise.
+  clip        vz.sample_clip over a 4-s span in the middle, 16 frames (fresh video, median).
+
+Prints each timing, `limit_efficiency:` (limit / ours), `clip_s:` and, last, `ratio:`
+(decode_all / ours).
+"""
+import argparse
+import bisect
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import av  # noqa: E402
+
+import vz  # noqa: E402
+from videos import read_index, write_bench_video  # noqa: E402
+
+FPS, WIDTH, HEIGHT, GOP, BFRAMES = 25, 640, 360, 250, 2
+OVERVIEW_FPS, MAX_FRAMES = 0.5, 64
+EPS = 1e-6
+
+
+def bench_video(cache_dir, seconds, preset):
+    name = f"bench_{seconds:g}s_{WIDTH}x{HEIGHT}_{FPS}fps_g{GOP}_bf{BFRAMES}_{preset}_v1.mp4"
+    path = os.path.join(cache_dir, name)
+    if os.path.exists(path):
+        print(f"video: {path} (cached)")
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".part.mp4"
+    t0 = time.perf_counter()
+    write_bench_video(tmp, seconds, fps=FPS, width=WIDTH, height=HEIGHT, gop=GOP, bframes=BFRAMES, preset=preset)
+    os.replace(tmp, path)
+    print(f"video: {path} (written in {time.perf_counter() - t0:.1f} s, {os.path.getsize(path) / 1e6:.0f} MB)")
+    return path
+
+
+def overview_targets(duration):
+    """The overview's target times, from its definition (not from vz's code)."""
+    n = math.ceil(duration * OVERVIEW_FPS - 1e-9)
+    if n > MAX_FRAMES:
+        return [k * duration / MAX_FRAMES for k in range(MAX_FRAMES)]
+    return [k / OVERVIEW_FPS for k in range(max(n, 1))]
+
+
+def open_like(path, video):
+    """A PyAV container whose video decoder uses the same threading as vz's Video."""
+    container = av.open(path)
+    stream = container.streams.video[0]
+    stream.thread_type = video.stream.thread_type
+    stream.codec_context.thread_count = video.stream.codec_context.thread_count
+    return container, stream
+
+
+def to_ticks(stream, seconds):
+    return (stream.start_time or 0) + math.floor(seconds / stream.time_base + EPS)
+
+
+def rgb(frame, size):
+    h, w = size
+    return frame.reformat(width=w, height=h, format="rgb24", interpolation="BICUBIC").to_ndarray()
+
+
+def run_ours(path, cfg):
+    with vz.open_video(path) as video:
+        t0 = time.perf_counter()
+        frames = vz.sample_overview(video, cfg, fps=OVERVIEW_FPS, max_frames=MAX_FRAMES)
+        return time.perf_counter() - t0, [read_index(f.image) for f in frames]
+
+
+def run_decode_all(path, video, targets, size):
+    container, stream = open_like(path, video)
+    ticks = [to_ticks(stream, t) for t in targets]
+    picked, j, previous = [], 0, None
+    t0 = time.perf_counter()
+    for frame in container.decode(stream):
+        while j < len(ticks) and frame.pts > ticks[j]:
+            picked.append(rgb(previous, size))  # `previous` is the frame showing at target j
+            j += 1
+        previous = frame
+    while j < len(ticks):  # targets after the last frame's pts
+        picked.append(rgb(previous, size))
+        j += 1
+    elapsed = time.perf_counter() - t0
+    container.close()
+    return elapsed, [read_index(image) for image in picked]
+
+
+def frame_table(path):
+    """(sorted pts of all frames, sorted pts of keyframes), from demuxing only."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        pts, keys = [], []
+        for packet in container.demux(stream):
+            if packet.pts is None or not packet.size:
+                continue
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                keys.append(packet.pts)
+    return sorted(pts), sorted(keys)
+
+
+def run_limit(path, video, targets, size, all_pts, keys):
+    container, stream = open_like(path, video)
+    # the frame showing at each target, grouped by the keyframe it must be decoded from
+    groups = {}
+    for t in targets:
+        frame_pts = all_pts[bisect.bisect_right(all_pts, to_ticks(stream, t)) - 1]
+        key = keys[bisect.bisect_right(keys, frame_pts) - 1]
+        groups.setdefault(key, []).append(frame_pts)
+    timed, images = 0.0, {}
+    for key in sorted(groups):
+        wanted = sorted(set(groups[key]))
+        container.seek(key, stream=stream, backward=True, any_frame=False)  # not timed
+        t0 = time.perf_counter()
+        decoded = container.decode(stream)
+        first = True
+        for frame in decoded:
+            if first and frame.pts != key:
+                raise RuntimeError(f"seek to keyframe pts {key} landed on pts {frame.pts}: no exact bound")
+            first = False
+            if frame.pts in wanted:
+                images[frame.pts] = rgb(frame, size)
+                if frame.pts == wanted[-1]:
+                    break
+        timed += time.perf_counter() - t0
+    container.close()
+    order = [all_pts[bisect.bisect_right(all_pts, to_ticks(stream, t)) - 1] for t in targets]
+    return timed, [read_index(images[p]) for p in order]
+
+
+def run_clip(path, cfg, start, end, num_frames):
+    with vz.open_video(path) as video:
+        t0 = time.perf_counter()
+        frames = vz.sample_clip(video, cfg, start, end, num_frames)
+        return time.perf_counter() - t0, [read_index(f.image) for f in frames]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=1800, help="length of the generated video (default 1800)")
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "vz-bench"),
+                        help="where the generated video is kept and reused (default $TMPDIR/vz-bench)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of ours/limit/clip; the median is reported")
+    parser.add_argument("--preset", default="veryfast", help="x264 preset for the generated video")
+    args = parser.parse_args()
+
+    path = bench_video(args.cache_dir, args.seconds, args.preset)
+    cfg = vz.VisionConfig()
+    with vz.open_video(path) as video:
+        duration = video.duration
+        size = vz.resize_shape(video.height, video.width, cfg)
+        targets = overview_targets(duration)
+        all_pts, keys = frame_table(path)
+        start_pts = video.stream.start_time or 0
+        tb = video.stream.time_base
+        expected = [bisect.bisect_right(all_pts, to_ticks(video.stream, t)) - 1 for t in targets]
+        print(f"frames: {len(all_pts)}, keyframes: {len(keys)}, duration: {duration:.2f} s, "
+              f"targets: {len(targets)}, frame size: {size[1]}x{size[0]}")
+
+        ours = []
+        for _ in range(args.repeats):
+            elapsed, ours_idx = run_ours(path, cfg)
+            ours.append(elapsed)
+            assert ours_idx == expected, f"ours served {ours_idx}, expected {expected}"
+        ours_s = statistics.median(ours)
+        print(f"ours_s: {ours_s:.3f}  (runs: {', '.join(f'{x:.3f}' for x in ours)})")
+
+        decode_all_s, all_idx = run_decode_all(path, video, targets, size)
+        assert all_idx == ours_idx, f"decode_all served {all_idx}, ours {ours_idx}"
+        print(f"decode_all_s: {decode_all_s:.3f}")
+
+        limits = []
+        for _ in range(args.repeats):
+            elapsed, limit_idx = run_limit(path, video, targets, size, all_pts, keys)
+            limits.append(elapsed)
+            assert limit_idx == expected, f"limit served {limit_idx}, expected {expected}"
+        limit_s = statistics.median(limits)
+        print(f"limit_s: {limit_s:.3f}  (runs: {', '.join(f'{x:.3f}' for x in limits)})")
+
+    # 16 frames over 4 s in the middle
+    mid = duration / 2
+    start, end, n = mid - 2.0, mid + 2.0, 16
+    clip_expected = sorted({bisect.bisect_right(all_pts, start_pts + math.floor(t / tb + EPS)) - 1
+                            for t in clip_times(start, end, n)})
+    clips = []
+    for _ in range(args.repeats):
+        elapsed, clip_idx = run_clip(path, cfg, start, end, n)
+        clips.append(elapsed)
+        assert clip_idx == clip_expected, f"clip served {clip_idx}, expected {clip_expected}"
+    clip_s = statistics.median(clips)
+    print(f"clip_runs_s: {', '.join(f'{x:.3f}' for x in clips)}  (span {start:.2f}-{end:.2f} s, {n} frames)")
+
+    print(f"limit_efficiency: {limit_s / ours_s:.3f}")
+    print(f"clip_s: {clip_s:.3f}")
+    print(f"ratio: {decode_all_s / ours_s:.2f}")
+
+
+def clip_times(start, end, num_frames):
+    """Evenly spaced from start to end inclusive, from the clip's definition."""
+    if num_frames == 1:
+        return [start]
+    return [start + k * (end - start) / (num_frames - 1) for k in range(num_frames)]
+
+
+if __name__ == "__main__":
+    main()
