@@ -151,19 +151,37 @@ class Video:
         self.clips = {}
 
     def _probe_duration(self):
+        """End of the last frame in seconds since the first, read from the last packets.
+
+        Headers disagree across containers (Matroska's counts from 0, not from the first frame;
+        an mp4 with variable frame rate and B-frames derives it from synthetic dts), so demux the
+        tail, no decoding, and take the largest pts + packet duration.
+        """
         if self.stream.duration:
-            return float(self.stream.duration * self.time_base)
-        if self.container.duration:  # microseconds, counted from the container's own start
-            start = (self.container.start_time or 0) / 1e6
-            return self.container.duration / 1e6 - (float(self.start_pts * self.time_base) - start)
-        # No header duration (raw streams): decode once to find the last frame.
-        last = None
-        for frame, _ in self._frames(self.start_pts):
-            last = frame
-        if last is None:
-            raise VideoError(f"{self.path}: video stream has no decodable frames")
-        step = 1 / float(self.stream.average_rate or 25)
-        return self._time(last.pts) + step
+            header = self.stream.duration
+        elif self.container.duration:
+            header = math.ceil(self.container.duration / 1e6 / self.time_base)
+        else:
+            header = 1 << 60  # unknown: seek past the end; the demuxer lands on the last keyframe
+        back = math.ceil(10 / self.time_base)
+        for _ in range(8):
+            try:
+                self.container.seek(self.start_pts + header, stream=self.stream, backward=True, any_frame=False)
+                packets = [p for p in self.container.demux(self.stream) if p.pts is not None]
+            except av.FFmpegError:
+                packets = []
+            if packets:
+                break
+            header = max(header - back, 0) if header < 1 << 60 else 0
+            back *= 2
+        if not packets:
+            raise VideoError(f"{self.path}: video stream has no readable frames")
+        # With B-frames, packet durations are dts steps: only the last-shown frame's own one counts.
+        last = max(packets, key=lambda p: p.pts)
+        pts = sorted(p.pts for p in packets)
+        gaps = [b - a for a, b in zip(pts, pts[1:]) if b > a]
+        typical = sorted(gaps)[len(gaps) // 2] if gaps else 1 / (self.stream.average_rate or 25) / self.time_base
+        return float((last.pts + (last.duration or typical) - self.start_pts) * self.time_base)
 
     def _time(self, pts):
         return float((pts - self.start_pts) * self.time_base)
@@ -174,24 +192,26 @@ class Video:
 
     def _frames(self, ticks):
         """Yield (frame, next_pts) in display order, starting with the frame showing at `ticks`."""
-        back = 0
-        one_second = math.ceil(1 / self.time_base)
+        back, one_second = 0, math.ceil(1 / self.time_base)
         while True:
-            target = max(ticks - back, self.start_pts)
-            try:
-                self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
-            except av.FFmpegError:
-                self.container.seek(0, backward=True)  # unseekable input: rewind and decode forward
-            decoded = self._decode()
+            target = ticks - back
+            if target <= self.start_pts:
+                decoded = self._rewind()
+            else:
+                try:
+                    self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
+                    decoded = self._decode()
+                except av.FFmpegError:
+                    decoded = self._rewind()  # unseekable input: decode from the start
+                    target = self.start_pts
             first = next(decoded, None)
-            if first is None:
-                if target == self.start_pts:
-                    return
-                back = back * 2 or one_second  # landed past the end: back off
-                continue
-            if first.pts <= ticks or target == self.start_pts:
+            if target <= self.start_pts and first is None:
+                return
+            if first is not None and (first.pts <= ticks or target <= self.start_pts):
                 break
-            back = back * 2 or one_second  # landed on a keyframe shown after `ticks`
+            # Landed on a keyframe shown after `ticks` (seek planned on DTS, or a format without an
+            # index that seeks forward), or past the end: go further back.
+            back = back * 2 or one_second
         current = first
         for frame in decoded:
             if frame.pts <= current.pts:
@@ -202,6 +222,13 @@ class Video:
             yield current, frame.pts
             current = frame
         yield current, math.inf
+
+    def _rewind(self):
+        """Decode from the very first frame: reopening is the one rewind every container honours."""
+        self.container.close()
+        self.container = av.open(self.path)
+        self.stream = self.container.streams.video[0]
+        return self._decode()
 
     def _decode(self):
         try:

@@ -11,8 +11,10 @@ PyAV/FFmpeg and the same decoder threading settings as vz's own Video object:
 
   ours        vz.sample_overview(video, VisionConfig(), fps=0.5, max_frames=64); median of
               --repeats runs, each on a freshly opened video (opening is not timed).
+              ours, limit and decode_all run in interleaved rounds.
   decode_all  one pass decoding every frame; the frame showing at each overview target is kept and
               only those are converted to RGB at the same size and with the same bicubic scaler.
+              Median of --decode-all-repeats runs.
   limit       the least decoding any exact sampler must do: for each keyframe that some target
               needs, decode from that keyframe (the last one at or before the target's frame, in
               pts) up to the last target frame of that GOP and convert the target frames to RGB.
@@ -170,6 +172,8 @@ def main():
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "vz-bench"),
                         help="where the generated video is kept and reused (default $TMPDIR/vz-bench)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of ours/limit/clip; the median is reported")
+    parser.add_argument("--decode-all-repeats", type=int, default=3,
+                        help="runs of decode_all (the slow baseline), at most --repeats; the median is reported")
     parser.add_argument("--preset", default="veryfast", help="x264 preset for the generated video")
     args = parser.parse_args()
 
@@ -186,25 +190,26 @@ def main():
         print(f"frames: {len(all_pts)}, keyframes: {len(keys)}, duration: {duration:.2f} s, "
               f"targets: {len(targets)}, frame size: {size[1]}x{size[0]}")
 
-        ours = []
-        for _ in range(args.repeats):
+        # Interleaved rounds, so that a burst of load from elsewhere on the machine hits all methods alike.
+        ours, decode_all, limits = [], [], []
+        for r in range(args.repeats):
             elapsed, ours_idx = run_ours(path, cfg)
             ours.append(elapsed)
             assert ours_idx == expected, f"ours served {ours_idx}, expected {expected}"
-        ours_s = statistics.median(ours)
-        print(f"ours_s: {ours_s:.3f}  (runs: {', '.join(f'{x:.3f}' for x in ours)})")
-
-        decode_all_s, all_idx = run_decode_all(path, video, targets, size)
-        assert all_idx == ours_idx, f"decode_all served {all_idx}, ours {ours_idx}"
-        print(f"decode_all_s: {decode_all_s:.3f}")
-
-        limits = []
-        for _ in range(args.repeats):
             elapsed, limit_idx = run_limit(path, video, targets, size, all_pts, keys)
             limits.append(elapsed)
             assert limit_idx == expected, f"limit served {limit_idx}, expected {expected}"
-        limit_s = statistics.median(limits)
-        print(f"limit_s: {limit_s:.3f}  (runs: {', '.join(f'{x:.3f}' for x in limits)})")
+            if r < max(1, args.decode_all_repeats):
+                elapsed, all_idx = run_decode_all(path, video, targets, size)
+                decode_all.append(elapsed)
+                assert all_idx == ours_idx, f"decode_all served {all_idx}, ours {ours_idx}"
+        ours_s, limit_s, decode_all_s = (statistics.median(x) for x in (ours, limits, decode_all))
+
+        def runs(x):
+            return ", ".join(f"{v:.3f}" for v in x)
+        print(f"ours_s: {ours_s:.3f}  (runs: {runs(ours)})")
+        print(f"decode_all_s: {decode_all_s:.3f}  (runs: {runs(decode_all)})")
+        print(f"limit_s: {limit_s:.3f}  (runs: {runs(limits)})")
 
     # 16 frames over 4 s in the middle
     mid = duration / 2

@@ -220,21 +220,26 @@ def test_answer(text, expected, format_ok):
 FRAGMENTS = ["<think>", "</think>", "<video_zoom>", "</video_zoom>", "<answer>", "</answer>", '{"segment": [',
              "]", ", ", '"fps":', "}", "{", "[", '"', "\\boxed{", "B", "A. ", "\n", " ", "NaN", "Infinity",
              "-", "true", "null", "<|im_end|>", "<tool_response>", "é", "😀", "\u200b", "\x00"]
-PLAIN_NUMBERS = ["0", "1", "2", "2.5", "4", "8", "12", "19.5", "30"]
-ODD_NUMBERS = ["-1", "1e999", "1e308", "1e-320", "0.0001", "99999999999999999999", "1" + "0" * 400, "-0",
-               "3.", ".5", "1e", "0x10", "NaN", "Infinity", "true", '"2"']
+# Plain numbers per slot (start, end, fps) make many calls valid; odd ones hit every check.
+PLAIN_NUMBERS = (["0", "1", "2.5", "4", "12"], ["4", "5", "8", "14.5", "30"], ["0.5", "1", "2"])
+ODD_NUMBERS = ["-1", "0", "20", "1e999", "1e308", "1e-320", "0.0001", "99999999999999999999", "1" + "0" * 400,
+               "-0", "3.", ".5", "1e", "0x10", "NaN", "Infinity", "true", '"2"']
 
 
-def random_number(rng):
-    return rng.choice(PLAIN_NUMBERS if rng.random() < 0.7 else ODD_NUMBERS)
+def random_number(rng, slot=None):
+    if slot is not None and rng.random() < 0.7:
+        return rng.choice(PLAIN_NUMBERS[slot])
+    return rng.choice(ODD_NUMBERS)
 
 
 def random_turn(rng):
     """Mostly protocol-shaped turns with a few mutations; some pure fragment soup."""
     if rng.random() < 0.6:
-        pieces = ["<think>", "why", "</think>", rng.choice(["<video_zoom>", "<answer>"]), '{"segment": [',
-                  random_number(rng), ", ", random_number(rng), "], ", '"fps": ', random_number(rng), "}",
-                  rng.choice(["</video_zoom>", "</answer>"])]
+        if rng.random() < 0.75:
+            pieces = ["<think>", "why", "</think>", "<video_zoom>", '{"segment": [', random_number(rng, 0), ", ",
+                      random_number(rng, 1), "], ", '"fps": ', random_number(rng, 2), "}", "</video_zoom>"]
+        else:
+            pieces = ["<think>", "why", "</think>", "<answer>", rng.choice(["B", "\\boxed{C}", "b", ""]), "</answer>"]
         for _ in range(rng.choice([0, 0, 1, 2, 3])):
             i = rng.randrange(len(pieces))
             mutation = rng.randrange(4)
