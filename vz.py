@@ -843,34 +843,45 @@ class KVBatch:
         self.model, self.renderer = model, renderer
         self.cache, self.attention = None, None  # attention: (rows, past) long
         self.next_pos = []  # per row: the text position the next token takes
+        self.embeds = {}  # id(frame) -> vision-tower output: rows sharing a clip encode it once
+
+    def encode_frames(self, frames):
+        """Vision-tower outputs for frames, each distinct Frame encoded once per batch."""
+        new = list({id(frame): frame for frame in frames if id(frame) not in self.embeds}.values())
+        if new:
+            pixels, grids = zip(*[frame.patches(self.renderer.vcfg) for frame in new])
+            device = self.model.device
+            out = self.model.model.get_image_features(torch.cat(pixels).to(device), torch.stack(grids).to(device))
+            self.embeds.update((id(frame), embeds) for frame, embeds in zip(new, out.pooler_output))
+        return [self.embeds[id(frame)] for frame in frames]
 
     @torch.no_grad()
     def extend(self, chunks, all_logits=False):
         """chunks: per row (ids, frames). Returns logits (rows, vocab), or (rows, chunk, vocab)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
         device = self.model.device
         width = max(1, max(len(ids) for ids, _ in chunks))
         input_ids = torch.full((len(chunks), width), self.renderer.pad, dtype=torch.long)
         positions = torch.zeros(3, len(chunks), width, dtype=torch.long)
         chunk_mask = torch.zeros(len(chunks), width, dtype=torch.long)
-        pixels, grids = [], []
+        frames_in_order = []
         for row, (ids, frames) in enumerate(chunks):
             if not ids:
                 continue
-            patches = [frame.patches(self.renderer.vcfg) for frame in frames]
-            pixels += [p for p, _ in patches]
-            grids += [g for _, g in patches]
+            frames_in_order += frames
+            grids = [frame.patches(self.renderer.vcfg)[1] for frame in frames]
             row_positions, self.next_pos[row] = rope_positions(
-                ids, [g for _, g in patches], self.renderer.image_pad, self.renderer.vcfg.merge_size,
-                self.next_pos[row])
+                ids, grids, self.renderer.image_pad, self.renderer.vcfg.merge_size, self.next_pos[row])
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             positions[:, row, width - len(ids):] = row_positions
             chunk_mask[row, width - len(ids):] = 1
         attention = chunk_mask if self.attention is None else torch.cat([self.attention, chunk_mask], 1)
+        vision = None
+        if frames_in_order:  # image features fill the <|image_pad|> slots in row-major order
+            vision = {"image": BaseModelOutputWithPooling(pooler_output=self.encode_frames(frames_in_order))}
         out = self.model(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
-            pixel_values=torch.cat(pixels).to(device) if pixels else None,
-            image_grid_thw=torch.stack(grids).to(device) if grids else None,
-            cache=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+            mm_encoder_outputs=vision, cache=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
         self.cache, self.attention = out.cache, attention
         return out.logits.float() if all_logits else out.logits[:, -1].float()
 

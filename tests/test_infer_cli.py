@@ -183,7 +183,7 @@ def runs(tiny_dir, cli_env, tmp_path_factory):
     jobs["json"] = infer_args(tiny_dir, paths["index"], "--json", str(root / "out.json"))
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_infer, args, cli_env) for name, args in jobs.items()}
-        yield {"paths": paths, "root": root, "empty_model": str(empty_model), **futures}
+        yield {"paths": paths, "root": root, "empty_model_dir": str(empty_model), **futures}
 
 
 @pytest.mark.parametrize("case,expected", VIDEO_CASES, ids=[case for case, _ in VIDEO_CASES])
@@ -227,7 +227,7 @@ def test_model_directory_missing(cli_env, tmp_path):
 
 
 def test_model_directory_empty(runs):
-    assert_one_line_error(runs["empty_model"].result(), runs["empty_model"], "config.json")
+    assert_one_line_error(runs["empty_model"].result(), runs["empty_model_dir"], "config.json")
 
 
 def test_json_trajectory(runs):
