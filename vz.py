@@ -977,7 +977,132 @@ def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), tem
 
 
 # -----------------------------------------------------------------------------
-# 6. Distributed
+# 6. Training: log-probs of a batch, checkpoints
+
+
+def token_logprobs(model, renderer, batch, with_entropy=False):
+    """Log-probabilities of every trainable token of a batch of episodes, in one training forward.
+
+    Args:
+        batch: list of (ids, mask, frames); rows are right-padded, frames are fed in row order.
+    Returns:
+        logp (B, T) with logp[b, t] = log p(ids[b][t] | ids[b][:t]) where mask[b][t] == 1, else 0;
+        mask (B, T) float; entropy (B, T) of the same distributions when asked (else None).
+        Only positions some row trains are sent through the lm_head, so a 150k vocabulary never
+        materialises logits for the prompt and the frames.
+    """
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids, _, _ in batch)
+    input_ids = torch.full((len(batch), width), renderer.pad, dtype=torch.long)
+    attention = torch.zeros(len(batch), width, dtype=torch.long)
+    positions = torch.zeros(3, len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width)
+    pixels, grids = [], []
+    for row, (ids, row_mask, frames) in enumerate(batch):
+        assert len(ids) == len(row_mask), "ids and mask must be in lockstep"
+        patches = [frame.patches(renderer.vcfg) for frame in frames]
+        pixels += [p for p, _ in patches]
+        grids += [g for _, g in patches]
+        positions[:, row, :len(ids)], _ = rope_positions(ids, [g for _, g in patches], renderer.image_pad,
+                                                         renderer.vcfg.merge_size, 0)
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+        mask[row, :len(ids)] = torch.tensor(row_mask, dtype=torch.float)
+    mask[:, 0] = 0  # the first token has no prediction
+    # Logits at position t predict token t+1: keep the positions whose next token is trained.
+    keep = mask[:, 1:].any(0).nonzero().squeeze(-1)  # (K,)
+    out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                position_ids=positions.to(device), pixel_values=torch.cat(pixels).to(device) if pixels else None,
+                image_grid_thw=torch.stack(grids).to(device) if grids else None, logits_to_keep=keep.to(device))
+    logits = out.logits.float()  # (B, K, V)
+    log_probs = logits.log_softmax(-1)
+    targets = input_ids[:, keep + 1].to(device)  # (B, K)
+    logp = torch.zeros(len(batch), width, device=device)
+    logp[:, keep + 1] = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = mask.to(device)
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros_like(logp)
+        entropy[:, keep + 1] = -(log_probs.exp() * log_probs).sum(-1)
+        entropy = entropy * mask
+    return logp * mask, mask, entropy
+
+
+def shard_model(model, world_size):
+    """FSDP2: fully_shard each decoder and vision block, then the root. No-op for one process."""
+    if world_size == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+    for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank):
+    """Write an HF-format checkpoint (+ optimizer and trainer state) into out_dir atomically.
+
+    Every rank must call it (gathering sharded weights is collective); rank 0 writes into a temporary
+    directory and renames it, so a crash never leaves half a checkpoint. Safetensors and JSON only.
+    """
+    import shutil
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    if rank != 0:
+        return
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.copy(os.path.join(model_dir, "preprocessor_config.json"), tmp)
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if optim is not None:
+        for name, slots in optim["state"].items():
+            for slot, value in slots.items():
+                tensors[f"state/{name}/{slot}"] = torch.as_tensor(value).clone()
+        state = dict(state, param_groups=optim["param_groups"])
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def load_training_state(checkpoint_dir, model, optimizer):
+    """Restore optimizer moments and the RNG from a checkpoint written by save_checkpoint."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(checkpoint_dir, "optimizer.safetensors"))
+    slots = {}
+    for key, value in tensors.items():
+        if key.startswith("state/"):
+            name, slot = key[len("state/"):].rsplit("/", 1)
+            slots.setdefault(name, {})[slot] = value
+    set_optimizer_state_dict(model, optimizer, {"state": slots, "param_groups": state["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
+
+
+def latest_checkpoint(out_dir):
+    """The newest complete step_* directory in out_dir, or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    steps = sorted(name for name in os.listdir(out_dir)
+                   if re.fullmatch(r"step_\d+", name) and os.path.isfile(os.path.join(out_dir, name, "trainer_state.json")))
+    return os.path.join(out_dir, steps[-1]) if steps else None
+
+
+# -----------------------------------------------------------------------------
+# 7. Distributed
 
 
 def compute_init(device_arg="auto"):
@@ -998,4 +1123,5 @@ def compute_init(device_arg="auto"):
 def compute_cleanup():
     import torch.distributed as dist
     if dist.is_initialized():
+        dist.barrier()  # gloo aborts at exit if one rank tears down while another is still talking
         dist.destroy_process_group()

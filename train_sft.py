@@ -1,0 +1,321 @@
+"""Cold-start SFT of a Qwen2.5-VL model on multi-turn zoom trajectories.
+
+    python train_sft.py --model <dir> --data sft.jsonl --out runs/sft                    # one process
+    torchrun --standalone --nproc_per_node 2 train_sft.py --model <dir> --data sft.jsonl --out runs/sft --device cpu
+    torchrun --standalone --nproc_per_node 8 train_sft.py --model /models/Qwen2.5-VL-7B-Instruct \
+        --data sft.jsonl --out runs/sft --grad-checkpointing                             # a GPU node
+
+Each trajectory is rendered exactly as the rollout loop would have built it: the overview is sampled
+from the video, every tool reply is rebuilt from the video by the same sampler and renderer
+(vz.replay), so the model trains on the tokens it will see at inference. Checkpoints are
+Hugging Face directories (runs/sft/step_N, runs/sft/final) that infer.py and from_pretrained load.
+
+Deliberate choices, against textbook SFT:
+1. Loss only on tokens the model writes: assistant text, and <|im_end|> only after an answer (a zoom
+   turn stops at </video_zoom>; its <|im_end|> comes from the environment).
+2. Token-level mean over every trained token of the optimizer step, across micro-batches and ranks.
+3. Vision tower and merger frozen (--train-vision to unfreeze); full fine-tuning of the language model.
+4. Micro-batches are packed by a padded-token budget, so long trajectories don't OOM.
+5. Bad rows (missing video, malformed JSON, a call the parser rejects, too long) are skipped and
+   counted; the run stops only if more than --max-bad-frac of the rows are bad.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import vz
+
+# -----------------------------------------------------------------------------
+# CLI
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# Data
+parser.add_argument("--model", required=True, help="local Hugging Face directory to start from")
+parser.add_argument("--data", required=True, help="JSONL of trajectories (our layout or LLaMA-Factory 'messages'+'images'; see README)")
+parser.add_argument("--out", required=True, help="output directory for step_N/ and final/ checkpoints")
+parser.add_argument("--max-len", type=int, default=32768, help="trajectories longer than this many tokens are skipped")
+parser.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
+parser.add_argument("--system-prompt", help="file replacing the built-in system prompt (our layout only)")
+parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
+parser.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
+parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
+parser.add_argument("--max-frames", type=int, default=128, help="frames per trajectory, overview included")
+parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
+# Optimization
+parser.add_argument("--epochs", type=int, default=1, help="passes over the data")
+parser.add_argument("--batch-size", type=int, default=8, help="trajectories per optimizer step, all ranks together")
+parser.add_argument("--micro-batch-tokens", type=int, default=16384, help="padded tokens per forward/backward")
+parser.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (cosine decay to 0)")
+parser.add_argument("--warmup-frac", type=float, default=0.1, help="fraction of steps with linear warm-up")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
+parser.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
+parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+parser.add_argument("--seed", type=int, default=0, help="seed for data order")
+parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+# Checkpointing and logging
+parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only the final one")
+parser.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
+parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (schedule unchanged); 0 = all")
+parser.add_argument("--log-jsonl", help="append one JSON line of metrics per step to this file")
+args = parser.parse_args()
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+rank, local_rank, world_size, device = vz.compute_init(args.device)
+master = rank == 0
+if args.batch_size % world_size:
+    fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+if not os.path.isfile(args.data):
+    fail(f"{args.data}: no such data file")
+limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, max_total_tokens=args.max_len)
+if master:
+    print("args:", json.dumps(vars(args)))
+
+# -----------------------------------------------------------------------------
+# Model
+
+try:
+    model, tokenizer, vcfg = vz.load_model(args.model, "cpu")
+except (OSError, ValueError) as e:
+    fail(vz._one_line(e))
+renderer = vz.Renderer(tokenizer, vcfg)
+start_dir = args.model
+resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
+if resume_dir:
+    model, _, _ = vz.load_model(resume_dir, "cpu")
+    start_dir = resume_dir
+model.train()
+model.model.visual.requires_grad_(args.train_vision)
+if args.grad_checkpointing:
+    model.gradient_checkpointing_enable()
+if device.type == "cuda":
+    model.to(torch.bfloat16)  # bf16 weights and activations; AdamW keeps its moments in the same dtype
+model.to(device)
+model = vz.shard_model(model, world_size)
+trainable = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+if master:
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, "
+          f"trainable {sum(p.numel() for p in trainable) / 1e6:.1f}M, processes {world_size}, device {device}")
+
+# -----------------------------------------------------------------------------
+# Data: render every row once to validate it; keep ids, mask and where its frames come from
+
+
+def load_image(path, size):
+    import av
+    with av.open(path) as container:
+        frame = next(container.decode(video=0))
+    height, width = size or vz.resize_shape(frame.height, frame.width, vcfg)
+    return vz.Frame(0.0, frame.reformat(width=width, height=height, format="rgb24",
+                                        interpolation="BICUBIC").to_ndarray())
+
+
+def render_messages(row, base_dir):
+    """LLaMA-Factory layout: messages with <image> placeholders, tool replies as user turns."""
+    images = [p if os.path.isabs(p) else os.path.join(base_dir, p) for p in row.get("images", [])]
+    frames = [load_image(path, None) for path in images]
+    episode = vz.Episode(ids=[], mask=[], frames=list(frames))
+    queue = iter(frames)
+    for message in row["messages"]:
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            if vz.ZOOM_OPEN in content:
+                action, _ = vz.parse_turn(content, math.inf, args.max_frames_per_call)
+                if not isinstance(action, vz.Zoom):
+                    raise ValueError(f"assistant turn has a call the parser rejects ({action.error if action else 'none'})")
+            episode.add(renderer.assistant_header())
+            episode.add(renderer.assistant_turn(content, vz.ZOOM_CLOSE not in content))
+            continue
+        pieces = content.split("<image>")
+        parts = [pieces[0]]
+        for piece in pieces[1:]:
+            frame = next(queue, None)
+            if frame is None:
+                raise ValueError("more <image> placeholders than images")
+            parts += [frame, piece]
+        episode.add(renderer.message(role, parts))
+    if next(queue, None) is not None:
+        raise ValueError("more images than <image> placeholders")
+    return episode, {"images": images}
+
+
+def render_row(row, base_dir, system_prompt):
+    """Our layout: video, question, options, answer, turns (assistant texts)."""
+    for key in ("video", "question", "turns"):
+        if key not in row:
+            raise ValueError(f"missing key {key!r}")
+    path = row["video"] if os.path.isabs(row["video"]) else os.path.join(base_dir, row["video"])
+    with vz.open_video(path) as video:
+        prompt = vz.build_prompt(renderer, video, row["question"], row.get("options"), limits,
+                                 args.overview_fps, args.max_overview_frames, system_prompt)
+        episode = vz.replay(renderer, video, prompt, row["turns"], limits)
+    bad = [t for t in episode.turns if t["kind"] not in ("zoom", "answer")]
+    if bad:
+        raise ValueError(f"turn {bad[0]['turn']} is {bad[0]['kind']}: {bad[0].get('error', '')}".rstrip(": "))
+    if episode.stop != "answer":
+        raise ValueError(f"trajectory does not end with an answer ({episode.stop or 'unfinished'})")
+    return episode, {"video": path, "times": [f.time for f in episode.frames]}
+
+
+def load_rows(path):
+    system_prompt = open(args.system_prompt).read() if args.system_prompt else None
+    base_dir = os.path.dirname(os.path.abspath(path))
+    rows, reasons = [], []
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    for number, line in enumerate(lines, 1):
+        if number % world_size != rank:  # each rank validates a share, then all share the results
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            if "messages" in row:
+                episode, source = render_messages(row, base_dir)
+            else:
+                episode, source = render_row(row, base_dir, system_prompt)
+            if len(episode.ids) > args.max_len:
+                raise ValueError(f"{len(episode.ids)} tokens > --max-len {args.max_len}")
+            if not any(episode.mask):
+                raise ValueError("no trainable tokens")
+            rows.append((number, {"ids": episode.ids, "mask": episode.mask, **source}))
+        except (ValueError, KeyError, TypeError, OSError, vz.VideoError) as e:
+            reasons.append((number, vz._one_line(e)))
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (rows, reasons))
+        rows = [r for part, _ in gathered for r in part]
+        reasons = [r for _, part in gathered for r in part]
+    rows.sort()
+    return [row for _, row in rows], sorted(reasons), len(lines)
+
+
+started = time.time()
+rows, reasons, num_lines = load_rows(args.data)
+if master:
+    print(f"data: {len(rows)} usable of {num_lines} rows ({time.time() - started:.1f} s to render)")
+    for number, reason in reasons[:5]:
+        print(f"  skipped line {number}: {reason}")
+if num_lines == 0 or len(reasons) > args.max_bad_frac * num_lines:
+    fail(f"{args.data}: {len(reasons)} of {num_lines} rows are unusable (more than --max-bad-frac {args.max_bad_frac})")
+
+
+def frames_of(row):
+    """Decode a row's frames again at their recorded times (a frame's own time serves that frame)."""
+    if "images" in row:
+        return [load_image(path, None) for path in row["images"]]
+    with vz.open_video(row["video"]) as video:
+        return video.serve(row["times"], vcfg, seek=True)
+
+
+steps_per_epoch = len(rows) // args.batch_size
+total_steps = steps_per_epoch * args.epochs
+if steps_per_epoch == 0:
+    fail(f"{len(rows)} usable rows make no full batch of --batch-size {args.batch_size}")
+
+
+def step_rows(step):
+    """The rows of one optimizer step: a seeded permutation per epoch, so resume needs only the step."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    return [rows[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size]]
+
+
+def micro_batches(batch):
+    """Group rows (longest first) so that rows x longest length stays within --micro-batch-tokens."""
+    groups, current = [], []
+    for row in sorted(batch, key=lambda r: -len(r["ids"])):
+        if current and (len(current) + 1) * len(current[0]["ids"]) > args.micro_batch_tokens:
+            groups.append(current)
+            current = []
+        current.append(row)
+    return groups + [current] if current else groups
+
+
+def lr_at(step):
+    warmup = max(1, round(args.warmup_frac * total_steps))
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def all_reduce(value):
+    tensor = torch.tensor(float(value), device=device)
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor.item()
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+first_step = 0
+if resume_dir:
+    state = vz.load_training_state(resume_dir, model, optimizer)
+    first_step = state["step"]
+    if master:
+        print(f"resumed from {resume_dir} at step {first_step}")
+last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+log = open(args.log_jsonl, "a") if master and args.log_jsonl else None
+run_started, tokens_seen = time.time(), 0
+for step in range(first_step, last_step):
+    step_started = time.time()
+    batch = step_rows(step)[rank::world_size]
+    # Token-level mean over the whole step: count every trained token on every rank first.
+    num_tokens = all_reduce(sum(sum(row["mask"][1:]) for row in batch))
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr_at(step)
+    loss_sum = 0.0
+    for group in micro_batches(batch):
+        logp, mask, _ = vz.token_logprobs(model, renderer, [(r["ids"], r["mask"], frames_of(r)) for r in group])
+        # FSDP averages gradients over ranks, so scale by world_size to get the sum / num_tokens.
+        loss = -(logp * mask).sum() / num_tokens * world_size
+        loss.backward()
+        loss_sum += -(logp * mask).sum().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = all_reduce(loss_sum) / num_tokens
+    step_tokens = all_reduce(sum(len(row["ids"]) for row in batch))
+    tokens_seen += step_tokens
+    elapsed = time.time() - run_started
+    eta = elapsed / (step + 1 - first_step) * (last_step - step - 1)
+    metrics = {"step": step + 1, "loss": loss_value, "lr": lr_at(step), "grad_norm": float(grad_norm),
+               "trained_tokens": num_tokens, "tok_s": step_tokens / (time.time() - step_started)}
+    if master:
+        print(f"step {step + 1}/{last_step} | loss {loss_value:.4f} | lr {lr_at(step):.2e} | grad {float(grad_norm):.3f} "
+              f"| tok/s {metrics['tok_s']:.0f} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s",
+              flush=True)
+        if log:
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+    if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < last_step:
+        vz.save_checkpoint(os.path.join(args.out, f"step_{step + 1}"), model, tokenizer, args.model, optimizer,
+                           {"step": step + 1, "args": vars(args)}, rank)
+        if master:
+            print(f"saved {os.path.join(args.out, f'step_{step + 1}')}", flush=True)
+
+# -----------------------------------------------------------------------------
+# Final checkpoint and cleanup
+
+final = os.path.join(args.out, "final" if last_step == total_steps else f"step_{last_step}")
+vz.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank)
+if master:
+    print(f"saved {final} ({time.time() - run_started:.1f} s)")
+    if log:
+        log.close()
+vz.compute_cleanup()
