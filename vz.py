@@ -1056,8 +1056,9 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
         return
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrapped = model.module if hasattr(model, "module") else model
-    unwrapped.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    if model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # gathered copies no longer share storage: keep one, as HF does
+    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.copy(os.path.join(model_dir, "preprocessor_config.json"), tmp)
     tensors = {"rng.torch": torch.get_rng_state()}
