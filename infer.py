@@ -124,6 +124,10 @@ if not os.path.isdir(model_dir):
 # Model and video
 
 try:
+    video = vz.open_video(args.video)  # before the model: a typo should not cost a 7B load
+except vz.VideoError as e:
+    fail(str(e))
+try:
     model, tokenizer, vcfg = vz.load_model(model_dir, device)
 except (OSError, ValueError) as e:
     fail(vz._one_line(e))
@@ -134,7 +138,6 @@ if note:
 renderer = vz.Renderer(tokenizer, vcfg)
 started = time.time()
 try:
-    video = vz.open_video(args.video)
     prompt = vz.build_prompt(renderer, video, args.question, args.options, limits, args.overview_fps,
                              args.max_overview_frames, system_prompt)
 except vz.VideoError as e:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -137,6 +138,9 @@ class Video:
             self.container.close()
             raise VideoError(f"{path}: has no video stream")
         self.stream = self.container.streams.video[0]
+        if self.stream.codec_context is None:
+            self.close()
+            raise VideoError(f"{path}: no decoder for its video codec")
         self.time_base = self.stream.time_base or Fraction(1, 1000000)
         self.width, self.height = self.stream.codec_context.width, self.stream.codec_context.height
         if not self.width or not self.height:
@@ -239,7 +243,7 @@ class Video:
             # A damaged tail ends the stream early; whatever decoded so far is still served.
             if not getattr(self, "_warned", False):
                 self._warned = True
-                print(f"warning: {self.path}: decoding stopped early ({_one_line(e)})")
+                print(f"warning: {self.path}: decoding stopped early ({_one_line(e)})", file=sys.stderr)
 
     def _keyframe_after(self, pts, ticks):
         """True when a keyframe lies between the decoder's position and `ticks`: seeking is cheaper."""
@@ -280,6 +284,9 @@ class Video:
 
 
 def _one_line(error):
+    """A user-facing one-line reason; FFmpeg errors without their errno and file name."""
+    if isinstance(error, av.FFmpegError) and error.strerror:
+        return error.strerror
     return " ".join(str(error).split())
 
 
@@ -506,6 +513,18 @@ TURN_SHAPE = re.compile(r"\s*<think>(?:(?!<think>|</think>).)*</think>\s*"
                         r"<answer>(?:(?!<answer>|</answer>).)*</answer>)\s*", re.S)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(key)
+    return dict(pairs)
+
+
 def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -516,8 +535,10 @@ def parse_zoom(body, duration, max_frames):
     if not body:
         return Invalid("the call is empty; expected a JSON object with \"segment\" and \"fps\"")
     try:
-        args = json.loads(body)
-    except (json.JSONDecodeError, RecursionError):
+        args = json.loads(body, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        return Invalid(f"the key \"{e}\" appears twice")
+    except (ValueError, RecursionError):  # JSONDecodeError, and ints over Python's digit limit
         return Invalid("the call is not valid JSON; expected {\"segment\": [start_sec, end_sec], \"fps\": n}")
     if not isinstance(args, dict):
         return Invalid("the call must be a JSON object with keys \"segment\" and \"fps\"")
@@ -532,7 +553,10 @@ def parse_zoom(body, duration, max_frames):
         return Invalid("\"segment\" must be a list of two numbers [start_sec, end_sec]")
     if not _number(fps):
         return Invalid("\"fps\" must be a number")
-    start, end, fps = float(segment[0]), float(segment[1]), float(fps)
+    try:
+        start, end, fps = float(segment[0]) + 0.0, float(segment[1]), float(fps)  # + 0.0 turns -0.0 into 0.0
+    except OverflowError:  # an integer beyond float range
+        return Invalid("segment and fps must be finite numbers")
     if not all(math.isfinite(v) for v in (start, end, fps)):
         return Invalid("segment and fps must be finite numbers")
     if start < 0:
@@ -544,6 +568,9 @@ def parse_zoom(body, duration, max_frames):
     if fps <= 0:
         return Invalid(f"fps must be positive, got {fps:g}")
     clamped_end = min(end, duration)
+    if not math.isfinite(fps * (clamped_end - start)):
+        return Invalid(f"the call asks for too many frames but at most {max_frames} are allowed now; "
+                       "lower fps or narrow the segment")
     num_frames = int(fps * (clamped_end - start))
     if num_frames < 1:
         return Invalid(f"the call asks for 0 frames (fps x duration = {fps * (clamped_end - start):.2f}); "

@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -65,6 +66,22 @@ def bench_video(cache_dir, seconds, preset):
     return path
 
 
+class Clock:
+    """Accumulates wall-clock and process CPU time (all threads) over the timed sections."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    @contextmanager
+    def timing(self):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall += time.perf_counter() - w
+            self.cpu += time.process_time() - c
+
+
 def overview_targets(duration):
     """The overview's target times, from its definition (not from vz's code)."""
     n = math.ceil(duration * OVERVIEW_FPS - 1e-9)
@@ -92,28 +109,29 @@ def rgb(frame, size):
 
 
 def run_ours(path, cfg):
+    clock = Clock()
     with vz.open_video(path) as video:
-        t0 = time.perf_counter()
-        frames = vz.sample_overview(video, cfg, fps=OVERVIEW_FPS, max_frames=MAX_FRAMES)
-        return time.perf_counter() - t0, [read_index(f.image) for f in frames]
+        with clock.timing():
+            frames = vz.sample_overview(video, cfg, fps=OVERVIEW_FPS, max_frames=MAX_FRAMES)
+    return clock, [read_index(f.image) for f in frames]
 
 
 def run_decode_all(path, video, targets, size):
     container, stream = open_like(path, video)
     ticks = [to_ticks(stream, t) for t in targets]
     picked, j, previous = [], 0, None
-    t0 = time.perf_counter()
-    for frame in container.decode(stream):
-        while j < len(ticks) and frame.pts > ticks[j]:
-            picked.append(rgb(previous, size))  # `previous` is the frame showing at target j
+    clock = Clock()
+    with clock.timing():
+        for frame in container.decode(stream):
+            while j < len(ticks) and frame.pts > ticks[j]:
+                picked.append(rgb(previous, size))  # `previous` is the frame showing at target j
+                j += 1
+            previous = frame
+        while j < len(ticks):  # targets after the last frame's pts
+            picked.append(rgb(previous, size))
             j += 1
-        previous = frame
-    while j < len(ticks):  # targets after the last frame's pts
-        picked.append(rgb(previous, size))
-        j += 1
-    elapsed = time.perf_counter() - t0
     container.close()
-    return elapsed, [read_index(image) for image in picked]
+    return clock, [read_index(image) for image in picked]
 
 
 def frame_table(path):
@@ -138,32 +156,39 @@ def run_limit(path, video, targets, size, all_pts, keys):
         frame_pts = all_pts[bisect.bisect_right(all_pts, to_ticks(stream, t)) - 1]
         key = keys[bisect.bisect_right(keys, frame_pts) - 1]
         groups.setdefault(key, []).append(frame_pts)
-    timed, images = 0.0, {}
+    clock, images = Clock(), {}
     for key in sorted(groups):
         wanted = sorted(set(groups[key]))
         container.seek(key, stream=stream, backward=True, any_frame=False)  # not timed
-        t0 = time.perf_counter()
-        decoded = container.decode(stream)
-        first = True
-        for frame in decoded:
-            if first and frame.pts != key:
-                raise RuntimeError(f"seek to keyframe pts {key} landed on pts {frame.pts}: no exact bound")
-            first = False
-            if frame.pts in wanted:
-                images[frame.pts] = rgb(frame, size)
-                if frame.pts == wanted[-1]:
-                    break
-        timed += time.perf_counter() - t0
+        with clock.timing():
+            first = True
+            for frame in container.decode(stream):
+                if first and frame.pts != key:
+                    raise RuntimeError(f"seek to keyframe pts {key} landed on pts {frame.pts}: no exact bound")
+                first = False
+                if frame.pts in wanted:
+                    images[frame.pts] = rgb(frame, size)
+                    if frame.pts == wanted[-1]:
+                        break
     container.close()
     order = [all_pts[bisect.bisect_right(all_pts, to_ticks(stream, t)) - 1] for t in targets]
-    return timed, [read_index(images[p]) for p in order]
+    return clock, [read_index(images[p]) for p in order]
 
 
 def run_clip(path, cfg, start, end, num_frames):
+    clock = Clock()
     with vz.open_video(path) as video:
-        t0 = time.perf_counter()
-        frames = vz.sample_clip(video, cfg, start, end, num_frames)
-        return time.perf_counter() - t0, [read_index(f.image) for f in frames]
+        with clock.timing():
+            frames = vz.sample_clip(video, cfg, start, end, num_frames)
+    return clock, [read_index(f.image) for f in frames]
+
+
+def median(clocks, attr="wall"):
+    return statistics.median(getattr(c, attr) for c in clocks)
+
+
+def runs(clocks):
+    return ", ".join(f"{c.wall:.3f}" for c in clocks) + "; cpu " + ", ".join(f"{c.cpu:.3f}" for c in clocks)
 
 
 def main():
@@ -193,20 +218,17 @@ def main():
         # Interleaved rounds, so that a burst of load from elsewhere on the machine hits all methods alike.
         ours, decode_all, limits = [], [], []
         for r in range(args.repeats):
-            elapsed, ours_idx = run_ours(path, cfg)
-            ours.append(elapsed)
+            clock, ours_idx = run_ours(path, cfg)
+            ours.append(clock)
             assert ours_idx == expected, f"ours served {ours_idx}, expected {expected}"
-            elapsed, limit_idx = run_limit(path, video, targets, size, all_pts, keys)
-            limits.append(elapsed)
+            clock, limit_idx = run_limit(path, video, targets, size, all_pts, keys)
+            limits.append(clock)
             assert limit_idx == expected, f"limit served {limit_idx}, expected {expected}"
             if r < max(1, args.decode_all_repeats):
-                elapsed, all_idx = run_decode_all(path, video, targets, size)
-                decode_all.append(elapsed)
+                clock, all_idx = run_decode_all(path, video, targets, size)
+                decode_all.append(clock)
                 assert all_idx == ours_idx, f"decode_all served {all_idx}, ours {ours_idx}"
-        ours_s, limit_s, decode_all_s = (statistics.median(x) for x in (ours, limits, decode_all))
-
-        def runs(x):
-            return ", ".join(f"{v:.3f}" for v in x)
+        ours_s, limit_s, decode_all_s = (median(x) for x in (ours, limits, decode_all))
         print(f"ours_s: {ours_s:.3f}  (runs: {runs(ours)})")
         print(f"decode_all_s: {decode_all_s:.3f}  (runs: {runs(decode_all)})")
         print(f"limit_s: {limit_s:.3f}  (runs: {runs(limits)})")
@@ -218,11 +240,21 @@ def main():
                             for t in clip_times(start, end, n)})
     clips = []
     for _ in range(args.repeats):
-        elapsed, clip_idx = run_clip(path, cfg, start, end, n)
-        clips.append(elapsed)
+        clock, clip_idx = run_clip(path, cfg, start, end, n)
+        clips.append(clock)
         assert clip_idx == clip_expected, f"clip served {clip_idx}, expected {clip_expected}"
-    clip_s = statistics.median(clips)
-    print(f"clip_runs_s: {', '.join(f'{x:.3f}' for x in clips)}  (span {start:.2f}-{end:.2f} s, {n} frames)")
+    clip_s = median(clips)
+    print(f"clip_runs_s: {runs(clips)}  (span {start:.2f}-{end:.2f} s, {n} frames)")
+    # The same figures from process CPU time (all threads): much less sensitive to other load on
+    # the machine.  FFmpeg's default threading decodes on both cores here, so CPU time exceeds wall
+    # time; compare cpu figures only with cpu figures.
+    print(f"cpu: ours_s {median(ours, 'cpu'):.3f} decode_all_s {median(decode_all, 'cpu'):.3f} "
+          f"limit_s {median(limits, 'cpu'):.3f} clip_s {median(clips, 'cpu'):.3f} "
+          f"limit_efficiency {median(limits, 'cpu') / median(ours, 'cpu'):.3f} "
+          f"ratio {median(decode_all, 'cpu') / median(ours, 'cpu'):.2f}")
+    load = os.getloadavg()[0]
+    if load > 1.5:
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores during the run: wall times are unreliable")
 
     print(f"limit_efficiency: {limit_s / ours_s:.3f}")
     print(f"clip_s: {clip_s:.3f}")

@@ -76,7 +76,8 @@ MALFORMED = [
     ("negative_both", call('{"segment": [-4, -1], "fps": 2}'), MAX_FRAMES, "is negative"),  # checked first
     ("start_equals_end", call('{"segment": [5, 5], "fps": 2}'), MAX_FRAMES, "start 5s must be before its end 5s"),
     ("start_after_end", call('{"segment": [15, 12], "fps": 2}'), MAX_FRAMES, "start 15s must be before its end 12s"),
-    ("start_at_duration", call('{"segment": [20, 25], "fps": 2}'), MAX_FRAMES, "at or past the end of the video (20.00s)"),
+    ("start_at_duration", call('{"segment": [20, 25], "fps": 2}'), MAX_FRAMES,
+     "at or past the end of the video (20.00s)"),
     ("start_past_duration", call('{"segment": [30, 40], "fps": 2}'), MAX_FRAMES, "start 30s is at or past the end"),
     ("fps_zero", call('{"segment": [0, 4], "fps": 0}'), MAX_FRAMES, "fps must be positive, got 0"),
     ("fps_negative", call('{"segment": [0, 4], "fps": -2}'), MAX_FRAMES, "fps must be positive, got -2"),

@@ -292,12 +292,15 @@ def test_targets_near_keyframes_in_one_video(videos, name):
 # Variable frame rate: times are the true pts times, content matches
 
 VFR_CLIPS = [
-    # (start, end, num_frames)
-    (0.0, 5.0, 16),
-    (3.0, 3.5, 8),     # short span: likely fewer frames showing than asked
-    (20.0, 30.0, 12),
-    (40.0, 41.0, 32),
-    (60.0, 68.0, 5),
+    # (start, end, num_frames): which rule applies, for vfr_times() (duration 46.29 s)
+    (0.0, 5.0, 8),      # 39 frames showing, 8 distinct target frames: the frame showing at each target
+    (5.0, 9.0, 6),      # same, from mid-stream
+    (20.0, 30.0, 12),   # same, long span over bursts and holds
+    (40.0, 41.0, 32),   # 19 frames showing < 32 asked: all of them
+    (15.0, 17.0, 24),   # 13 < 24: all of them
+    (3.0, 3.5, 8),      # inside one 0.9 s hold: the single frame showing
+    (0.0, 5.0, 16),     # 39 showing but two targets fall on one held frame: only "never twice"
+    (33.0, 37.0, 8),    # same
 ]
 
 
@@ -319,13 +322,14 @@ def test_vfr_overview(videos, name):
 def test_vfr_clip(videos, name, start, end, num_frames):
     v = videos[name]
     times = v["times"]
+    assert end <= times[-1] + VFR_LAST_DUR  # within the video, as the caller guarantees
     with vz.open_video(v["path"]) as video:
         frames = vz.sample_clip(video, CFG, start, end, num_frames)
     check_clip(served(frames, times, (168, 308)), times, start, end, num_frames)
 
 
 # -----------------------------------------------------------------------------
-# First pts not 0 (mp4 with an edit list, mkv with absolute timestamps)
+# First pts not 0 (mp4 with an edit list, mkv with absolute timestamps, MPEG-TS)
 
 @pytest.mark.parametrize("name", START)
 def test_nonzero_start(videos, name):
@@ -351,7 +355,7 @@ def test_nonzero_start(videos, name):
     ("cfr_ts", 60.0, 0.04),                # CFR MPEG-TS, first pts 0.08 s
     ("long", 200.0, 0.2),                  # CFR 5 fps
     ("vfr_b0", None, VFR_LAST_DUR),        # VFR, no B-frames: the mp4 header's duration is right
-    ("vfr_b2", None, VFR_LAST_DUR),        # VFR + B-frames: mov's header duration is dts-based
+    ("vfr_b2", None, VFR_LAST_DUR),        # VFR + B-frames: mov's header duration is dts-based (0.06 s off)
     ("vfr_b2_hold", 10.0, 0.04),           # ... and here 0.96 s short (9.04 s): the last still is lost
     ("start5", 20.0, 0.04),                # first pts 5 s, mp4: duration counts from the first frame
     ("start5_mkv", 20.0, 0.04),            # first pts 5 s, mkv: container duration is the end time (25 s)
