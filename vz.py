@@ -436,6 +436,7 @@ class Renderer:
         self.im_start, self.im_end = ids["<|im_start|>"], ids["<|im_end|>"]
         self.vision_start, self.vision_end = ids["<|vision_start|>"], ids["<|vision_end|>"]
         self.image_pad, self.pad = ids["<|image_pad|>"], ids["<|endoftext|>"]
+        self.banned = [self.image_pad, tokenizer.convert_tokens_to_ids("<|video_pad|>")]
 
     def encode(self, text):
         # Text from users and models is plain text: a literal "<|im_end|>" in it is not a special token.
@@ -972,6 +973,8 @@ def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), tem
         generated = [[] for _ in active]
         stopped = [cap <= 0 for cap in caps]
         while not all(stopped):
+            # Vision placeholders are the environment's to write: a sampled one would claim image features.
+            logits[:, renderer.banned] = -math.inf
             tokens = sample_tokens(logits, temperature, top_p, generator).tolist()
             feed = []
             for row, token in enumerate(tokens):
@@ -1004,7 +1007,72 @@ def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), tem
 
 
 # -----------------------------------------------------------------------------
-# 6. Training: log-probs of a batch, checkpoints
+# 6. Reward and objective (RL)
+
+
+def reward(episode, answer, tool_bonus=0.5):
+    """PROTOCOL.md's reward: 0.9 * accuracy + 0.1 * format, + tool_bonus when correct and at least
+    one zoom returned frames. Returns (reward, accuracy, format). Accuracy reads only the final
+    <answer> (its \\boxed{} when present); an episode without one scores 0. Format: every turn has the
+    protocol's shape and every call passed the tool's validator (the parser's format_ok)."""
+    accuracy = float(episode.answer is not None and episode.answer.letter is not None
+                     and episode.answer.letter == str(answer).strip().upper())
+    format_ok = float(episode.stop == "answer" and all(turn["format_ok"] for turn in episode.turns))
+    bonus = tool_bonus if accuracy and episode.num_zooms > 0 else 0.0
+    return 0.9 * accuracy + 0.1 * format_ok + bonus, accuracy, format_ok
+
+
+def group_advantages(rewards, eps=1e-6):
+    """GRPO: each rollout's reward normalised within its group. rewards (groups, G) -> same shape."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens, entropy=None, clip_low=0.2, clip_high=0.27,
+            kl_coef=0.001, entropy_coef=0.001):
+    """Token-level clipped policy-gradient loss with k3 KL to a reference and an entropy bonus.
+
+        ratio_t = exp(logp_t - old_logp_t)
+        surr_t  = min(ratio_t * A, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A)
+        kl_t    = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1        (k3, >= 0)
+        loss    = -sum_t mask_t * (surr_t - kl_coef * kl_t + entropy_coef * entropy_t) / num_tokens
+
+    Args:
+        logp, old_logp, ref_logp, mask, entropy: (B, T); ref_logp/entropy may be None (term off).
+        advantages: (B,) one per trajectory, broadcast over its tokens.
+        num_tokens: trained tokens of the whole optimizer step (all micro-batches, all ranks), so
+            summing the micro-batch losses gives the token-level mean once.
+    Returns:
+        loss (scalar) and a dict of sums over this micro-batch (divide by num_tokens to log):
+        clipped_low, clipped_high, kl, entropy, ratio.
+    """
+    advantages = advantages[:, None]  # (B, 1)
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)  # (B, T)
+    surrogate = torch.minimum(ratio * advantages, clipped * advantages)  # (B, T)
+    objective = surrogate
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        log_ref_ratio = ref_logp - logp  # (B, T)
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (B, T)
+        objective = objective - kl_coef * kl
+    if entropy is not None:
+        objective = objective + entropy_coef * entropy
+    loss = -(objective * mask).sum() / num_tokens
+    with torch.no_grad():  # tensors, so the caller syncs once, at its logging line
+        stats = {
+            "clipped_low": (((ratio < 1 - clip_low) & (advantages < 0)).float() * mask).sum(),
+            "clipped_high": (((ratio > 1 + clip_high) & (advantages > 0)).float() * mask).sum(),
+            "kl": (kl * mask).sum(),
+            "entropy": (entropy * mask).sum() if entropy is not None else torch.zeros(()),
+            "ratio": (ratio * mask).sum(),
+        }
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# 7. Training: log-probs of a batch, checkpoints
 
 
 def token_logprobs(model, renderer, batch, with_entropy=False):
@@ -1130,7 +1198,7 @@ def latest_checkpoint(out_dir):
 
 
 # -----------------------------------------------------------------------------
-# 7. Distributed
+# 8. Distributed
 
 
 def compute_init(device_arg="auto"):

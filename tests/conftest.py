@@ -77,34 +77,47 @@ SCRIPTS = [
 QUESTION, OPTIONS = "Which index flashes?", ["A. one", "B. two", "C. three", "D. four"]
 
 
-@pytest.fixture(scope="session")
-def scripted(tiny_dir, index_video):
-    """A tiny model trained for a few seconds to imitate SCRIPTS, so rollouts really zoom.
+def train_scripted(model_dir, video_path, steps=100):
+    """Train the checkpoint in model_dir for a few seconds to imitate SCRIPTS, so rollouts really zoom.
 
-    Returns (model, renderer, video, prompt, limits). Training uses replay(), the same renderer and
-    environment the rollout uses; the loss is on trainable tokens only.
+    Training uses replay(), the same renderer and environment the rollout uses; the loss is on
+    trainable tokens only. Returns (model, renderer, video, prompt, limits).
     """
-    model, tokenizer, vcfg = vz.load_model(tiny_dir)
+    model, tokenizer, vcfg = vz.load_model(model_dir)
     renderer = vz.Renderer(tokenizer, vcfg)
-    video = vz.open_video(index_video)
+    video = vz.open_video(video_path)
     limits = vz.Limits(max_new_tokens=64, max_total_tokens=4096)
     prompt = vz.build_prompt(renderer, video, QUESTION, OPTIONS, limits, overview_fps=0.25)
     episodes = [vz.replay(renderer, video, prompt, texts, limits) for texts in SCRIPTS]
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
     torch.manual_seed(0)
-    for step in range(100):
+    for step in range(steps):
         episode = episodes[step % len(episodes)]
-        ids = torch.tensor(episode.ids)
-        pixels, grids = zip(*[frame.patches(vcfg) for frame in episode.frames])
-        positions, _ = vz.rope_positions(ids, grids, renderer.image_pad, vcfg.merge_size, 0)
-        logits = model(input_ids=ids[None], position_ids=positions[:, None], pixel_values=torch.cat(pixels),
-                       image_grid_thw=torch.stack(grids)).logits[0, :-1]
-        mask = torch.tensor(episode.mask[1:], dtype=torch.bool)
-        loss = torch.nn.functional.cross_entropy(logits[mask], ids[1:][mask])
+        logp, mask, _ = vz.token_logprobs(model, renderer, [(episode.ids, episode.mask, episode.frames)])
+        loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
-    yield model, renderer, video, prompt, limits
-    video.close()
+    return model, renderer, video, prompt, limits
+
+
+@pytest.fixture(scope="session")
+def scripted(tiny_dir, index_video):
+    """A tiny model trained to imitate SCRIPTS: (model, renderer, video, prompt, limits)."""
+    trained = train_scripted(tiny_dir, index_video)
+    yield trained
+    trained[2].close()
+
+
+@pytest.fixture(scope="session")
+def scripted_dir(scripted, tiny_dir, tmp_path_factory):
+    """The scripted model saved as a checkpoint directory, for the training scripts."""
+    import shutil
+    out_dir = str(tmp_path_factory.mktemp("scripted"))
+    model, renderer = scripted[0], scripted[1]
+    model.save_pretrained(out_dir)
+    renderer.tokenizer.save_pretrained(out_dir)
+    shutil.copy(os.path.join(tiny_dir, "preprocessor_config.json"), out_dir)
+    return out_dir

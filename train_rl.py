@@ -1,0 +1,390 @@
+"""GRPO on multi-turn zoom rollouts: the policy samples G trajectories per question with the real
+zoom tool on the real video, is rewarded for correct, well-formed answers, and is pushed toward
+its better-than-average trajectories.
+
+    python train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl                 # one process
+    torchrun --standalone --nproc_per_node 2 train_rl.py --model <dir> --data rl.jsonl --out runs/rl --device cpu
+    torchrun --standalone --nproc_per_node 8 train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl
+
+Each step: (1) G rollouts per prompt with vz.rollout (shared prefix, cached continuation),
+temperature 1; (2) reward per trajectory (vz.reward); (3) group-normalised advantages, groups with
+all-equal rewards dropped and refilled from the next prompts; (4) log-probs under the rollout policy,
+recomputed with the training forward (so the first ratio is exactly 1), and under the frozen
+reference; (5) mini-batch updates of vz.pg_loss; (6) metrics, and every --episodes-every steps a few
+decoded episodes to a JSONL.
+
+Deliberate departures from textbook GRPO (PROTOCOL.md):
+1. Clip-higher: ratio clipped to [1 - 0.2, 1 + 0.27] (DAPO), so rare good tokens can still grow.
+2. KL to the reference by the k3 estimator exp(r) - r - 1 (r = ref - logp), coefficient 0.001, in the loss.
+3. Entropy bonus 0.001.
+4. Token-level mean over all trained tokens of an optimizer step (not per-sequence means).
+5. Groups whose rewards are all equal carry no signal: dropped, the batch refilled (dynamic sampling).
+6. Tool-response, vision and chat-scaffolding tokens are masked: only model-written tokens are trained.
+7. With several processes each rank rolls out with a full copy of the policy, refreshed every step
+   from the FSDP2 shards, so generation needs no collectives; the reference is sharded like the policy.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import vz
+
+# -----------------------------------------------------------------------------
+# CLI
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# Data
+parser.add_argument("--model", required=True, help="local model directory to start from (usually the SFT result)")
+parser.add_argument("--ref-model", help="frozen reference for the KL term (default: --model)")
+parser.add_argument("--data", required=True, help="JSONL: ours (video, question, options, answer[, kind]) or the released "
+                    "RL layout (problem, videos, solution[, data_source])")
+parser.add_argument("--out", required=True, help="output directory for step_N/ and final/ checkpoints")
+parser.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
+parser.add_argument("--system-prompt", help="file replacing the built-in system prompt")
+# Rollout
+parser.add_argument("--prompts-per-step", type=int, default=8, help="prompt groups per optimizer step, all ranks together")
+parser.add_argument("--rollouts", type=int, default=16, help="trajectories per prompt (G)")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+parser.add_argument("--max-resample", type=int, default=4, help="extra prompt rounds to refill dropped groups; 0 = no refill")
+parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
+parser.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
+parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode")
+parser.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
+parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
+parser.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn")
+parser.add_argument("--max-total-tokens", type=int, default=32768, help="tokens per episode, frames included")
+# Objective
+parser.add_argument("--tool-bonus", type=float, default=0.5, help="reward bonus when correct after a zoom; 0 = off")
+parser.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip_low")
+parser.add_argument("--clip-high", type=float, default=0.27, help="ratio clipped above at 1 + clip_high")
+parser.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL coefficient; 0 = off (no reference model)")
+parser.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus; 0 = off")
+# Optimization
+parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the run (rollout rounds x mini-batches)")
+parser.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round")
+parser.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded tokens per forward/backward")
+parser.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
+parser.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
+parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+parser.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+# Checkpointing and logging
+parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N rollout rounds; 0 = only the final one")
+parser.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
+parser.add_argument("--log-jsonl", help="append one JSON line of metrics per rollout round")
+parser.add_argument("--episodes-jsonl", help="append a few decoded episodes here every --episodes-every rounds")
+parser.add_argument("--episodes-every", type=int, default=10, help="rounds between episode dumps")
+args = parser.parse_args()
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+rank, local_rank, world_size, device = vz.compute_init(args.device)
+master = rank == 0
+if args.prompts_per_step % world_size:
+    fail(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of processes ({world_size})")
+if args.rollouts < 2:
+    fail("--rollouts must be at least 2: advantages are normalised within each group")
+if args.steps % args.mini_batches:
+    fail(f"--steps {args.steps} must be a multiple of --mini-batches {args.mini_batches}")
+if not os.path.isfile(args.data):
+    fail(f"{args.data}: no such data file")
+limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens, args.max_total_tokens)
+num_rounds = args.steps // args.mini_batches
+groups_per_rank = args.prompts_per_step // world_size
+if master:
+    print("args:", json.dumps(vars(args)))
+    print(f"rounds {num_rounds} x {args.mini_batches} mini-batches; {groups_per_rank} groups of {args.rollouts} "
+          f"per rank per round; {world_size} processes")
+
+# -----------------------------------------------------------------------------
+# Models: policy (trained, FSDP2-sharded), its rollout copy, frozen reference
+
+
+def load(path):
+    try:
+        return vz.load_model(path, "cpu")
+    except (OSError, ValueError) as e:
+        fail(vz._one_line(e))
+
+
+resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
+policy, tokenizer, vcfg = load(resume_dir or args.model)
+renderer = vz.Renderer(tokenizer, vcfg)
+dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+policy.train().to(dtype)
+policy.model.visual.requires_grad_(args.train_vision)
+if args.grad_checkpointing:
+    policy.gradient_checkpointing_enable()
+rollout_model = None
+if world_size > 1:
+    rollout_model, _, _ = load(resume_dir or args.model)  # a full copy: generation without collectives
+    rollout_model.to(dtype).to(device).eval().requires_grad_(False)
+policy = vz.shard_model(policy.to(device), world_size)
+rollout_model = rollout_model or policy
+reference = None
+if args.kl_coef > 0:
+    reference, _, _ = load(args.ref_model or args.model)
+    reference = vz.shard_model(reference.to(dtype).to(device).eval().requires_grad_(False), world_size)
+trainable = [p for p in policy.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def parse_row(row, base_dir):
+    """-> dict(video, question, options, answer, kind) from our layout or the released RL layout."""
+    if "problem" in row:  # released layout: the frames go where <image> was; options are in the text
+        videos = row.get("videos") or []
+        if not videos:
+            raise ValueError("no 'videos' entry")
+        match = re.search(r"<answer>\s*(.*?)\s*</answer>", str(row["solution"]), re.S)
+        solution = vz.parse_answer(match.group(1) if match else str(row["solution"]))
+        row = {"video": videos[0], "question": row["problem"].replace("<image>", "").strip(),
+               "options": [], "answer": solution.letter, "kind": row.get("data_source", "")}
+    for key in ("video", "question", "answer"):
+        if not row.get(key):
+            raise ValueError(f"missing {key!r}")
+    path = row["video"] if os.path.isabs(row["video"]) else os.path.join(base_dir, row["video"])
+    with vz.open_video(path):  # fail early on unreadable videos
+        pass
+    return {"video": path, "question": row["question"], "options": row.get("options") or [],
+            "answer": str(row["answer"]).strip().upper(), "kind": row.get("kind", "")}
+
+
+base_dir = os.path.dirname(os.path.abspath(args.data))
+prompts, reasons = [], []
+with open(args.data) as f:
+    lines = [line for line in f if line.strip()]
+for number, line in enumerate(lines, 1):
+    try:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+            raise ValueError("not a JSON object")
+        prompts.append(parse_row(row, base_dir))
+    except (ValueError, KeyError, TypeError, AttributeError, vz.VideoError) as e:
+        reasons.append((number, vz._one_line(e)))
+if master:
+    print(f"data: {len(prompts)} usable of {len(lines)} rows")
+    for number, reason in reasons[:5]:
+        print(f"  skipped line {number}: {reason}")
+if not lines or len(reasons) > args.max_bad_frac * len(lines):
+    fail(f"{args.data}: {len(reasons)} of {len(lines)} rows are unusable (more than --max-bad-frac {args.max_bad_frac})")
+if len(prompts) < args.prompts_per_step:
+    fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")
+
+
+def prompt_at(cursor):
+    """The cursor-th prompt of an endless stream: a seeded permutation per pass over the data."""
+    epoch, index = divmod(cursor, len(prompts))
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    return prompts[order[index]]
+
+
+def all_reduce(values, op=None):
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+# -----------------------------------------------------------------------------
+# One round: roll out, score, keep the groups with signal
+
+
+def sample_groups(round_index, cursor):
+    """Roll out groups until this rank holds groups_per_rank with unequal rewards, or retries run out.
+
+    Every round of sampling takes the next prompts_per_step prompts from the shared cursor and gives
+    each rank its share, so the cursor (the data position) is the same on every rank.
+    """
+    kept, sampled = [], []
+    for attempt in range(1 + args.max_resample):
+        share = [cursor + i for i in range(rank, args.prompts_per_step, world_size)]
+        cursor += args.prompts_per_step
+        for index in share:
+            if len(kept) >= groups_per_rank:
+                break
+            item = prompt_at(index)
+            # Seeded per prompt, not per rank: one process and several sample the same episodes.
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+            with vz.open_video(item["video"]) as video:
+                prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
+                                         args.overview_fps, args.max_overview_frames, system_prompt)
+                episodes = vz.rollout(rollout_model, renderer, video, prompt, args.rollouts, limits,
+                                      args.temperature, args.top_p, generator)
+            scores = [vz.reward(e, item["answer"], args.tool_bonus) for e in episodes]
+            group = {"item": item, "episodes": episodes, "scores": scores}
+            sampled.append(group)
+            if len({score[0] for score in scores}) > 1:
+                kept.append(group)
+        need = all_reduce([max(0, groups_per_rank - len(kept))])[0]
+        if need == 0:
+            break
+    return kept, sampled, cursor
+
+
+system_prompt = open(args.system_prompt).read() if args.system_prompt else None
+
+
+def micro_batches(items):
+    """Group (episode, advantage) items, longest first, within --micro-batch-tokens padded tokens."""
+    groups, current = [], []
+    for item in sorted(items, key=lambda it: -len(it[0].ids)):
+        if current and (len(current) + 1) * len(current[0][0].ids) > args.micro_batch_tokens:
+            groups.append(current)
+            current = []
+        current.append(item)
+    return groups + [current] if current else groups
+
+
+def forward_batches(batches):
+    """Every rank must run as many forwards as the busiest one (FSDP collectives): pad with None."""
+    most = int(all_reduce([len(batches)], dist.ReduceOp.MAX if world_size > 1 else None)[0])
+    return batches + [None] * (most - len(batches))
+
+
+def as_rows(batch):
+    return [(e.ids, e.mask, e.frames) for e, _ in batch]
+
+
+# A stand-in for ranks with fewer micro-batches than the busiest: one black frame (so the vision tower
+# runs too: every sharded module must gather on every rank) and one trained token; its loss is x 0.
+_black = vz.Frame(0.0, torch.zeros(vcfg.factor * 2, vcfg.factor * 2, 3, dtype=torch.uint8).numpy())
+_ids = renderer.message("user", [_black])[0] + renderer.assistant_header()[0] + renderer.encode("x")
+DUMMY_ROWS = [(_ids, [0] * (len(_ids) - 1) + [1], [_black])]
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+first_round, cursor = 0, 0
+if resume_dir:
+    state = vz.load_training_state(resume_dir, policy, optimizer)
+    first_round, cursor = state["round"], state["cursor"]
+    if master:
+        print(f"resumed from {resume_dir} at round {first_round}")
+log = open(args.log_jsonl, "a") if master and args.log_jsonl else None
+episodes_log = open(args.episodes_jsonl, "a") if master and args.episodes_jsonl else None
+run_started = time.time()
+for round_index in range(first_round, num_rounds):
+    timings = {}
+    # 1-3. Rollouts with the current policy; rewards; advantages within each group.
+    started = time.time()
+    if rollout_model is not policy:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+    groups, sampled, cursor = sample_groups(round_index, cursor)
+    timings["rollout_s"] = time.time() - started
+    items = []
+    for group in groups:
+        rewards = torch.tensor([[score[0] for score in group["scores"]]])
+        for episode, advantage in zip(group["episodes"], vz.group_advantages(rewards)[0].tolist()):
+            items.append((episode, advantage))
+    # 4. Old (rollout-policy) and reference log-probs, recomputed with the training forward.
+    started = time.time()
+    mini_batch_items = [items[i::args.mini_batches] for i in range(args.mini_batches)]
+    plans = []
+    with torch.no_grad():
+        for chunk in mini_batch_items:
+            plan = []
+            for batch in forward_batches(micro_batches(chunk)):
+                rows = as_rows(batch) if batch else DUMMY_ROWS
+                old_logp, mask, _ = vz.token_logprobs(policy, renderer, rows)
+                ref_logp = vz.token_logprobs(reference, renderer, rows)[0] if reference is not None else None
+                plan.append((batch, rows, old_logp, ref_logp, mask))
+            plans.append(plan)
+    timings["logprob_s"] = time.time() - started
+    # 5. Mini-batch updates: one optimizer step each, token-level mean over the mini-batch.
+    started = time.time()
+    sums = {"clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0}
+    grad_norms, num_tokens_total = [], 0.0
+    for plan in plans:
+        num_tokens = max(1.0, all_reduce([sum(float(mask.sum()) for batch, _, _, _, mask in plan if batch)])[0])
+        num_tokens_total += num_tokens
+        for batch, rows, old_logp, ref_logp, mask in plan:
+            logp, _, entropy = vz.token_logprobs(policy, renderer, rows, with_entropy=args.entropy_coef > 0)
+            advantages = torch.tensor([a for _, a in batch] if batch else [0.0], device=logp.device)
+            loss, stats = vz.pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens / world_size,
+                                     entropy, args.clip_low, args.clip_high, args.kl_coef, args.entropy_coef)
+            (loss if batch else loss * 0).backward()  # FSDP averages over ranks: hence num_tokens / world
+            if batch:
+                for key in sums:
+                    sums[key] += float(stats[key])
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(
+            trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    timings["update_s"] = time.time() - started
+    # 6. Metrics over every sampled episode (dropped groups included), all-reduced over ranks.
+    episodes = [e for g in sampled for e in g["episodes"]]
+    scores = [s for g in sampled for s in g["scores"]]
+    turns = [t for e in episodes for t in e.turns]
+    local = [len(episodes), sum(s[0] for s in scores), sum(s[1] for s in scores), sum(s[2] for s in scores),
+             sum(e.num_zooms for e in episodes), sum(t["kind"] == "invalid" for t in turns),
+             sum(t["kind"] in ("zoom", "invalid", "refused") for t in turns), sum(len(e.frames) for e in episodes),
+             sum(sum(e.mask) for e in episodes), len(sampled), len(sampled) - len(groups)]
+    local += [sums[key] for key in ("clipped_low", "clipped_high", "kl", "entropy", "ratio")]
+    (num_episodes, reward_sum, accuracy_sum, format_sum, zooms, invalid, calls, frames, response_tokens,
+     num_groups, num_dropped, clipped_low, clipped_high, kl, entropy, ratio) = all_reduce(local)
+    per_episode = max(1.0, num_episodes)
+    metrics = {
+        "round": round_index + 1, "step": (round_index + 1) * args.mini_batches, "reward": reward_sum / per_episode,
+        "accuracy": accuracy_sum / per_episode, "format": format_sum / per_episode, "zooms_per_ep": zooms / per_episode,
+        "invalid_call_rate": invalid / max(1.0, calls), "frames_per_ep": frames / per_episode,
+        "response_tokens": response_tokens / per_episode, "dropped_groups": num_dropped / max(1.0, num_groups),
+        "clipfrac_low": clipped_low / max(1.0, num_tokens_total), "clipfrac_high": clipped_high / max(1.0, num_tokens_total),
+        "kl": kl / max(1.0, num_tokens_total), "entropy": entropy / max(1.0, num_tokens_total),
+        "ratio": ratio / max(1.0, num_tokens_total), "grad_norm": sum(grad_norms) / len(grad_norms),
+        "episodes": int(num_episodes), **timings,
+    }
+    if master:
+        elapsed = time.time() - run_started
+        eta = elapsed / (round_index + 1 - first_round) * (num_rounds - round_index - 1)
+        print(f"step {metrics['step']}/{args.steps} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} "
+              f"| format {metrics['format']:.2f} | zooms/ep {metrics['zooms_per_ep']:.2f} | kl {metrics['kl']:.4f} "
+              f"| clipfrac {metrics['clipfrac_low'] + metrics['clipfrac_high']:.3f} | dropped {metrics['dropped_groups']:.2f} "
+              f"| rollout {timings['rollout_s']:.1f}s logp {timings['logprob_s']:.1f}s update {timings['update_s']:.1f}s "
+              f"| eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
+        if log:
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+        if episodes_log and round_index % args.episodes_every == 0:
+            for group in sampled[:2]:
+                for episode, score in list(zip(group["episodes"], group["scores"]))[:2]:
+                    episodes_log.write(json.dumps({
+                        "round": round_index + 1, "video": group["item"]["video"], "question": group["item"]["question"],
+                        "answer": group["item"]["answer"], "reward": score[0], "stop": episode.stop,
+                        "frame_times": [round(f.time, 2) for f in episode.frames],
+                        "turns": [{k: t.get(k) for k in ("text", "kind", "segment", "fps", "num_frames", "error")}
+                                  for t in episode.turns]}) + "\n")
+            episodes_log.flush()
+    if args.save_every and (round_index + 1) % args.save_every == 0 and round_index + 1 < num_rounds:
+        path = os.path.join(args.out, f"step_{(round_index + 1) * args.mini_batches}")
+        vz.save_checkpoint(path, policy, tokenizer, args.model, optimizer,
+                           {"round": round_index + 1, "cursor": cursor, "args": vars(args)}, rank)
+        if master:
+            print(f"saved {path}", flush=True)
+
+# -----------------------------------------------------------------------------
+# Final checkpoint and cleanup
+
+final = os.path.join(args.out, "final")
+vz.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
+                   {"round": num_rounds, "cursor": cursor, "args": vars(args)}, rank)
+if master:
+    print(f"saved {final} ({time.time() - run_started:.1f} s)")
+vz.compute_cleanup()
