@@ -31,13 +31,16 @@ parser.add_argument("--rollouts", type=int, default=8, help="trajectories per pr
 parser.add_argument("--zooms", type=int, default=3, help="zoom turns before the answer")
 parser.add_argument("--seconds", type=int, default=300, help="length of the generated test video")
 parser.add_argument("--repeats", type=int, default=2, help="timed repeats of each scheme (median kept)")
+parser.add_argument("--hidden-size", type=int, default=64, help="width of the tiny language model")
+parser.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny language model")
 args = parser.parse_args()
 torch.set_num_threads(2)
 
 work = tempfile.mkdtemp(prefix="bench_rollout_")
 video_path = os.path.join(work, "video.mp4")
 write_index_video(video_path, num_frames=args.seconds * 5, fps=5, gop=50)
-model, tokenizer, vcfg = vz.load_model(vz.write_tiny_checkpoint(os.path.join(work, "model")))
+model, tokenizer, vcfg = vz.load_model(vz.write_tiny_checkpoint(os.path.join(work, "model"), hidden_size=args.hidden_size,
+                                                                num_layers=args.layers))
 renderer = vz.Renderer(tokenizer, vcfg)
 video = vz.open_video(video_path)
 limits = vz.Limits(max_new_tokens=128, max_total_tokens=32768)
@@ -99,13 +102,14 @@ def timed(fn, *fn_args):
     return sorted(times)[len(times) // 2], result
 
 
-import cProfile, pstats; cProfile.run("ours()", "/tmp/prof"); pstats.Stats("/tmp/prof").sort_stats("cumulative").print_stats(25); sys.exit()
+if os.environ.get("PROFILE"):
+    import cProfile, pstats; cProfile.run("ours()", "/tmp/prof"); pstats.Stats("/tmp/prof").sort_stats("tottime").print_stats(22); sys.exit()
 ours_s, episodes = timed(ours)
 kinds = [t["kind"] for t in episodes[0].turns]
 assert kinds == ["zoom"] * args.zooms + ["answer"], kinds
 baseline_s, _ = timed(baseline, episodes)
 video.close()
-print(f"G={args.rollouts} zooms={args.zooms} overview_frames={len(prompt.frames)} prompt_tokens={len(prompt.ids)} "
+print(f"hidden={args.hidden_size} layers={args.layers} G={args.rollouts} zooms={args.zooms} overview_frames={len(prompt.frames)} prompt_tokens={len(prompt.ids)} "
       f"episode_tokens={len(episodes[0].ids)} frames/episode={len(episodes[0].frames)}")
 print(f"ours_s: {ours_s:.2f}")
 print(f"baseline_s: {baseline_s:.2f}")
