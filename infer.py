@@ -18,7 +18,6 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -60,26 +59,21 @@ parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto
 args = parser.parse_args()
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 for flag in ("overview_fps", "max_overview_frames", "max_turns", "max_frames", "max_frames_per_call",
              "max_new_tokens", "max_total_tokens"):
     if getattr(args, flag) <= 0:
-        fail(f"--{flag.replace('_', '-')} must be positive")
+        vz.fail(f"--{flag.replace('_', '-')} must be positive")
 if args.temperature < 0 or not 0 < args.top_p <= 1:
-    fail("--temperature must be >= 0 and --top-p in (0, 1]")
+    vz.fail("--temperature must be >= 0 and --top-p in (0, 1]")
 if args.video and not args.question:
-    fail("--video needs --question")
+    vz.fail("--video needs --question")
 system_prompt = None
 if args.system_prompt:
     try:
         with open(args.system_prompt) as f:
             system_prompt = f.read()
     except OSError as e:
-        fail(f"{args.system_prompt}: cannot read system prompt ({e.strerror})")
+        vz.fail(f"{args.system_prompt}: cannot read system prompt ({e.strerror})")
 device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens, args.max_total_tokens)
 
@@ -118,7 +112,7 @@ if demo:
     args.question, args.options = DEFAULT_QUESTION, DEFAULT_OPTIONS
 model_dir = args.model or DEFAULT_MODEL
 if not os.path.isdir(model_dir):
-    fail(f"{model_dir}: no such model directory")
+    vz.fail(f"{model_dir}: no such model directory")
 
 # -----------------------------------------------------------------------------
 # Model and video
@@ -126,11 +120,11 @@ if not os.path.isdir(model_dir):
 try:
     video = vz.open_video(args.video)  # before the model: a typo should not cost a 7B load
 except vz.VideoError as e:
-    fail(str(e))
+    vz.fail(str(e))
 try:
     model, tokenizer, vcfg = vz.load_model(model_dir, device)
 except (OSError, ValueError) as e:
-    fail(vz._one_line(e))
+    vz.fail(vz._one_line(e))
 with open(os.path.join(model_dir, "config.json")) as f:
     note = json.load(f).get("videozoomer_note")
 if note:
@@ -141,9 +135,9 @@ try:
     prompt = vz.build_prompt(renderer, video, args.question, args.options, limits, args.overview_fps,
                              args.max_overview_frames, system_prompt)
 except vz.VideoError as e:
-    fail(str(e))
+    vz.fail(str(e))
 except (KeyError, IndexError, ValueError) as e:
-    fail(f"--system-prompt: bad placeholder ({vz._one_line(e)}); write literal braces as {{{{ }}}}")
+    vz.fail(f"--system-prompt: bad placeholder ({vz._one_line(e)}); write literal braces as {{{{ }}}}")
 print(f"video: {args.video} ({video.duration:.1f}s, {video.width}x{video.height}); "
       f"overview: {len(prompt.frames)} frames; prompt: {len(prompt.ids)} tokens")
 print(f"question: {vz.format_question(args.question, args.options)}")
@@ -177,7 +171,7 @@ try:
     (episode,) = vz.rollout(model, renderer, video, prompt, 1, limits, args.temperature, args.top_p, generator,
                             on_turn=show_turn)
 except ValueError as e:
-    fail(vz._one_line(e))
+    vz.fail(vz._one_line(e))
 finally:
     video.close()
 elapsed = time.time() - started

@@ -26,10 +26,8 @@ Deliberate departures from textbook GRPO (PROTOCOL.md):
 
 import argparse
 import json
-import math
 import os
 import re
-import sys
 import time
 
 import torch
@@ -87,21 +85,16 @@ parser.add_argument("--episodes-every", type=int, default=10, help="rounds betwe
 args = parser.parse_args()
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 rank, local_rank, world_size, device = vz.compute_init(args.device)
 master = rank == 0
 if args.prompts_per_step % world_size:
-    fail(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of processes ({world_size})")
+    vz.fail(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of processes ({world_size})")
 if args.rollouts < 2:
-    fail("--rollouts must be at least 2: advantages are normalised within each group")
+    vz.fail("--rollouts must be at least 2: advantages are normalised within each group")
 if args.steps % args.mini_batches:
-    fail(f"--steps {args.steps} must be a multiple of --mini-batches {args.mini_batches}")
+    vz.fail(f"--steps {args.steps} must be a multiple of --mini-batches {args.mini_batches}")
 if not os.path.isfile(args.data):
-    fail(f"{args.data}: no such data file")
+    vz.fail(f"{args.data}: no such data file")
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens, args.max_total_tokens)
 num_rounds = args.steps // args.mini_batches
 groups_per_rank = args.prompts_per_step // world_size
@@ -118,7 +111,7 @@ def load(path):
     try:
         return vz.load_model(path, "cpu")
     except (OSError, ValueError) as e:
-        fail(vz._one_line(e))
+        vz.fail(vz._one_line(e))
 
 
 resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
@@ -178,14 +171,9 @@ for number, line in enumerate(lines, 1):
         prompts.append(parse_row(row, base_dir))
     except (ValueError, KeyError, TypeError, AttributeError, vz.VideoError) as e:
         reasons.append((number, vz._one_line(e)))
-if master:
-    print(f"data: {len(prompts)} usable of {len(lines)} rows")
-    for number, reason in reasons[:5]:
-        print(f"  skipped line {number}: {reason}")
-if not lines or len(reasons) > args.max_bad_frac * len(lines):
-    fail(f"{args.data}: {len(reasons)} of {len(lines)} rows are unusable (more than --max-bad-frac {args.max_bad_frac})")
+vz.report_rows(args.data, len(prompts), len(lines), reasons, args.max_bad_frac, master)
 if len(prompts) < args.prompts_per_step:
-    fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")
+    vz.fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")
 
 
 def prompt_at(cursor):
@@ -241,17 +229,6 @@ def sample_groups(round_index, cursor):
 system_prompt = open(args.system_prompt).read() if args.system_prompt else None
 
 
-def micro_batches(items):
-    """Group (episode, advantage) items, longest first, within --micro-batch-tokens padded tokens."""
-    groups, current = [], []
-    for item in sorted(items, key=lambda it: -len(it[0].ids)):
-        if current and (len(current) + 1) * len(current[0][0].ids) > args.micro_batch_tokens:
-            groups.append(current)
-            current = []
-        current.append(item)
-    return groups + [current] if current else groups
-
-
 def forward_batches(batches):
     """Every rank must run as many forwards as the busiest one (FSDP collectives): pad with None."""
     most = int(all_reduce([len(batches)], dist.ReduceOp.MAX if world_size > 1 else None)[0])
@@ -301,7 +278,7 @@ for round_index in range(first_round, num_rounds):
     with torch.no_grad():
         for chunk in mini_batch_items:
             plan = []
-            for batch in forward_batches(micro_batches(chunk)):
+            for batch in forward_batches(vz.pack_by_tokens(chunk, lambda item: len(item[0].ids), args.micro_batch_tokens)):
                 rows = as_rows(batch) if batch else DUMMY_ROWS
                 old_logp, mask, _ = vz.token_logprobs(policy, renderer, rows)
                 ref_logp = vz.token_logprobs(reference, renderer, rows)[0] if reference is not None else None

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -68,17 +67,12 @@ parser.add_argument("--log-jsonl", help="append one JSON line of metrics per ste
 args = parser.parse_args()
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 rank, local_rank, world_size, device = vz.compute_init(args.device)
 master = rank == 0
 if args.batch_size % world_size:
-    fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+    vz.fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
 if not os.path.isfile(args.data):
-    fail(f"{args.data}: no such data file")
+    vz.fail(f"{args.data}: no such data file")
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, max_total_tokens=args.max_len)
 if master:
     print("args:", json.dumps(vars(args)))
@@ -89,7 +83,7 @@ if master:
 try:
     model, tokenizer, vcfg = vz.load_model(args.model, "cpu")
 except (OSError, ValueError) as e:
-    fail(vz._one_line(e))
+    vz.fail(vz._one_line(e))
 renderer = vz.Renderer(tokenizer, vcfg)
 start_dir = args.model
 resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
@@ -205,12 +199,9 @@ def load_rows(path):
 
 started = time.time()
 rows, reasons, num_lines = load_rows(args.data)
+vz.report_rows(args.data, len(rows), num_lines, reasons, args.max_bad_frac, master)
 if master:
-    print(f"data: {len(rows)} usable of {num_lines} rows ({time.time() - started:.1f} s to render)")
-    for number, reason in reasons[:5]:
-        print(f"  skipped line {number}: {reason}")
-if num_lines == 0 or len(reasons) > args.max_bad_frac * num_lines:
-    fail(f"{args.data}: {len(reasons)} of {num_lines} rows are unusable (more than --max-bad-frac {args.max_bad_frac})")
+    print(f"rendered in {time.time() - started:.1f} s")
 
 
 def frames_of(row):
@@ -224,7 +215,7 @@ def frames_of(row):
 steps_per_epoch = len(rows) // args.batch_size
 total_steps = steps_per_epoch * args.epochs
 if steps_per_epoch == 0:
-    fail(f"{len(rows)} usable rows make no full batch of --batch-size {args.batch_size}")
+    vz.fail(f"{len(rows)} usable rows make no full batch of --batch-size {args.batch_size}")
 
 
 def step_rows(step):
@@ -232,17 +223,6 @@ def step_rows(step):
     epoch, index = divmod(step, steps_per_epoch)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
     return [rows[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size]]
-
-
-def micro_batches(batch):
-    """Group rows (longest first) so that rows x longest length stays within --micro-batch-tokens."""
-    groups, current = [], []
-    for row in sorted(batch, key=lambda r: -len(r["ids"])):
-        if current and (len(current) + 1) * len(current[0]["ids"]) > args.micro_batch_tokens:
-            groups.append(current)
-            current = []
-        current.append(row)
-    return groups + [current] if current else groups
 
 
 def lr_at(step):
@@ -280,7 +260,7 @@ for step in range(first_step, last_step):
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr_at(step)
     loss_sum = 0.0
-    for group in micro_batches(batch):
+    for group in vz.pack_by_tokens(batch, lambda row: len(row["ids"]), args.micro_batch_tokens):
         logp, mask, _ = vz.token_logprobs(model, renderer, [(r["ids"], r["mask"], frames_of(r)) for r in group])
         # FSDP averages gradients over ranks, so scale by world_size to get the sum / num_tokens.
         loss = -(logp * mask).sum() / num_tokens * world_size

@@ -1210,9 +1210,9 @@ def latest_checkpoint(out_dir):
     """The newest complete step_* directory in out_dir, or None."""
     if not os.path.isdir(out_dir):
         return None
-    steps = sorted(name for name in os.listdir(out_dir)
-                   if re.fullmatch(r"step_\d+", name) and os.path.isfile(os.path.join(out_dir, name, "trainer_state.json")))
-    return os.path.join(out_dir, steps[-1]) if steps else None
+    steps = [name for name in os.listdir(out_dir)
+             if re.fullmatch(r"step_\d+", name) and os.path.isfile(os.path.join(out_dir, name, "trainer_state.json"))]
+    return os.path.join(out_dir, max(steps, key=lambda name: int(name[5:]))) if steps else None
 
 
 # -----------------------------------------------------------------------------
@@ -1232,6 +1232,33 @@ def compute_init(device_arg="auto"):
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, local_rank, world_size, device
+
+
+def fail(message):
+    """A user's mistake: one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def report_rows(path, num_usable, num_lines, reasons, max_bad_frac, verbose=True):
+    """Print how many data rows are usable and the first reasons; stop if too many are bad."""
+    if verbose:
+        print(f"data: {num_usable} usable of {num_lines} rows")
+        for number, reason in reasons[:5]:
+            print(f"  skipped line {number}: {reason}")
+    if num_lines == 0 or len(reasons) > max_bad_frac * num_lines:
+        fail(f"{path}: {len(reasons)} of {num_lines} rows are unusable (more than --max-bad-frac {max_bad_frac})")
+
+
+def pack_by_tokens(items, length, max_tokens):
+    """Group items, longest first, so that items x longest length stays within max_tokens (padded)."""
+    groups, current = [], []
+    for item in sorted(items, key=lambda it: -length(it)):
+        if current and (len(current) + 1) * length(current[0]) > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(item)
+    return groups + [current] if current else groups
 
 
 def compute_cleanup():

@@ -1,6 +1,5 @@
 """The rendered conversation, token ids and mask, and patchify, against fixed references."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -162,3 +162,13 @@ def test_training_tokens_equal_rollout_tokens(scripted):
     assert [t["kind"] for t in rolled.turns] == ["zoom"] * 4 + ["answer"]
     assert rolled.ids == replayed.ids and rolled.mask == replayed.mask
     assert [f.time for f in rolled.frames] == [f.time for f in replayed.frames]
+
+
+def test_latest_checkpoint_orders_steps_numerically(tmp_path):
+    # step_10 is newer than step_9; a directory without trainer_state.json (a crash mid-write) is ignored.
+    for name, complete in (("step_9", True), ("step_10", True), ("step_11", False), ("final", True)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "trainer_state.json").write_text("{}")
+    assert vz.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_10")
+    assert vz.latest_checkpoint(str(tmp_path / "missing")) is None
