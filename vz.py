@@ -258,12 +258,14 @@ class Video:
         return Frame(time=self._time(frame.pts), image=image.to_ndarray())
 
     def serve(self, times, vcfg, seek=True):
-        """The frames showing at the given increasing times (seconds); seeks between sparse targets."""
+        """The frames showing at the given times (seconds). Increasing times decode forward and seek
+        over gaps with a keyframe in them (seek=False: never); a time before the last one seeks back."""
         size = resize_shape(self.height, self.width, vcfg)
         out, frames, current = [], None, None
         for seconds in times:
             ticks = self._ticks(seconds)
-            if current is None or (seek and self._keyframe_after(current[0].pts, ticks)):
+            if (current is None or ticks < current[0].pts
+                    or (seek and self._keyframe_after(current[0].pts, ticks))):
                 frames = self._frames(ticks)
                 current = next(frames, None)
                 if current is None:

@@ -381,3 +381,14 @@ def test_bad_input_raises_video_error(tmp_path, content):
     with pytest.raises(vz.VideoError) as e:
         vz.open_video(str(path))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["cfr", "vfr_b2", "start5"])
+def test_serve_any_order(videos, name):
+    # Video.serve in episode order (overview, then clips that go back in time), as train_sft.py
+    # re-decodes a trajectory's frames: each time is served by the frame showing then, whatever came before.
+    v = videos[name]
+    with vz.open_video(v["path"]) as video:
+        times = [0.0, 8.0, 16.0, 3.3, 3.5, 12.0, 0.5, 15.9, 15.9, 2.0]
+        got = served(video.serve(times, CFG), v["times"], vz.resize_shape(video.height, video.width, CFG))
+    assert got == [showing(v["times"], t) for t in times]
