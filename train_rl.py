@@ -22,6 +22,8 @@ Deliberate departures from textbook GRPO (PROTOCOL.md):
 6. Tool-response, vision and chat-scaffolding tokens are masked: only model-written tokens are trained.
 7. With several processes each rank rolls out with a full copy of the policy, refreshed every step
    from the FSDP2 shards, so generation needs no collectives; the reference is sharded like the policy.
+8. On GPU the policy keeps fp32 weights and AdamW moments and computes under bf16 autocast (at lr 1e-6
+   an update would vanish in bf16 weights); the rollout copy and the reference are plain bf16.
 """
 
 import argparse
@@ -117,8 +119,8 @@ def load(path):
 resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
 policy, tokenizer, vcfg = load(resume_dir or args.model)
 renderer = vz.Renderer(tokenizer, vcfg)
-dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-policy.train().to(dtype)
+dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # of the frozen copies; the policy stays fp32
+policy.train()
 policy.model.visual.requires_grad_(args.train_vision)
 if args.grad_checkpointing:
     policy.gradient_checkpointing_enable()
@@ -213,8 +215,9 @@ def sample_groups(round_index, cursor):
             with vz.open_video(item["video"]) as video:
                 prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
                                          args.overview_fps, args.max_overview_frames, system_prompt)
-                episodes = vz.rollout(rollout_model, renderer, video, prompt, args.rollouts, limits,
-                                      args.temperature, args.top_p, generator)
+                with vz.autocast(device):
+                    episodes = vz.rollout(rollout_model, renderer, video, prompt, args.rollouts, limits,
+                                          args.temperature, args.top_p, generator)
             scores = [vz.reward(e, item["answer"], args.tool_bonus) for e in episodes]
             group = {"item": item, "episodes": episodes, "scores": scores}
             sampled.append(group)
@@ -280,8 +283,9 @@ for round_index in range(first_round, num_rounds):
             plan = []
             for batch in forward_batches(vz.pack_by_tokens(chunk, lambda item: len(item[0].ids), args.micro_batch_tokens)):
                 rows = as_rows(batch) if batch else DUMMY_ROWS
-                old_logp, mask, _ = vz.token_logprobs(policy, renderer, rows)
-                ref_logp = vz.token_logprobs(reference, renderer, rows)[0] if reference is not None else None
+                with vz.autocast(device):
+                    old_logp, mask, _ = vz.token_logprobs(policy, renderer, rows)
+                    ref_logp = vz.token_logprobs(reference, renderer, rows)[0] if reference is not None else None
                 plan.append((batch, rows, old_logp, ref_logp, mask))
             plans.append(plan)
     timings["logprob_s"] = time.time() - started
@@ -293,7 +297,8 @@ for round_index in range(first_round, num_rounds):
         num_tokens = max(1.0, all_reduce([sum(float(mask.sum()) for batch, _, _, _, mask in plan if batch)])[0])
         num_tokens_total += num_tokens
         for batch, rows, old_logp, ref_logp, mask in plan:
-            logp, _, entropy = vz.token_logprobs(policy, renderer, rows, with_entropy=args.entropy_coef > 0)
+            with vz.autocast(device):
+                logp, _, entropy = vz.token_logprobs(policy, renderer, rows, with_entropy=args.entropy_coef > 0)
             advantages = torch.tensor([a for _, a in batch] if batch else [0.0], device=logp.device)
             loss, stats = vz.pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens / world_size,
                                      entropy, args.clip_low, args.clip_high, args.kl_coef, args.entropy_coef)

@@ -18,6 +18,7 @@ Deliberate choices, against textbook SFT:
 4. Micro-batches are packed by a padded-token budget, so long trajectories don't OOM.
 5. Bad rows (missing video, malformed JSON, a call the parser rejects, too long) are skipped and
    counted; the run stops only if more than --max-bad-frac of the rows are bad.
+6. On GPU: fp32 weights and AdamW moments, bf16 autocast for the forward and backward.
 """
 
 import argparse
@@ -94,8 +95,6 @@ model.train()
 model.model.visual.requires_grad_(args.train_vision)
 if args.grad_checkpointing:
     model.gradient_checkpointing_enable()
-if device.type == "cuda":
-    model.to(torch.bfloat16)  # bf16 weights and activations; AdamW keeps its moments in the same dtype
 model.to(device)
 model = vz.shard_model(model, world_size)
 trainable = [p for p in model.parameters() if p.requires_grad]
@@ -261,7 +260,8 @@ for step in range(first_step, last_step):
         param_group["lr"] = lr_at(step)
     loss_sum = 0.0
     for group in vz.pack_by_tokens(batch, lambda row: len(row["ids"]), args.micro_batch_tokens):
-        logp, mask, _ = vz.token_logprobs(model, renderer, [(r["ids"], r["mask"], frames_of(r)) for r in group])
+        with vz.autocast(device):  # fp32 weights and AdamW moments; bf16 matmuls on GPU
+            logp, mask, _ = vz.token_logprobs(model, renderer, [(r["ids"], r["mask"], frames_of(r)) for r in group])
         # FSDP averages gradients over ranks, so scale by world_size to get the sum / num_tokens.
         loss = -(logp * mask).sum() / num_tokens * world_size
         loss.backward()

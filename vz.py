@@ -1143,6 +1143,12 @@ def token_logprobs(model, renderer, batch, with_entropy=False):
     return logp * mask, mask, entropy
 
 
+def autocast(device):
+    """bf16 compute on CUDA over fp32 weights (an lr of 1e-6 would vanish in bf16 weights); off on CPU."""
+    import contextlib
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def shard_model(model, world_size):
     """FSDP2: fully_shard each decoder and vision block, then the root. No-op for one process."""
     if world_size == 1:
