@@ -9,6 +9,8 @@ tool gave), the answer, then a one-line summary.
     python infer.py --video lecture.mp4 --question "What does the speaker write after the demo?" \\
         --options "A. ..." "B. ..." "C. ..." "D. ..." --model /path/to/Qwen2.5-VL-7B-Instruct
     python infer.py --video v.mp4 --question "..." --model runs/sft/final --json trajectory.json
+    python infer.py --data world/test.jsonl --model runs/rl/final          # accuracy over a question set
+    python infer.py --data world/test.jsonl --no-tool --no-tool-frames 40   # baseline: one turn, uniform frames
 
 --model is a local Hugging Face-format directory: Qwen2.5-VL-7B-Instruct, a VideoZoomer checkpoint
 trained elsewhere, or one written by train_sft.py / train_rl.py. Weights load from safetensors only;
@@ -39,6 +41,11 @@ parser.add_argument("--video", help="video file to ask about (default: the gener
 parser.add_argument("--question", help="the question (required with --video)")
 parser.add_argument("--options", nargs="*", default=None, help="answer options, one per argument, e.g. 'A. red' 'B. blue'")
 parser.add_argument("--model", help=f"local model directory (default: the shipped model in {DEFAULT_MODEL})")
+parser.add_argument("--data", help="JSONL question set (video, question, options, answer[, kind]) to evaluate; "
+                    "prints accuracy overall and per kind, last line 'accuracy: X'")
+parser.add_argument("--no-tool", action="store_true", help="baseline: one turn, no zoom tool, frames spread uniformly")
+parser.add_argument("--no-tool-frames", type=int, default=64, help="frames per question for --no-tool (use the "
+                    "agent's mean frames/question for an equal budget)")
 parser.add_argument("--system-prompt", help="file whose text replaces the built-in system prompt "
                     "(may use {max_frames_per_call}, {max_zooms}, {max_frames})")
 # Protocol budgets
@@ -67,6 +74,12 @@ if args.temperature < 0 or not 0 < args.top_p <= 1:
     vz.fail("--temperature must be >= 0 and --top-p in (0, 1]")
 if args.video and not args.question:
     vz.fail("--video needs --question")
+if args.data and args.video:
+    vz.fail("give either --data or --video, not both")
+if args.data and not os.path.isfile(args.data):
+    vz.fail(f"{args.data}: no such data file")
+if args.no_tool_frames <= 0:
+    vz.fail("--no-tool-frames must be positive")
 system_prompt = None
 if args.system_prompt:
     try:
@@ -75,7 +88,10 @@ if args.system_prompt:
     except OSError as e:
         vz.fail(f"{args.system_prompt}: cannot read system prompt ({e.strerror})")
 device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens, args.max_total_tokens)
+limits = vz.Limits(1 if args.no_tool else args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens,
+                   args.max_total_tokens)
+if args.no_tool and system_prompt is None:
+    system_prompt = vz.NO_TOOL_PROMPT
 
 # -----------------------------------------------------------------------------
 # The embedded default: a generated demo video and the shipped model
@@ -103,7 +119,7 @@ def write_demo_video(path, seconds=60, fps=10):
     os.replace(tmp, path)  # never leave a half-written demo behind
 
 
-demo = args.video is None
+demo = args.video is None and args.data is None
 if demo:
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "videozoomer")
     args.video = os.path.join(cache, "demo.mp4")
@@ -115,12 +131,28 @@ if not os.path.isdir(model_dir):
     vz.fail(f"{model_dir}: no such model directory")
 
 # -----------------------------------------------------------------------------
-# Model and video
+# Model and questions
 
-try:
-    video = vz.open_video(args.video)  # before the model: a typo should not cost a 7B load
-except vz.VideoError as e:
-    vz.fail(str(e))
+questions = [{"video": args.video, "question": args.question, "options": args.options, "answer": None, "kind": ""}]
+if args.data:
+    base_dir = os.path.dirname(os.path.abspath(args.data))
+    questions = []
+    with open(args.data) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                video_path = row["video"] if os.path.isabs(row["video"]) else os.path.join(base_dir, row["video"])
+                questions.append({"video": video_path, "question": row["question"], "options": row.get("options"),
+                                  "answer": str(row["answer"]).strip().upper(), "kind": row.get("kind", "")})
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                vz.fail(f"{args.data}: line {number}: not a question row ({vz._one_line(e)})")
+else:
+    try:
+        vz.open_video(args.video).close()  # before the model: a typo should not cost a 7B load
+    except vz.VideoError as e:
+        vz.fail(str(e))
 try:
     model, tokenizer, vcfg = vz.load_model(model_dir, device)
 except (OSError, ValueError) as e:
@@ -130,20 +162,9 @@ with open(os.path.join(model_dir, "config.json")) as f:
 if note:
     print(f"note: {note}")
 renderer = vz.Renderer(tokenizer, vcfg)
-started = time.time()
-try:
-    prompt = vz.build_prompt(renderer, video, args.question, args.options, limits, args.overview_fps,
-                             args.max_overview_frames, system_prompt)
-except vz.VideoError as e:
-    vz.fail(str(e))
-except (KeyError, IndexError, ValueError) as e:
-    vz.fail(f"--system-prompt: bad placeholder ({vz._one_line(e)}); write literal braces as {{{{ }}}}")
-print(f"video: {args.video} ({video.duration:.1f}s, {video.width}x{video.height}); "
-      f"overview: {len(prompt.frames)} frames; prompt: {len(prompt.ids)} tokens")
-print(f"question: {vz.format_question(args.question, args.options)}")
 
 # -----------------------------------------------------------------------------
-# Rollout, printed turn by turn
+# One question: prompt, rollout (printed turn by turn for a single video)
 
 
 def show_turn(row, episode, record):
@@ -166,30 +187,85 @@ def show_turn(row, episode, record):
         print(">> called the tool on its last turn; the episode ends without an answer")
 
 
-generator = torch.Generator().manual_seed(args.seed)
-try:
-    (episode,) = vz.rollout(model, renderer, video, prompt, 1, limits, args.temperature, args.top_p, generator,
-                            on_turn=show_turn)
-except ValueError as e:
-    vz.fail(vz._one_line(e))
-finally:
-    video.close()
-elapsed = time.time() - started
-answer = episode.answer.text if episode.answer else "(none)"
-print(f"\nanswer: {answer}")
-print(f"summary: {len(episode.turns)} turns | {episode.num_zooms} zooms | {len(episode.frames)} frames | "
-      f"{len(episode.ids)} tokens | stop {episode.stop} | {elapsed:.1f} s")
+def answer_one(item, verbose):
+    """Run the agent (or the no-tool baseline) on one question; returns its trajectory record."""
+    started = time.time()
+    with vz.open_video(item["video"]) as video:
+        frames = None
+        if args.no_tool:
+            frames = video.serve([k * video.duration / args.no_tool_frames for k in range(args.no_tool_frames)], vcfg)
+        try:
+            prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
+                                     args.max_overview_frames, system_prompt, frames)
+        except (KeyError, IndexError, ValueError) as e:
+            vz.fail(f"--system-prompt: bad placeholder ({vz._one_line(e)}); write literal braces as {{{{ }}}}")
+        if verbose:
+            print(f"video: {item['video']} ({video.duration:.1f}s, {video.width}x{video.height}); "
+                  f"{'uniform' if args.no_tool else 'overview'}: {len(prompt.frames)} frames; prompt: {len(prompt.ids)} tokens")
+            print(f"question: {vz.format_question(item['question'], item['options'])}")
+        generator = torch.Generator().manual_seed(args.seed)
+        try:
+            (episode,) = vz.rollout(model, renderer, video, prompt, 1, limits, args.temperature, args.top_p,
+                                    generator, on_turn=show_turn if verbose else None)
+        except ValueError as e:
+            vz.fail(vz._one_line(e))
+    correct = None if item["answer"] is None else vz.reward(episode, item["answer"])[1] == 1.0
+    return {
+        "video": item["video"], "question": item["question"], "options": item["options"], "kind": item["kind"],
+        "truth": item["answer"], "answer": episode.answer.text if episode.answer else None,
+        "letter": episode.answer.letter if episode.answer else None, "correct": correct, "stop": episode.stop,
+        "num_turns": len(episode.turns), "num_zooms": episode.num_zooms, "num_frames": len(episode.frames),
+        "frame_times": [round(f.time, 3) for f in episode.frames], "num_tokens": len(episode.ids),
+        "num_trained_tokens": sum(episode.mask),
+        "seconds": round(time.time() - started, 3), "turns": episode.turns,
+    }
+
+
+# -----------------------------------------------------------------------------
+# Run: one video, or a question set
+
+
+records = []
+for index, item in enumerate(questions):
+    try:
+        record = answer_one(item, verbose=not args.data)
+    except vz.VideoError as e:
+        if not args.data:
+            vz.fail(str(e))
+        print(f"[{index + 1}/{len(questions)}] skipped: {e}")
+        continue
+    records.append(record)
+    if args.data:
+        print(f"[{index + 1}/{len(questions)}] {record['kind'] or '-'}: {'right' if record['correct'] else 'wrong'} "
+              f"(answer {record['letter']}, truth {record['truth']}) | {record['num_zooms']} zooms | "
+              f"{record['num_frames']} frames | {record['seconds']:.1f} s", flush=True)
+
+if not args.data:
+    (record,) = records
+    print(f"\nanswer: {record['answer'] or '(none)'}")
+    print(f"summary: {record['num_turns']} turns | {record['num_zooms']} zooms | {record['num_frames']} frames | "
+          f"{record['num_tokens']} tokens | stop {record['stop']} | {record['seconds']:.1f} s")
+else:
+    if not records:
+        vz.fail(f"{args.data}: no question could be answered")
+
+    def mean(key, rows):
+        return sum(float(r[key]) for r in rows) / len(rows)
+
+    print(f"\n{'kind':<10} {'n':>4} {'accuracy':>9} {'zooms/q':>8} {'frames/q':>9} {'turns/q':>8} {'s/q':>6}")
+    kinds = sorted({r["kind"] for r in records})
+    for kind in kinds + (["all"] if len(kinds) > 1 else []):
+        rows = [r for r in records if kind in ("all", r["kind"])]
+        print(f"{kind or '-':<10} {len(rows):>4} {mean('correct', rows):>9.3f} {mean('num_zooms', rows):>8.2f} "
+              f"{mean('num_frames', rows):>9.1f} {mean('num_turns', rows):>8.2f} {mean('seconds', rows):>6.1f}")
+    print(f"mean frames per question: {mean('num_frames', records):.1f} (pass it to --no-tool-frames for an equal budget)")
 
 if args.json:
-    trajectory = {
-        "video": args.video, "question": args.question, "options": args.options, "model": model_dir,
-        "answer": answer, "letter": episode.answer.letter if episode.answer else None, "stop": episode.stop,
-        "num_zooms": episode.num_zooms, "frame_times": [round(f.time, 3) for f in episode.frames],
-        "num_tokens": len(episode.ids), "num_trained_tokens": sum(episode.mask), "seconds": round(elapsed, 3),
-        "turns": episode.turns, "args": vars(args),
-    }
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(trajectory, f, indent=2)
+        json.dump({"args": vars(args), "model": model_dir, "trajectories": records} if args.data
+                  else dict(records[0], args=vars(args), model=model_dir), f, indent=2)
     os.replace(tmp, args.json)
-    print(f"trajectory written to {args.json}")
+    print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
+if args.data:
+    print(f"accuracy: {mean('correct', records):.4f}")  # the last line, for scripts

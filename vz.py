@@ -379,6 +379,11 @@ In every turn, first reason inside <think></think>. Then either call the tool on
 answer inside <answer></answer> (for a multiple-choice question the option letter, e.g. \
 <answer>\\boxed{{B}}</answer>). Never answer in a turn that calls the tool."""
 
+NO_TOOL_PROMPT = """\
+You are watching a video through a few frames spread over the whole video, each introduced by a tag \
+<frameI_timeT.TTs> giving its time in seconds. First reason inside <think></think>, then give your final \
+answer inside <answer></answer> (for a multiple-choice question the option letter, e.g. \
+<answer>\\boxed{{B}}</answer>)."""
 CONTINUE = "Continue reasoning in <think></think>, then zoom again or give your final answer in <answer></answer>."
 FIX_CALL = "Fix the call and try again, or give your final answer in <answer></answer>."
 LAST_TURN = "This is your last turn: do not call the tool again; give your final answer in <answer></answer> now."
@@ -782,9 +787,11 @@ class Episode:
 
 
 def build_prompt(renderer, video, question, options=(), limits=Limits(), overview_fps=0.5,
-                 max_overview_frames=64, system_prompt=None):
-    """The shared start of every trajectory: system, overview frames + question, assistant header."""
-    frames = sample_overview(video, renderer.vcfg, overview_fps, min(max_overview_frames, limits.max_frames))
+                 max_overview_frames=64, system_prompt=None, frames=None):
+    """The shared start of every trajectory: system, overview frames + question, assistant header.
+    `frames` replaces the overview (the no-tool baseline passes uniformly spread frames)."""
+    if frames is None:
+        frames = sample_overview(video, renderer.vcfg, overview_fps, min(max_overview_frames, limits.max_frames))
     episode = Episode(ids=[], mask=[], frames=list(frames), last_turn=limits.max_turns == 1)
     episode.add(renderer.message("system", [system_text(limits, system_prompt)]))
     episode.add(renderer.message("user", tagged(frames) + [format_question(question, options)]))

@@ -248,7 +248,7 @@ def test_json_trajectory(runs):
     assert all(turn["num_tokens"] <= 4 and "text" in turn and turn["kind"] for turn in trajectory["turns"])
     assert trajectory["num_trained_tokens"] == sum(turn["num_tokens"] for turn in trajectory["turns"])
     if trajectory["stop"] != "answer":
-        assert trajectory["answer"] == "(none)" and trajectory["letter"] is None
+        assert trajectory["answer"] is None and trajectory["letter"] is None  # JSON null, not a made-up string
     assert trajectory["question"] == "q?" and trajectory["video"] == runs["paths"]["index"]
     assert f"trajectory written to {path}" in result.stdout
 

@@ -1,0 +1,40 @@
+"""infer.py --data: accuracy over a question set, per kind; --no-tool: the uniform-frames baseline."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import OPTIONS, QUESTION
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_infer(*args):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def test_data_accuracy_and_no_tool_baseline(scripted_dir, index_video, tmp_path):
+    # Greedy, the scripted model follows its first script: a rejected call, a zoom, then answer C. So a
+    # set whose truths are C and A scores 1 of 2, with one zoom and 5 + 9 frames per question.
+    data = tmp_path / "test.jsonl"
+    rows = [{"video": os.path.relpath(index_video, tmp_path), "question": QUESTION, "options": OPTIONS,
+             "answer": truth, "kind": kind} for truth, kind in (("C", "needle"), ("A", "count"))]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["--data", str(data), "--model", scripted_dir, "--overview-fps", "0.25", "--max-new-tokens", "64"]
+    out = run_infer(*common, "--json", str(tmp_path / "agent.json"))
+    assert out.strip().splitlines()[-1] == "accuracy: 0.5000"
+    assert "[1/2] needle: right (answer C, truth C)" in out and "[2/2] count: wrong (answer C, truth A)" in out
+    table = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("needle", "count", "all"))}
+    assert table["needle"][:4] == ["1", "1.000", "1.00", "14.0"] and table["all"][:2] == ["2", "0.500"]
+    agent = json.load(open(tmp_path / "agent.json"))["trajectories"]
+    assert [t["correct"] for t in agent] == [True, False] and [t["num_zooms"] for t in agent] == [1, 1]
+    # The baseline: one turn, no tool, 7 frames spread uniformly (k * 20 / 7 s), whatever it answers.
+    run_infer(*common, "--no-tool", "--no-tool-frames", "7", "--json", str(tmp_path / "baseline.json"))
+    baseline = json.load(open(tmp_path / "baseline.json"))["trajectories"]
+    for trajectory in baseline:
+        assert trajectory["num_turns"] == 1 and trajectory["num_zooms"] == 0
+        assert trajectory["frame_times"] == [round(k * 20 / 7 - (k * 20 / 7) % 0.2, 3) for k in range(7)]
