@@ -18,9 +18,12 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 """
 
 import argparse
+import base64
+import html
 import json
 import os
 import time
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -62,6 +65,8 @@ parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling m
 parser.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
 # Output and device
 parser.add_argument("--json", help="write the whole trajectory (turns, frames, tokens) to this JSON file")
+parser.add_argument("--html", help="write a self-contained page: overview strip, zooms on the timeline with their "
+                    "frames, each turn's reasoning, the answer against the truth")
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
 args = parser.parse_args()
 
@@ -218,7 +223,69 @@ def answer_one(item, verbose):
         "frame_times": [round(f.time, 3) for f in episode.frames], "num_tokens": len(episode.ids),
         "num_trained_tokens": sum(episode.mask),
         "seconds": round(time.time() - started, 3), "turns": episode.turns,
+        "duration": video.duration, "_frames": episode.frames, "_num_overview": len(prompt.frames),
     }
+
+
+# -----------------------------------------------------------------------------
+# The trajectory viewer (--html): frames embedded as JPEG, encoded with PyAV
+
+
+def jpeg(image):
+    import av
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
+    codec.time_base = Fraction(1, 25)
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
+    data = b"".join(bytes(packet) for packet in codec.encode(frame) + codec.encode(None))
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def frame_strip(frames, group):
+    return "".join(f'<figure><img class="{group}" data-time="{f.time:.3f}" src="{jpeg(f.image)}">'
+                   f"<figcaption>{f.time:.2f}s</figcaption></figure>" for f in frames)
+
+
+def write_html(path, records):
+    css = ("body{font-family:sans-serif;margin:1em}section{border-top:2px solid #888;margin-top:1.5em}"
+           "figure{display:inline-block;margin:2px;font-size:70%}img{height:72px}"
+           ".timeline{position:relative;height:18px;background:#eee;margin:.5em 0}"
+           ".tick{position:absolute;width:1px;height:18px;background:#555}"
+           ".zoom{position:absolute;height:18px;background:rgba(230,120,0,.6)}"
+           "pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}.right{color:green}.wrong{color:#b00}")
+    parts = [f"<!doctype html><meta charset='utf-8'><title>VideoZoomer trajectories</title><style>{css}</style>"]
+    for index, r in enumerate(records):
+        frames, overview = r["_frames"], r["_num_overview"]
+        verdict = "" if r["correct"] is None else (
+            '<b class="right">right</b>' if r["correct"] else '<b class="wrong">wrong</b>')
+        parts.append(f'<section class="question" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
+                     f"<pre>{html.escape(vz.format_question('', r['options']).strip())}</pre>"
+                     f"<p>answer: <b>{html.escape(str(r['answer']))}</b> | truth: {html.escape(str(r['truth']))} "
+                     f"{verdict} | {r['num_zooms']} zooms, {r['num_frames']} frames, stop {r['stop']}</p>")
+        parts.append('<div class="timeline">' + "".join(
+            f'<span class="tick" style="left:{100 * f.time / r["duration"]:.3f}%"></span>' for f in frames[:overview]))
+        for turn in r["turns"]:
+            if turn["kind"] == "zoom":
+                start, end = turn["segment"]
+                parts.append(f'<span class="zoom" data-segment="{start:.3f},{end:.3f}" title="{start:.2f}-{end:.2f}s" '
+                             f'style="left:{100 * start / r["duration"]:.3f}%;'
+                             f'width:{100 * (end - start) / r["duration"]:.3f}%"></span>')
+        parts.append(f"</div><h4>overview ({overview} frames)</h4>{frame_strip(frames[:overview], 'overview')}")
+        used = overview
+        for turn in r["turns"]:
+            parts.append(f"<h4>turn {turn['turn']}: {turn['kind']}</h4><pre>{html.escape(turn['text'])}</pre>")
+            if turn["kind"] == "zoom":
+                returned = frames[used:used + turn["num_frames"]]
+                used += turn["num_frames"]
+                parts.append(f'<p>zoom {turn["segment"][0]:.2f}-{turn["segment"][1]:.2f}s at {turn["fps"]:g} fps</p>'
+                             f'<div class="zoomframes" data-turn="{turn["turn"]}">{frame_strip(returned, "zoom")}</div>')
+            elif turn.get("error"):
+                parts.append(f"<p>tool error: {html.escape(turn['error'])}</p>")
+        parts.append("</section>")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -263,9 +330,13 @@ else:
 if args.json:
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"args": vars(args), "model": model_dir, "trajectories": records} if args.data
-                  else dict(records[0], args=vars(args), model=model_dir), f, indent=2)
+        public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+        json.dump({"args": vars(args), "model": model_dir, "trajectories": public} if args.data
+                  else dict(public[0], args=vars(args), model=model_dir), f, indent=2)
     os.replace(tmp, args.json)
     print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
+if args.html:
+    write_html(args.html, records)
+    print(f"page written to {args.html}")
 if args.data:
     print(f"accuracy: {mean('correct', records):.4f}")  # the last line, for scripts

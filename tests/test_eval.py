@@ -38,3 +38,42 @@ def test_data_accuracy_and_no_tool_baseline(scripted_dir, index_video, tmp_path)
     for trajectory in baseline:
         assert trajectory["num_turns"] == 1 and trajectory["num_zooms"] == 0
         assert trajectory["frame_times"] == [round(k * 20 / 7 - (k * 20 / 7) % 0.2, 3) for k in range(7)]
+
+
+def test_html_viewer_holds_the_right_frames_and_segments(scripted_dir, index_video, tmp_path):
+    # The page embeds every frame the model saw (decoded back here: each shows its own frame index),
+    # the overview strip with its times, and each zoom as a segment on the timeline with its frames.
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    import av
+    from videos import read_index
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.segments = [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append((attrs["class"], float(attrs["data-time"]), attrs["src"]))
+            if tag == "span" and attrs.get("class") == "zoom":
+                self.segments.append([float(v) for v in attrs["data-segment"].split(",")])
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"video": index_video, "question": QUESTION, "options": OPTIONS, "answer": "C"}) + "\n")
+    run_infer("--data", str(data), "--model", scripted_dir, "--overview-fps", "0.25", "--max-new-tokens", "64",
+              "--html", str(tmp_path / "page.html"), "--json", str(tmp_path / "run.json"))
+    (trajectory,) = json.load(open(tmp_path / "run.json"))["trajectories"]
+    page = Page()
+    page.feed((tmp_path / "page.html").read_text())
+    assert [kind for kind, _, _ in page.images] == ["overview"] * 5 + ["zoom"] * 9
+    assert [round(t, 3) for _, t, _ in page.images] == trajectory["frame_times"]
+    assert page.segments == [[12.0, 15.0]] == [t["segment"] for t in trajectory["turns"] if t["kind"] == "zoom"]
+    for _, time, src in page.images:
+        jpeg = base64.b64decode(src.split(",", 1)[1])
+        with av.open(io.BytesIO(jpeg)) as container:
+            image = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        assert read_index(image) == round(time * 5)  # the 5 fps index video: frame k shows k
