@@ -150,7 +150,11 @@ class Video:
         # Index entries carry DTS; a keyframe's pts is >= its dts, so a seek planned from them can land
         # one GOP late, which _frames() detects and undoes by seeking further back.
         self.keyframe_dts = [e.timestamp for e in self.stream.index_entries if e.is_keyframe]
-        self.duration = self._probe_duration()
+        try:
+            self.duration = self._probe_duration()
+        except VideoError:
+            self.close()
+            raise
         # Rollouts of one prompt often ask for the same segment: serve it (and its patches) once.
         self.clips = {}
 
