@@ -201,3 +201,23 @@ def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
     straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_released_rl_layout_and_bad_rows(scripted_dir, index_video, tmp_path):
+    # The released RL set's fields (problem with an <image> placeholder, videos, solution, data_source)
+    # are read as prompts; unusable rows are counted and named, not fatal below --max-bad-frac.
+    problem = "<image>\n" + QUESTION + "\n" + "\n".join(OPTIONS)
+    rows = [{"problem": problem, "videos": [index_video], "solution": f"<answer>{a}</answer>", "data_source": "synth"}
+            for a in "AC"]
+    rows += [{"problem": problem, "videos": [], "solution": "A"},  # no video
+             {"problem": problem, "videos": [str(tmp_path / "gone.mp4")], "solution": "A"}]  # missing file
+    data = tmp_path / "released.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_rl.py"), "--model", scripted_dir, "--data",
+                             str(data), "--out", str(tmp_path / "out"), "--prompts-per-step", "2", "--rollouts", "2",
+                             "--steps", "1", "--overview-fps", "0.25", "--max-new-tokens", "64", "--max-total-tokens",
+                             "4096", "--max-bad-frac", "0.5", "--max-resample", "0"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data: 2 usable of 4 rows" in result.stdout
+    assert "skipped line 3: no 'videos' entry" in result.stdout and "gone.mp4: no such file" in result.stdout
