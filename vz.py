@@ -933,15 +933,18 @@ class KVBatch:
     def additive_mask(self, attention, width):
         """(rows, 1, width, keys) additive mask for the chunk's queries, in the model's dtype.
 
-        A query sees the valid keys up to its own position, and always itself, so a padding query
-        never has an empty row. Built here in one broadcast: SDPA on CPU runs about 30% faster with
-        an additive mask than with the boolean one transformers would build from the 2-D mask.
+        Sum of a key-padding bias (rows, keys) and a causal bias (width, keys), one broadcast pass;
+        each bias is half the dtype's minimum, so a masked entry is at most min/2 (exp -> 0) and the
+        sum never overflows: a padding query with nothing to see gets a flat row, never NaN. SDPA on
+        CPU runs about 30% faster with an additive mask than with the boolean one transformers builds.
         """
         dtype = next(self.model.parameters()).dtype
+        blocked = torch.finfo(dtype).min / 2
         keys = torch.arange(attention.shape[1])
         queries = attention.shape[1] - width + torch.arange(width)
-        visible = (attention.bool()[:, None, None, :] & (keys <= queries[:, None])) | (keys == queries[:, None])
-        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+        key_bias = torch.zeros(attention.shape, dtype=dtype).masked_fill_(attention == 0, blocked)
+        causal_bias = torch.zeros(width, len(keys), dtype=dtype).masked_fill_(keys > queries[:, None], blocked)
+        mask = key_bias[:, None, None, :] + causal_bias  # (rows, 1, width, keys)
         return {"full_attention": mask.to(self.model.device)}
 
     def start(self, ids, frames, num_rows):
