@@ -1,0 +1,426 @@
+"""Write a synthetic world for VideoZoomer: real H.264 videos and the question sets that go with them.
+
+    python synth.py --seed 0 --out world                                  # defaults: 100 videos of 120 s
+    python synth.py --seed 1 --out world_small --num-videos 10 --seconds 60 --num-base 60 --num-sft 40 \\
+        --num-rl 20 --num-test 20                                        # a small world for a quick run
+    python -c "import vz; print(vz.NO_TOOL_PROMPT)" > no_tool.txt     # base rows: one turn, no tool
+    python train_sft.py --model <dir> --data world/base.jsonl --out runs/base --system-prompt no_tool.txt
+    python train_sft.py --model runs/base/final --data world/sft.jsonl --out runs/sft
+    python train_rl.py --model runs/sft/final --data world/rl.jsonl --out runs/rl
+    python infer.py --data world/test.jsonl --model runs/rl/final
+
+Each video (5 fps, 224x128, keyframe every 25 frames) is a run of 10-30 s scenes, each a plain colour
+seen once per video. Inside scenes, shapes flash for 0.6-1.0 s, always between the first and last
+overview frames showing their scene, with a clear frame on either side of every overview time
+(t = 0, 2, 4, ... s): the overview shows where a scene is, never its flashes. A fifth of the scenes
+instead hold one "glimpse", a shape that IS shown by an overview frame; only base.jsonl asks about them.
+Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`):
+  needle  which shape appears during the <colour> scene (exactly one flash there; needs a zoom)
+  count   how many times a shape flashes during the <colour> scene (1-4; needs fps >= 2)
+  glance  start/end colour, colour right before/after a scene (the overview answers it; no zoom)
+  base    one-turn questions from the overview alone, for a no-tool "base model": colour at a frame
+          time, shape at a glimpse time, when a scene is first seen, colour after a scene
+Split: the last --num-test-videos videos are held out for test.jsonl; base, sft and rl use the rest
+(rl questions first, sft the next ones from the same shuffled pools). sft.jsonl is written by a
+scripted teacher that only uses what the model could see: the overview's scene spans, then what each
+zoom returned. Exemplar: scan the scene's span left to right in windows of <= 8 s at 2 fps (frames
+<= 0.53 s apart, so no 0.6 s flash falls between them), answer. Reflection: a wrong first zoom (the
+neighbouring scene, or the right span at 1 fps, too sparse), a turn saying why it was wrong, the scan,
+the answer (sft rows carry `teacher`: exemplar | reflection). The cold start is small and narrow on
+purpose: one fixed scan strategy, no shortcuts, a few hundred rows; RL has room to find better ones.
+Same seed -> byte-identical JSONL files and videos with identical frames.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+
+import av
+import numpy as np
+
+import vz
+
+# -----------------------------------------------------------------------------
+# CLI
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# World
+parser.add_argument("--seed", type=int, required=True, help="world seed: the same seed writes the same world")
+parser.add_argument("--out", required=True, help="output directory (videos/ and the JSONL files go here)")
+parser.add_argument("--num-videos", type=int, default=100, help="videos in the world, test videos included (fewer "
+                    "videos than the question counts need makes questions repeat, options reshuffled)")
+parser.add_argument("--num-test-videos", type=int, default=0, help="videos held out for test.jsonl (the last ones); "
+                    "0 = a fifth, at least 1")
+parser.add_argument("--seconds", type=int, default=120, help="length of every video in seconds (20-128, so the "
+                    "0.5 fps overview is exactly one frame every 2 s)")
+# Question sets
+parser.add_argument("--num-base", type=int, default=600, help="rows of base.jsonl (one-turn, no-tool questions)")
+parser.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
+parser.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
+parser.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
+parser.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
+                    "reflection trajectories (where the turn budget allows one)")
+args = parser.parse_args()
+
+num_test_videos = args.num_test_videos or max(1, args.num_videos // 5)
+if not 20 <= args.seconds <= 128:
+    vz.fail("--seconds must be from 20 to 128 (the overview must be one frame every 2 s)")
+if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
+    vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
+if min(args.num_base, args.num_sft, args.num_rl, args.num_test) < 0 or not 0 <= args.reflection_frac <= 1:
+    vz.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
+print(vars(args) | {"num_test_videos": num_test_videos})
+
+# -----------------------------------------------------------------------------
+# The world: scenes of plain colours, shapes flashing inside them
+
+FPS, WIDTH, HEIGHT, GOP = 5, 224, 128, 25
+STEP = 2 * FPS  # source frames between overview frames (0.5 fps)
+PALETTE = {"red": (220, 30, 30), "green": (30, 150, 50), "blue": (30, 60, 220), "yellow": (240, 220, 40),
+           "purple": (130, 40, 170), "orange": (250, 140, 20), "cyan": (40, 200, 220), "pink": (250, 140, 200),
+           "brown": (120, 70, 30), "grey": (128, 128, 128), "white": (245, 245, 245), "black": (15, 15, 15)}
+SHAPES = ["circle", "square", "triangle", "cross", "diamond"]
+SIZE = 52  # shape box side in pixels, 40% of the height; even, so it lines up with the chroma planes
+ROWS, COLS = np.mgrid[-1:1:SIZE * 1j, -1:1:SIZE * 1j]  # coordinates in the shape box, -1..1
+MASKS = {"circle": ROWS ** 2 + COLS ** 2 <= 0.95,
+         "square": (abs(ROWS) <= 0.8) & (abs(COLS) <= 0.8),
+         "triangle": (ROWS <= 0.85) & (abs(COLS) <= (ROWS + 0.95) / 2),
+         "cross": ((abs(ROWS) <= 0.3) | (abs(COLS) <= 0.3)) & (abs(ROWS) <= 0.95) & (abs(COLS) <= 0.95),
+         "diamond": abs(ROWS) + abs(COLS) <= 1.0}
+
+
+def seconds(frame_index):
+    return frame_index / FPS
+
+
+def event(rng, shape, start, length, background):
+    x0, y0 = 2 * rng.randint(2, (WIDTH - SIZE) // 2 - 2), 2 * rng.randint(2, (HEIGHT - SIZE) // 2 - 2)
+    colour = "white" if sum(PALETTE[background]) < 420 else "black"
+    return {"shape": shape, "colour": colour, "start": seconds(start), "end": seconds(start + length),
+            "frames": [start, start + length], "box": [x0, y0, x0 + SIZE, y0 + SIZE]}
+
+
+def plan_video(rng, num_frames):
+    """Scenes with their overview span (first/last overview time showing them) and their events."""
+    while True:  # redraw until the last scene is 10-30 s too and every scene has its own colour
+        bounds = [0]
+        while bounds[-1] < num_frames:
+            bounds.append(bounds[-1] + rng.randint(10 * FPS, 30 * FPS))
+        bounds[-1] = num_frames
+        if bounds[-1] - bounds[-2] >= 10 * FPS and len(bounds) - 1 <= len(PALETTE):
+            break
+    scenes = []
+    for colour, start, end in zip(rng.sample(list(PALETTE), len(bounds) - 1), bounds, bounds[1:]):
+        first, last = -(-start // STEP) * STEP, (end - 1) // STEP * STEP  # overview frames showing the scene
+        cells = list(range(first // STEP, last // STEP))  # cell k: between overview frames k and k + 1
+        scene = {"colour": colour, "rgb": list(PALETTE[colour]), "start": seconds(start), "end": seconds(end),
+                 "first_seen": seconds(first), "last_seen": seconds(last), "frames": [start, end], "events": [],
+                 "glimpse": None}
+        if rng.random() < 0.2:  # a shape an overview frame shows: straddles overview frame k, one frame either side
+            k, length = rng.choice(cells[1:]), rng.randint(3, 5)
+            scene["glimpse"] = event(rng, rng.choice(SHAPES), k * STEP - rng.randint(1, length - 2), length, colour)
+        else:
+            num_events = min(rng.choice([1, 1, 1, 2, 3, 4]), (len(cells) + 1) // 2)
+            # Non-adjacent cells, so flashes are >= 1 s apart; inside a cell, frames 2..8 of 10, so the
+            # overview frames at both ends of the cell and their neighbours stay plain.
+            picks = sorted(rng.sample(range(len(cells) - num_events + 1), num_events))
+            for i, pick in enumerate(picks):
+                length = rng.randint(3, 5)
+                begin = cells[pick + i] * STEP + rng.randint(2, 9 - length)
+                scene["events"].append(event(rng, rng.choice(SHAPES), begin, length, colour))
+        scenes.append(scene)
+    overview = set(range(0, num_frames, STEP))
+    for scene in scenes:
+        for ev in scene["events"]:
+            near = set(range(ev["frames"][0] - 1, ev["frames"][1] + 1))
+            assert not near & overview, f"event {ev} touches an overview frame"
+        if scene["glimpse"]:
+            assert set(range(*scene["glimpse"]["frames"])) & overview, "glimpse missed by the overview"
+    return scenes
+
+
+# -----------------------------------------------------------------------------
+# Writing H.264: frames are drawn straight into yuv420p planes (BT.601 limited range, FFmpeg's default)
+
+
+def yuv(rgb):
+    r, g, b = rgb
+    return (16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255, 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255,
+            128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255)
+
+
+def draw(background, ev=None):
+    """(HEIGHT * 3 / 2, WIDTH) uint8 yuv420p image: a plain background, optionally one shape."""
+    scales = (1, 2, 2)  # luma at full size, chroma at half size in both directions
+    planes = [np.full((HEIGHT // k, WIDTH // k), round(value), np.uint8) for k, value in zip(scales, yuv(background))]
+    if ev is not None:
+        full = MASKS[ev["shape"]]
+        half = full.reshape(SIZE // 2, 2, SIZE // 2, 2).mean(axis=(1, 3)) >= 0.5
+        x0, y0 = ev["box"][:2]
+        for k, plane, mask, value in zip(scales, planes, (full, half, half), yuv(PALETTE[ev["colour"]])):
+            plane[y0 // k:y0 // k + SIZE // k, x0 // k:x0 // k + SIZE // k][mask] = round(value)
+    return np.concatenate([planes[0], planes[1].reshape(-1, WIDTH), planes[2].reshape(-1, WIDTH)])
+
+
+def write_video(path, scenes):
+    frames = []
+    for scene in scenes:
+        plain = draw(scene["rgb"])
+        frames += [plain] * (scene["frames"][1] - scene["frames"][0])
+        for ev in scene["events"] + ([scene["glimpse"]] if scene["glimpse"] else []):
+            drawn = draw(scene["rgb"], ev)
+            frames[ev["frames"][0]:ev["frames"][1]] = [drawn] * (ev["frames"][1] - ev["frames"][0])
+    tmp = path + ".tmp.mp4"
+    with av.open(tmp, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=FPS, options={
+            "preset": "ultrafast", "g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for index, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Questions
+
+
+def choice_row(rng, video, question, answer, pool, kind, meta, ordered=False):
+    """A multiple-choice row: the answer and three distractors from pool, shuffled (ordered: in pool order)."""
+    options = [answer] + rng.sample([p for p in pool if p != answer], 3)
+    options = sorted(options, key=pool.index) if ordered else rng.sample(options, 4)
+    return {"video": video, "question": question, "options": [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)],
+            "answer": "ABCD"[options.index(answer)], "kind": kind, "meta": meta}
+
+
+def a_or_an(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def span(scene):
+    """Where the overview shows a scene: from its first to its last overview frame."""
+    return f"from {scene['first_seen']:g}s to {scene['last_seen']:g}s"
+
+
+def ask(rng, kind, video, scenes, target):
+    """One question of `kind` about scene `target`. Glance and base rows pick a sub-kind (meta["ask"]) and
+    come with their one-turn reasoning, read off the overview frames; needle and count rows with None."""
+    scene, colour = scenes[target], scenes[target]["colour"]
+    meta = {"scene": {k: scene[k] for k in ("colour", "rgb", "start", "end", "first_seen", "last_seen")},
+            "events": scene["events"], "glimpse": scene["glimpse"]}
+    if kind == "needle":
+        return choice_row(rng, video, f"Which shape appears during the {colour} scene?", scene["events"][0]["shape"],
+                          SHAPES, kind, meta), None
+    if kind == "count":
+        return choice_row(rng, video, f"How many times does a shape flash during the {colour} scene?",
+                          str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta, ordered=True), None
+    asks = ["start", "end", "after", "before"] if kind == "glance" else ["colour_at", "shape_at", "first_seen", "after"]
+    asks = [a for a in asks if (a != "after" or target + 1 < len(scenes)) and (a != "before" or target > 0)
+            and (a != "shape_at" or scene["glimpse"])]
+    meta["ask"] = sub = rng.choice(asks)
+    meta["scenes"] = [{k: s[k] for k in ("colour", "rgb", "start", "end")} for s in scenes]
+    if sub in ("start", "end"):
+        edge = scenes[0 if sub == "start" else -1]
+        meta["scene"] = {k: edge[k] for k in meta["scene"]}
+        question, answer, pool = f"What colour is the scene at the {sub} of the video?", edge["colour"], list(PALETTE)
+        which, seen_at = ("first", edge["first_seen"]) if sub == "start" else ("last", edge["last_seen"])
+        why = f"The {which} overview frame ({seen_at:.2f}s) shows {a_or_an(edge['colour'])} background."
+    elif sub in ("after", "before"):
+        other = scenes[target + (1 if sub == "after" else -1)]
+        question, answer, pool = f"Which colour comes right {sub} the {colour} scene?", other["colour"], list(PALETTE)
+        why = (f"The overview shows the {colour} scene {span(scene)} and the {other['colour']} scene {span(other)}, "
+               f"so {other['colour']} comes right {sub} {colour}.")
+    elif sub == "colour_at":
+        meta["time"] = 2 * rng.randint(int(scene["first_seen"]) // 2, int(scene["last_seen"]) // 2)
+        question, answer, pool = f"What colour is the background at {meta['time']:.2f}s?", colour, list(PALETTE)
+        why = f"The frame at {meta['time']:.2f}s shows {a_or_an(colour)} background."
+    elif sub == "shape_at":
+        glimpse = scene["glimpse"]
+        meta["time"] = -(-glimpse["frames"][0] // STEP) * 2  # the overview time inside the glimpse
+        question, answer, pool = f"Which shape is visible at {meta['time']:.2f}s?", glimpse["shape"], SHAPES
+        why = f"The frame at {meta['time']:.2f}s shows a {glimpse['colour']} {answer} on {a_or_an(colour)} background."
+    else:  # first_seen: distractors are the overview times around it
+        first = int(scene["first_seen"])
+        near = [f"{t}s" for t in range(first - 8, first + 10, 2) if 0 <= t < args.seconds]
+        question, answer, pool = f"At which frame time is the {colour} scene first seen?", f"{first}s", near
+        why = f"The first frame showing {a_or_an(colour)} background is the one at {first:.2f}s."
+    return choice_row(rng, video, question, answer, pool, kind, meta), why
+
+
+# -----------------------------------------------------------------------------
+# The scripted teacher: uses only what the model sees (the overview's scene spans, then the zoom frames)
+
+
+def clip_frames(start, end, fps):
+    """Source frame index served at each time of a zoom call (vz.clip_times; the frame showing then)."""
+    return [math.floor(t * FPS + 1e-6) for t in vz.clip_times(start, end, int(fps * (end - start)))]
+
+
+def seen(scene, start, end, fps):
+    """What a zoom shows: (event, index of its first frame in the clip, that frame's time) per event it hits."""
+    frames = clip_frames(start, end, fps)
+    hits = []
+    for ev in scene["events"]:
+        shown = [i for i, f in enumerate(frames) if ev["frames"][0] <= f < ev["frames"][1]]
+        if shown:
+            hits.append((ev, shown[0], seconds(frames[shown[0]])))
+    return hits
+
+
+def windows(scene):
+    """The scene's overview span cut on overview times into windows of at most 8 s (16 frames at 2 fps)."""
+    first, num_cells = int(scene["first_seen"]), int(scene["last_seen"] - scene["first_seen"]) // 2
+    num_windows = -(-num_cells // 4)
+    cuts = [first + 2 * (num_cells * i // num_windows) for i in range(num_windows + 1)]
+    return list(zip(cuts, cuts[1:]))
+
+
+def zoom(think, start, end, fps):
+    return f'<think>{think}</think><video_zoom> {json.dumps({"segment": [start, end], "fps": fps})} </video_zoom>'
+
+
+def teach(rng, row, scenes, target, reflect):
+    """The assistant turns of a needle/count row: a left-to-right scan at 2 fps, then the answer; with
+    reflect, a wrong first zoom and a turn saying why. None when the turn budget has no room for that."""
+    scene, letter = scenes[target], row["answer"]
+    colour, answer = scene["colour"], row["options"]["ABCD".index(letter)][3:]
+    spans = windows(scene)
+    if row["kind"] == "needle":  # the scan stops at the window where the shape shows up
+        spans = spans[:next(i for i, (a, b) in enumerate(spans) if seen(scene, a, b, 2)) + 1]
+    plan = "a shape flashes for less than the 2s between overview frames, so I scan it at 2 fps"
+    first_scan = f"from {spans[0][0]}s to {spans[0][1]}s" + (" first" if len(windows(scene)) > 1 else "")
+    turns = []
+    if not reflect:
+        opening = (f"The {colour} scene runs {span(scene)} in the overview, so its flashes are in that span; {plan}, "
+                   f"{first_scan}.")
+    else:
+        first, last = int(scene["first_seen"]), int(scene["last_seen"])
+        # 1 fps on the whole span fits one call only up to 16 s, and is a lesson only when it misses every flash.
+        sparse = last - first <= 16 and not seen(scene, first, last, 1) and (len(scenes) == 1 or rng.random() < 0.5)
+        if len(spans) > 3 or (len(scenes) == 1 and not sparse):
+            return None
+        if sparse:  # the right span, but too sparse to catch a flash
+            turns.append(zoom(f"The overview shows the {colour} scene {span(scene)}; I look at all of it at 1 fps.",
+                              first, last, 1))
+            opening = (f"Those frames are about 1s apart and show only the {colour} background, but a flash shorter "
+                       f"than that can fall between them: one zoom at 1 fps proves nothing. I scan again at 2 fps, "
+                       f"{first_scan}.")
+        else:  # the neighbouring scene, on its side next to the right one
+            earlier = target == len(scenes) - 1 or (target > 0 and rng.random() < 0.5)
+            near = scenes[target - 1] if earlier else scenes[target + 1]
+            near_first, near_last = int(near["first_seen"]), int(near["last_seen"])
+            start, end = ((max(near_first, near_last - 8), near_last) if earlier
+                          else (near_first, min(near_last, near_first + 8)))
+            turns.append(zoom(f"The {colour} scene should be around {start}s to {end}s; {plan}.", start, end, 2))
+            opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene "
+                       f"comes {'later' if earlier else 'earlier'}, {span(scene)} in the overview. I scan it at 2 fps, "
+                       f"{first_scan}.")
+    turns.append(zoom(opening, *spans[0], 2))
+    found = []
+    for i, (a, b) in enumerate(spans):
+        hits = seen(scene, a, b, 2)
+        found += hits
+        said = "; ".join(f"frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}" for ev, j, t in hits)
+        said = (f"In the frames from {a}s to {b}s, {said}" if hits
+                else f"The frames from {a}s to {b}s show only the {colour} background")
+        if i + 1 < len(spans):
+            turns.append(zoom(f"{said}. Next, {spans[i + 1][0]}s to {spans[i + 1][1]}s.", *spans[i + 1], 2))
+        elif row["kind"] == "needle":
+            turns.append(f"<think>{said} on the {colour} background. The shape is a {answer}.</think>"
+                         f"<answer>{letter}</answer>")
+        else:
+            times = ", ".join(f"{t:.2f}s" for _, _, t in found)
+            turns.append(f"<think>{said}. Over the whole {colour} scene a shape flashed at {times}, with plain "
+                         f"frames between the flashes: {answer} time{'s' * (answer != '1')}.</think>"
+                         f"<answer>{letter}</answer>")
+    # The scan is sound: frames <= 0.53 s apart never miss a 0.6 s flash, and windows end on overview times.
+    assert len(found) == (1 if row["kind"] == "needle" else len(scene["events"])), f"the scan missed a flash: {row}"
+    assert len(turns) <= vz.Limits().max_turns
+    return turns
+
+
+# -----------------------------------------------------------------------------
+# Main: videos, then the question files
+
+started = time.time()
+os.makedirs(os.path.join(args.out, "videos"), exist_ok=True)
+worlds = []
+for index in range(args.num_videos):
+    scenes = plan_video(random.Random(f"{args.seed} video {index}"), args.seconds * FPS)
+    write_video(os.path.join(args.out, "videos", f"v{index:03d}.mp4"), scenes)
+    worlds.append((f"videos/v{index:03d}.mp4", scenes))
+video_s = time.time() - started
+
+
+def pool(videos, key):
+    """Every (video, scene index) a question can be about; key "count2" means count questions answered 2."""
+    wanted = {"needle": 1, "count1": 1, "count2": 2, "count3": 3, "count4": 4}.get(key)
+    return [(video, scenes, i) for video, scenes in videos for i, scene in enumerate(scenes)
+            if wanted is None or len(scene["events"]) == wanted]
+
+
+def draw_rows(rng, videos, num_rows, kinds, cursors):
+    """(row, one-turn reasoning or None, scenes, target) for num_rows questions, kinds in turn. Each kind walks
+    its shuffled pool (cursors are shared between rl and sft, so sft goes on where rl stopped), wrapping
+    around when it runs out. Count questions take the answers 1, 2, 3, 4 in turn: no letter is favoured."""
+    rows = []
+    for n in range(num_rows):
+        kind = key = kinds[n % len(kinds)]
+        for _ in range(4 if kind == "count" else 0):  # the next count value that some scene has
+            cursors["count"] = cursors.get("count", -1) + 1
+            key = f"count{cursors['count'] % 4 + 1}"
+            if pool(videos, key):
+                break
+        if key not in cursors:
+            items = pool(videos, key)
+            cursors[key] = [rng.sample(items, len(items)), 0]
+        items, position = cursors[key]
+        if not items:
+            vz.fail(f"no scene can hold a {kind} question; use more or longer videos")
+        video, scenes, target = items[position % len(items)]
+        cursors[key][1] += 1
+        rows.append((*ask(rng, kind, video, scenes, target), scenes, target))
+    return rows
+
+
+rng = random.Random(f"{args.seed} questions")
+train, test = worlds[:-num_test_videos], worlds[-num_test_videos:]
+mix = ["needle", "count", "needle", "count", "glance"]
+cursors = {}
+files = {"test": draw_rows(rng, test, args.num_test, mix, {}),
+         "rl": draw_rows(rng, train, args.num_rl, mix, cursors),
+         "sft": draw_rows(rng, train, args.num_sft, mix, cursors),
+         "base": draw_rows(rng, train, args.num_base, ["base"], {})}
+for row, why, scenes, target in files["sft"] + files["base"]:
+    if why is not None:  # glance and base: one turn, the answer read off the overview
+        no_zoom = " No zoom is needed." if row["kind"] == "glance" else ""
+        row["turns"] = [f"<think>{why}{no_zoom}</think><answer>{row['answer']}</answer>"]
+    else:
+        reflect = rng.random() < args.reflection_frac
+        row["turns"] = teach(rng, row, scenes, target, reflect)
+        reflect = reflect and row["turns"] is not None
+        row["turns"] = row["turns"] or teach(rng, row, scenes, target, False)
+    if row["kind"] != "base":
+        row["teacher"] = "reflection" if why is None and reflect else "exemplar"
+for name, rows in files.items():
+    with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row, *_ in rows)
+
+print(f"videos: {args.num_videos} ({num_test_videos} held out for test) x {args.seconds}s in {video_s:.1f}s, "
+      f"{sum(os.path.getsize(os.path.join(args.out, v)) for v, _ in worlds) / 1e6:.1f} MB")
+for name, rows in files.items():
+    kinds = Counter(row["kind"] + (f"/{row['teacher']}" if "teacher" in row else "") for row, *_ in rows)
+    distinct = len({(row["video"], row["question"]) for row, *_ in rows})
+    print(f"{name}.jsonl: {len(rows)} rows, {distinct} distinct questions | "
+          + " | ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+questions = [{(row["video"], row["question"]) for row, *_ in files[name]} for name in ("rl", "sft")]
+print(f"questions in both rl and sft (the pools wrapped; use more videos to avoid): {len(questions[0] & questions[1])}")
+print(f"done in {time.time() - started:.1f}s: {args.out}")

@@ -1,0 +1,166 @@
+"""synth.py: a small world, checked against what the sampler really decodes from its videos.
+
+Determinism, well-formed rows, the held-out split, flashes that the overview never shows but a zoom
+does, glance answers that the overview frames give, and teacher trajectories that replay to their
+answer with every frame they mention showing what they say it shows.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import vz
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--num-videos", "8", "--num-test-videos", "2", "--seconds", "60", "--num-base", "30", "--num-sft", "30",
+         "--num-rl", "15", "--num-test", "10"]
+FILES = ("base", "sft", "rl", "test")
+
+
+def synth(out, seed, *extra):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "synth.py"), "--seed", str(seed), "--out", str(out),
+                             *SMALL, *extra], capture_output=True, text=True, timeout=120)
+    return result
+
+
+def load(root):
+    return {name: [json.loads(line) for line in open(root / f"{name}.jsonl")] for name in FILES}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    result = synth(root / "a", 0)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def rows(world):
+    return load(world / "a")
+
+
+@pytest.fixture(scope="module")
+def overviews(world, rows):
+    """video -> overview frames, as the agent sees them."""
+    out = {}
+    for row in sum(rows.values(), []):
+        if row["video"] not in out:
+            with vz.open_video(str(world / "a" / row["video"])) as video:
+                out[row["video"]] = vz.sample_overview(video, vz.VisionConfig())
+    return out
+
+
+def shape_pixels(image, rgb):
+    """Fraction of pixels far from the plain background colour: ~0 on a plain frame, >2% with a shape."""
+    return float((np.abs(image.astype(int) - np.array(rgb)).max(axis=2) > 80).mean())
+
+
+def test_same_seed_same_world_other_seed_other_world(world):
+    assert synth(world / "b", 0).returncode == 0 and synth(world / "c", 1).returncode == 0
+    for name in FILES:
+        assert (world / "a" / f"{name}.jsonl").read_bytes() == (world / "b" / f"{name}.jsonl").read_bytes(), name
+        assert (world / "a" / f"{name}.jsonl").read_bytes() != (world / "c" / f"{name}.jsonl").read_bytes(), name
+    for video in sorted(os.listdir(world / "a" / "videos")):
+        assert (world / "a" / "videos" / video).read_bytes() == (world / "b" / "videos" / video).read_bytes(), video
+
+
+def test_bad_flags_give_one_error_line(tmp_path):
+    # A user's mistake: a one-line error and exit code 2, not a traceback.
+    for extra in (["--seconds", "200"], ["--num-test-videos", "8"], ["--reflection-frac", "1.5"]):
+        result = synth(tmp_path, 0, *extra)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_rows_are_well_formed(rows):
+    for name, file_rows in rows.items():
+        assert len(file_rows) == {"base": 30, "sft": 30, "rl": 15, "test": 10}[name]
+        kinds = {row["kind"] for row in file_rows}
+        assert kinds == ({"base"} if name == "base" else {"needle", "count", "glance"}), (name, kinds)
+        for row in file_rows:
+            letters = [option[:3] for option in row["options"]]
+            texts = [option[3:] for option in row["options"]]
+            assert letters == ["A. ", "B. ", "C. ", "D. "] and len(set(texts)) == 4, row
+            assert row["answer"] in "ABCD" and row["video"].startswith("videos/"), row
+    assert {row["teacher"] for row in rows["sft"]} == {"exemplar", "reflection"}
+    assert all(len(row["turns"]) == 1 for row in rows["base"])
+
+
+def test_test_videos_are_held_out(rows):
+    test = {row["video"] for row in rows["test"]}
+    train = {row["video"] for name in ("base", "sft", "rl") for row in rows[name]}
+    assert test and train and not test & train
+    assert test <= {"videos/v006.mp4", "videos/v007.mp4"}  # the last --num-test-videos videos
+
+
+def test_flashes_hidden_from_overview_but_shown_by_a_zoom(world, rows, overviews):
+    num_events = 0
+    for row in [r for name in ("sft", "rl", "test") for r in rows[name] if r["kind"] in ("needle", "count")]:
+        scene = row["meta"]["scene"]
+        assert len(row["meta"]["events"]) == (1 if row["kind"] == "needle" else "ABCD".index(row["answer"]) + 1)
+        shown = [f for f in overviews[row["video"]] if scene["start"] <= f.time < scene["end"]]
+        assert shown and all(shape_pixels(f.image, scene["rgb"]) < 0.005 for f in shown), row["question"]
+        with vz.open_video(str(world / "a" / row["video"])) as video:
+            for event in row["meta"]["events"]:
+                middle = (event["start"] + event["end"]) / 2
+                (frame,) = vz.sample_clip(video, vz.VisionConfig(), middle, middle + 0.1, 1)
+                assert shape_pixels(frame.image, scene["rgb"]) > 0.02, event
+                num_events += 1
+    assert num_events > 10
+
+
+def test_glance_and_base_answers_match_the_overview(rows, overviews):
+    for row in [r for name in ("sft", "rl", "test", "base") for r in rows[name] if r["kind"] in ("glance", "base")]:
+        meta, answer = row["meta"], row["options"]["ABCD".index(row["answer"])][3:]
+        frames = overviews[row["video"]]
+        # The colour each overview frame shows: the nearest scene colour to its median pixel.
+        palette = {s["colour"]: np.array(s["rgb"]) for s in meta["scenes"]}
+        seen = [min(palette, key=lambda c: np.abs(np.median(f.image.reshape(-1, 3), 0) - palette[c]).sum())
+                for f in frames]
+        times = [round(f.time, 2) for f in frames]
+        colour, ask = meta["scene"]["colour"], meta["ask"]
+        if ask in ("start", "end"):
+            assert answer == seen[0 if ask == "start" else -1]
+        elif ask == "after":
+            last = max(i for i, c in enumerate(seen) if c == colour)
+            assert answer == seen[last + 1]
+        elif ask == "before":
+            assert answer == seen[seen.index(colour) - 1]
+        elif ask == "colour_at":
+            assert answer == seen[times.index(meta["time"])]
+        elif ask == "first_seen":
+            assert answer == f"{times[seen.index(colour)]:g}s"
+        else:  # shape_at: the overview frame at that time shows the glimpse
+            assert ask == "shape_at" and answer == meta["glimpse"]["shape"]
+            assert shape_pixels(frames[times.index(meta["time"])].image, meta["scene"]["rgb"]) > 0.02
+
+
+def test_trajectories_replay_to_their_answer_and_say_what_the_frames_show(world, rows, tiny):
+    _, renderer = tiny
+    for row in rows["sft"] + rows["base"]:
+        with vz.open_video(str(world / "a" / row["video"])) as video:
+            prompt = vz.build_prompt(renderer, video, row["question"], row["options"])
+            episode = vz.replay(renderer, video, prompt, row["turns"], vz.Limits())
+        kinds = [turn["kind"] for turn in episode.turns]
+        assert episode.stop == "answer" and episode.answer.letter == row["answer"], (row["turns"], episode.turns)
+        assert set(kinds[:-1]) <= {"zoom"} and kinds[-1] == "answer" and all(t["format_ok"] for t in episode.turns)
+        assert (row["kind"] in ("glance", "base")) == (len(kinds) == 1)
+        # Each turn after a zoom talks about that zoom's frames: "frame j (t s) shows a ..." must be a
+        # returned frame with a shape, "show only the ... background" must mean no frame has one.
+        offset, rgb = len(prompt.frames), row["meta"]["scene"]["rgb"]
+        for turn, after in zip(episode.turns, episode.turns[1:]):
+            frames = episode.frames[offset:offset + turn["num_frames"]]
+            offset += turn["num_frames"]
+            claims = re.findall(r"frame (\d+) \((\d+\.\d\d)s\) shows", after["text"])
+            for index, seconds in claims:
+                assert f"{frames[int(index)].time:.2f}" == seconds
+                assert shape_pixels(frames[int(index)].image, rgb) > 0.02, (row["video"], seconds)
+            if "show only the" in after["text"] and "Those frames show the" not in after["text"]:
+                assert all(shape_pixels(f.image, rgb) < 0.005 for f in frames), after["text"]
+        if row.get("teacher") == "reflection":
+            assert re.match(r"<think>Those frames (show the \w+ scene, not|are about 1s apart)", row["turns"][1])
