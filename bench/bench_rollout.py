@@ -102,8 +102,6 @@ def timed(fn, *fn_args):
     return sorted(times)[len(times) // 2], result
 
 
-if os.environ.get("PROFILE"):
-    import cProfile, pstats; cProfile.run("ours()", "/tmp/prof"); pstats.Stats("/tmp/prof").sort_stats("tottime").print_stats(22); sys.exit()
 ours_s, episodes = timed(ours)
 kinds = [t["kind"] for t in episodes[0].turns]
 assert kinds == ["zoom"] * args.zooms + ["answer"], kinds
