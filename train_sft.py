@@ -41,6 +41,8 @@ parser.add_argument("--model", required=True, help="local Hugging Face directory
 parser.add_argument("--data", required=True, help="JSONL of trajectories (our layout or LLaMA-Factory 'messages'+'images'; see README)")
 parser.add_argument("--out", required=True, help="output directory for step_N/ and final/ checkpoints")
 parser.add_argument("--max-len", type=int, default=32768, help="trajectories longer than this many tokens are skipped")
+parser.add_argument("--frame-cache", help="directory caching decoded frames (.npy, keyed by video, times and size), "
+                    "so later epochs and runs do not decode again; off when unset")
 parser.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
 parser.add_argument("--system-prompt", help="file replacing the built-in system prompt (our layout only)")
 parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
@@ -204,11 +206,29 @@ if master:
 
 
 def frames_of(row):
-    """Decode a row's frames again at their recorded times (a frame's own time serves that frame)."""
+    """Decode a row's frames again at their recorded times (a frame's own time serves that frame),
+    or read them from --frame-cache. The key covers the file's identity, the times and the frame size."""
     if "images" in row:
         return [load_image(path, None) for path in row["images"]]
+    cached = None
+    if args.frame_cache:
+        import hashlib
+        import numpy as np
+        stat = os.stat(row["video"])
+        key = json.dumps([os.path.abspath(row["video"]), stat.st_size, stat.st_mtime_ns, row["times"],
+                          vcfg.min_pixels, vcfg.max_pixels, vcfg.factor])
+        cached = os.path.join(args.frame_cache, hashlib.sha1(key.encode()).hexdigest() + ".npy")
+        if os.path.exists(cached):
+            images = np.load(cached, allow_pickle=False)  # plain uint8 array: nothing is unpickled
+            return [vz.Frame(t, image) for t, image in zip(row["times"], images)]
     with vz.open_video(row["video"]) as video:
-        return video.serve(row["times"], vcfg, seek=True)
+        frames = video.serve(row["times"], vcfg, seek=True)
+    if cached:
+        os.makedirs(args.frame_cache, exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp.npy"  # ranks may race on one row: write, then rename
+        np.save(tmp, np.stack([frame.image for frame in frames]))
+        os.replace(tmp, cached)
+    return frames
 
 
 steps_per_epoch = len(rows) // args.batch_size

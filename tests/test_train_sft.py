@@ -172,3 +172,16 @@ def test_latest_checkpoint_orders_steps_numerically(tmp_path):
             (tmp_path / name / "trainer_state.json").write_text("{}")
     assert vz.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_10")
     assert vz.latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_frame_cache_gives_the_same_training(data_dir, tiny_dir, tmp_path):
+    # --frame-cache: the first epoch writes one .npy per trajectory, the second reads them; the loss
+    # curve equals a run that decodes every time.
+    for name, extra in (("plain", []), ("cached", ["--frame-cache", str(tmp_path / "cache")])):
+        train(data_dir / "good.jsonl", tmp_path / name, "--model", tiny_dir, "--epochs", "2",
+              "--log-jsonl", str(tmp_path / f"{name}.jsonl"), *extra)
+    # One file per distinct (video, frame times): rows 1 and 3 follow the same script, so 3 files for 4
+    # rows; and no temporary file is left behind.
+    assert len(os.listdir(tmp_path / "cache")) == 3 and all(n.endswith(".npy") and ".tmp" not in n
+                                                            for n in os.listdir(tmp_path / "cache"))
+    assert losses(tmp_path / "plain.jsonl") == losses(tmp_path / "cached.jsonl")
