@@ -49,6 +49,9 @@ parser.add_argument("--data", help="JSONL question set (video, question, options
 parser.add_argument("--no-tool", action="store_true", help="baseline: one turn, no zoom tool, frames spread uniformly")
 parser.add_argument("--no-tool-frames", type=int, default=64, help="frames per question for --no-tool (use the "
                     "agent's mean frames/question for an equal budget)")
+parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
+parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
+                    "100352, i.e. 128 visual tokens); 0 = keep")
 parser.add_argument("--system-prompt", help="file whose text replaces the built-in system prompt "
                     "(may use {max_frames_per_call}, {max_zooms}, {max_frames})")
 # Protocol budgets
@@ -159,7 +162,7 @@ else:
     except vz.VideoError as e:
         vz.fail(str(e))
 try:
-    model, tokenizer, vcfg = vz.load_model(model_dir, device)
+    model, tokenizer, vcfg = vz.load_model(model_dir, device, args.min_pixels, args.max_pixels)
 except (OSError, ValueError) as e:
     vz.fail(vz._one_line(e))
 with open(os.path.join(model_dir, "config.json")) as f:

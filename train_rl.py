@@ -55,6 +55,9 @@ parser.add_argument("--rollouts", type=int, default=16, help="trajectories per p
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
 parser.add_argument("--max-resample", type=int, default=4, help="extra prompt rounds to refill dropped groups; 0 = no refill")
+parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
+parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
+                    "100352, i.e. 128 visual tokens); 0 = keep")
 parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
 parser.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
 parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode")
@@ -111,7 +114,7 @@ if master:
 
 def load(path):
     try:
-        return vz.load_model(path, "cpu")
+        return vz.load_model(path, "cpu", args.min_pixels, args.max_pixels)
     except (OSError, ValueError) as e:
         vz.fail(vz._one_line(e))
 
@@ -357,7 +360,7 @@ for round_index in range(first_round, num_rounds):
     if args.save_every and (round_index + 1) % args.save_every == 0 and round_index + 1 < num_rounds:
         path = os.path.join(args.out, f"step_{(round_index + 1) * args.mini_batches}")
         vz.save_checkpoint(path, policy, tokenizer, args.model, optimizer,
-                           {"round": round_index + 1, "cursor": cursor, "args": vars(args)}, rank)
+                           {"round": round_index + 1, "cursor": cursor, "args": vars(args)}, rank, vcfg)
         if master:
             print(f"saved {path}", flush=True)
 
@@ -366,7 +369,7 @@ for round_index in range(first_round, num_rounds):
 
 final = os.path.join(args.out, "final")
 vz.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
-                   {"round": num_rounds, "cursor": cursor, "args": vars(args)}, rank)
+                   {"round": num_rounds, "cursor": cursor, "args": vars(args)}, rank, vcfg)
 if master:
     print(f"saved {final} ({time.time() - run_started:.1f} s)")
 vz.compute_cleanup()

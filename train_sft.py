@@ -45,6 +45,9 @@ parser.add_argument("--frame-cache", help="directory caching decoded frames (.np
                     "so later epochs and runs do not decode again; off when unset")
 parser.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
 parser.add_argument("--system-prompt", help="file replacing the built-in system prompt (our layout only)")
+parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
+parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
+                    "100352, i.e. 128 visual tokens); 0 = keep")
 parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
 parser.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
 parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
@@ -84,7 +87,7 @@ if master:
 # Model
 
 try:
-    model, tokenizer, vcfg = vz.load_model(args.model, "cpu")
+    model, tokenizer, vcfg = vz.load_model(args.model, "cpu", args.min_pixels, args.max_pixels)
 except (OSError, ValueError) as e:
     vz.fail(vz._one_line(e))
 renderer = vz.Renderer(tokenizer, vcfg)
@@ -305,7 +308,7 @@ for step in range(first_step, last_step):
             log.flush()
     if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < last_step:
         vz.save_checkpoint(os.path.join(args.out, f"step_{step + 1}"), model, tokenizer, args.model, optimizer,
-                           {"step": step + 1, "args": vars(args)}, rank)
+                           {"step": step + 1, "args": vars(args)}, rank, vcfg)
         if master:
             print(f"saved {os.path.join(args.out, f'step_{step + 1}')}", flush=True)
 
@@ -313,7 +316,8 @@ for step in range(first_step, last_step):
 # Final checkpoint and cleanup
 
 final = os.path.join(args.out, "final" if last_step == total_steps else f"step_{last_step}")
-vz.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank)
+vz.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank,
+                   vcfg)
 if master:
     print(f"saved {final} ({time.time() - run_started:.1f} s)")
     if log:

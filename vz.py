@@ -632,8 +632,10 @@ def parse_turn(text, duration, max_frames):
 # 4. Model: load from a local directory; write a tiny checkpoint
 
 
-def load_model(model_dir, device="cpu"):
-    """(model, tokenizer, vision config) from a local Hugging Face directory; safetensors only."""
+def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
+    """(model, tokenizer, vision config) from a local Hugging Face directory; safetensors only.
+    min_pixels/max_pixels override the checkpoint's frame-size bounds (the base Qwen2.5-VL allows
+    12.8M pixels a frame; the paper uses 100,352); trainers save the bounds they used."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per load is noise in a per-turn transcript
@@ -648,7 +650,13 @@ def load_model(model_dir, device="cpu"):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    return model.to(device).eval(), tokenizer, load_vision_config(model_dir)
+    vcfg = load_vision_config(model_dir)
+    vcfg.min_pixels = min_pixels or vcfg.min_pixels
+    vcfg.max_pixels = max_pixels or vcfg.max_pixels
+    if not 0 < vcfg.min_pixels <= vcfg.max_pixels or vcfg.max_pixels < vcfg.factor ** 2:
+        raise ValueError(f"pixel bounds [{vcfg.min_pixels}, {vcfg.max_pixels}] are empty or below one "
+                         f"{vcfg.factor}x{vcfg.factor} patch group")
+    return model.to(device).eval(), tokenizer, vcfg
 
 
 def rope_positions(ids, grids, image_pad, merge_size, start):
@@ -1174,7 +1182,7 @@ def shard_model(model, world_size):
     return model
 
 
-def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank):
+def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank, vcfg=None):
     """Write an HF-format checkpoint (+ optimizer and trainer state) into out_dir atomically.
 
     Every rank must call it (gathering sharded weights is collective); rank 0 writes into a temporary
@@ -1195,7 +1203,15 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
         weights.pop("lm_head.weight", None)  # gathered copies no longer share storage: keep one, as HF does
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    shutil.copy(os.path.join(model_dir, "preprocessor_config.json"), tmp)
+    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
+        preprocessor = json.load(f)
+    if vcfg is not None:  # the frame-size bounds this model was trained with
+        preprocessor["size"] = {"shortest_edge": vcfg.min_pixels, "longest_edge": vcfg.max_pixels}
+        for key, value in (("min_pixels", vcfg.min_pixels), ("max_pixels", vcfg.max_pixels)):
+            if key in preprocessor:
+                preprocessor[key] = value
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor, f, indent=2)
     tensors = {"rng.torch": torch.get_rng_state()}
     if optim is not None:
         for name, slots in optim["state"].items():

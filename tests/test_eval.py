@@ -77,3 +77,33 @@ def test_html_viewer_holds_the_right_frames_and_segments(scripted_dir, index_vid
         with av.open(io.BytesIO(jpeg)) as container:
             image = next(container.decode(video=0)).to_ndarray(format="rgb24")
         assert read_index(image) == round(time * 5)  # the 5 fps index video: frame k shows k
+
+
+def test_pixel_bounds_override(scripted_dir, index_video, tmp_path):
+    # --max-pixels shrinks every frame (320x180 -> 84x56: 6 visual tokens instead of 66), and train_sft.py
+    # saves the bounds it trained with into the checkpoint's preprocessor_config.json.
+    import re
+    import vz
+
+    def prompt_tokens(*extra):
+        out = run_infer("--video", index_video, "--question", QUESTION, "--model", scripted_dir,
+                        "--overview-fps", "0.25", "--max-new-tokens", "4", *extra)
+        frames, tokens = re.search(r"overview: (\d+) frames; prompt: (\d+) tokens", out).groups()
+        return int(frames), int(tokens)
+
+    frames, default = prompt_tokens()
+    assert prompt_tokens("--max-pixels", "6272", "--min-pixels", "3136") == (frames, default - 60 * frames)
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), "--video", index_video, "--question", "q",
+                          "--model", scripted_dir, "--min-pixels", "9000", "--max-pixels", "5000"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: pixel bounds [9000, 5000]")
+    data = tmp_path / "sft.jsonl"
+    row = {"video": index_video, "question": QUESTION, "options": OPTIONS, "answer": "A",
+           "turns": ["<think>Seen.</think><answer>A</answer>"]}
+    data.write_text(json.dumps(row) + "\n")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_sft.py"), "--model", scripted_dir, "--data",
+                             str(data), "--out", str(tmp_path / "run"), "--batch-size", "1", "--max-pixels", "6272",
+                             "--min-pixels", "3136"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = vz.load_vision_config(str(tmp_path / "run" / "final"))
+    assert (saved.min_pixels, saved.max_pixels) == (3136, 6272)
