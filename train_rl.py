@@ -199,7 +199,7 @@ def all_reduce(values, op=None):
 # One round: roll out, score, keep the groups with signal
 
 
-def sample_groups(round_index, cursor):
+def sample_groups(cursor):
     """Roll out groups until this rank holds groups_per_rank with unequal rewards, or retries run out.
 
     Every round of sampling takes the next prompts_per_step prompts from the shared cursor and gives
@@ -237,7 +237,7 @@ system_prompt = open(args.system_prompt).read() if args.system_prompt else None
 
 def forward_batches(batches):
     """Every rank must run as many forwards as the busiest one (FSDP collectives): pad with None."""
-    most = int(all_reduce([len(batches)], dist.ReduceOp.MAX if world_size > 1 else None)[0])
+    most = int(all_reduce([len(batches)], dist.ReduceOp.MAX)[0])
     return batches + [None] * (most - len(batches))
 
 
@@ -270,7 +270,7 @@ for round_index in range(first_round, num_rounds):
     if rollout_model is not policy:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
-    groups, sampled, cursor = sample_groups(round_index, cursor)
+    groups, sampled, cursor = sample_groups(cursor)
     timings["rollout_s"] = time.time() - started
     items = []
     for group in groups:

@@ -86,16 +86,12 @@ if master:
 # -----------------------------------------------------------------------------
 # Model
 
-try:
-    model, tokenizer, vcfg = vz.load_model(args.model, "cpu", args.min_pixels, args.max_pixels)
+resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
+try:  # a resumed run loads its checkpoint only: weights, tokenizer and the frame bounds it trained with
+    model, tokenizer, vcfg = vz.load_model(resume_dir or args.model, "cpu", args.min_pixels, args.max_pixels)
 except (OSError, ValueError) as e:
     vz.fail(vz._one_line(e))
 renderer = vz.Renderer(tokenizer, vcfg)
-start_dir = args.model
-resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
-if resume_dir:
-    model, _, _ = vz.load_model(resume_dir, "cpu")
-    start_dir = resume_dir
 model.train()
 model.model.visual.requires_grad_(args.train_vision)
 if args.grad_checkpointing:
@@ -112,11 +108,11 @@ if master:
 # Data: render every row once to validate it; keep ids, mask and where its frames come from
 
 
-def load_image(path, size):
+def load_image(path):
     import av
     with av.open(path) as container:
         frame = next(container.decode(video=0))
-    height, width = size or vz.resize_shape(frame.height, frame.width, vcfg)
+    height, width = vz.resize_shape(frame.height, frame.width, vcfg)
     return vz.Frame(0.0, frame.reformat(width=width, height=height, format="rgb24",
                                         interpolation="BICUBIC").to_ndarray())
 
@@ -124,7 +120,7 @@ def load_image(path, size):
 def render_messages(row, base_dir):
     """LLaMA-Factory layout: messages with <image> placeholders, tool replies as user turns."""
     images = [p if os.path.isabs(p) else os.path.join(base_dir, p) for p in row.get("images", [])]
-    frames = [load_image(path, None) for path in images]
+    frames = [load_image(path) for path in images]
     episode = vz.Episode(ids=[], mask=[], frames=list(frames))
     queue = iter(frames)
     for message in row["messages"]:
@@ -212,7 +208,7 @@ def frames_of(row):
     """Decode a row's frames again at their recorded times (a frame's own time serves that frame),
     or read them from --frame-cache. The key covers the file's identity, the times and the frame size."""
     if "images" in row:
-        return [load_image(path, None) for path in row["images"]]
+        return [load_image(path) for path in row["images"]]
     cached = None
     if args.frame_cache:
         import hashlib
