@@ -22,18 +22,19 @@ import base64
 import html
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from fractions import Fraction
 
-import numpy as np
 import torch
 
 import vz
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "assets", "model")
-DEFAULT_QUESTION = "Which shape flashes for a moment during the blue scene?"
-DEFAULT_OPTIONS = ["A. a circle", "B. a square", "C. a triangle", "D. nothing flashes"]
+DEMO_SEED = 7  # the demo: a held-out synth.py world (train_world.sh trains on seeds 0 and 100)
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -105,35 +106,28 @@ if args.no_tool and system_prompt is None:
 # The embedded default: a generated demo video and the shipped model
 
 
-def write_demo_video(path, seconds=60, fps=10):
-    """Six 10-second scenes of plain colours; in the blue one a white square flashes for 0.5 s."""
-    import av
-    colours = [(200, 40, 40), (40, 160, 60), (40, 60, 200), (220, 200, 40), (120, 40, 160), (40, 180, 180)]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.mp4"
-    with av.open(tmp, "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
-        for i in range(seconds * fps):
-            t = i / fps
-            image = np.empty((180, 320, 3), np.uint8)
-            image[:] = colours[int(t // 10) % len(colours)]
-            if 24.0 <= t < 24.5:
-                image[60:120, 130:190] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)  # never leave a half-written demo behind
+def demo_question(cache):
+    """The demo: the first test question (a needle one) of a small synth.py world, made once and cached."""
+    out = os.path.join(cache, f"demo_seed{DEMO_SEED}")
+    if not os.path.exists(os.path.join(out, "test.jsonl")):
+        tmp = out + f".tmp{os.getpid()}"
+        result = subprocess.run([sys.executable, os.path.join(HERE, "synth.py"), "--seed", str(DEMO_SEED), "--out", tmp,
+                                 "--num-videos", "2", "--num-test-videos", "1", "--num-base", "0", "--num-sft", "0",
+                                 "--num-rl", "0", "--num-test", "1"], capture_output=True, text=True)
+        if result.returncode:
+            vz.fail(f"could not write the demo video with synth.py: {result.stderr.strip().splitlines()[-1:]}")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)  # never leave a half-written demo behind
+    with open(os.path.join(out, "test.jsonl")) as f:
+        row = json.loads(f.readline())
+    return os.path.join(out, row["video"]), row
 
 
 demo = args.video is None and args.data is None
 if demo:
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "videozoomer")
-    args.video = os.path.join(cache, "demo.mp4")
-    if not os.path.exists(args.video):
-        write_demo_video(args.video)
-    args.question, args.options = DEFAULT_QUESTION, DEFAULT_OPTIONS
+    args.video, demo_row = demo_question(cache)
+    args.question, args.options = demo_row["question"], demo_row["options"]
 model_dir = args.model or DEFAULT_MODEL
 if not os.path.isdir(model_dir):
     vz.fail(f"{model_dir}: no such model directory")
@@ -141,7 +135,8 @@ if not os.path.isdir(model_dir):
 # -----------------------------------------------------------------------------
 # Model and questions
 
-questions = [{"video": args.video, "question": args.question, "options": args.options, "answer": None, "kind": ""}]
+questions = [{"video": args.video, "question": args.question, "options": args.options,
+              "answer": demo_row["answer"] if demo else None, "kind": demo_row["kind"] if demo else ""}]
 if args.data:
     base_dir = os.path.dirname(os.path.abspath(args.data))
     questions = []
@@ -312,7 +307,8 @@ for index, item in enumerate(questions):
 
 if not args.data:
     (record,) = records
-    print(f"\nanswer: {record['answer'] or '(none)'}")
+    truth = f" | truth: {record['truth']} ({'right' if record['correct'] else 'wrong'})" if record["truth"] else ""
+    print(f"\nanswer: {record['answer'] or '(none)'}{truth}")
     print(f"summary: {record['num_turns']} turns | {record['num_zooms']} zooms | {record['num_frames']} frames | "
           f"{record['num_tokens']} tokens | stop {record['stop']} | {record['seconds']:.1f} s")
 else:

@@ -9,8 +9,8 @@
     python train_rl.py --model runs/sft/final --data world/rl.jsonl --out runs/rl
     python infer.py --data world/test.jsonl --model runs/rl/final
 
-Each video (5 fps, 224x128, keyframe every 25 frames) is a run of 10-30 s scenes, each a plain colour
-seen once per video. Inside scenes, shapes flash for 0.6-1.0 s, always between the first and last
+Each video (5 fps, 224x128, keyframe every 25 frames) is a run of 10-16 s scenes, each a plain colour
+seen once per video. Inside scenes, shapes flash for 1.0-1.2 s, always between the first and last
 overview frames showing their scene, with a clear frame on either side of every overview time
 (t = 0, 2, 4, ... s): the overview shows where a scene is, never its flashes. A fifth of the scenes
 instead hold one "glimpse", a shape that IS shown by an overview frame; only base.jsonl asks about them.
@@ -19,15 +19,15 @@ Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`)
   count   how many times a shape flashes during the <colour> scene (1-4; needs fps >= 2)
   glance  start/end colour, colour right before/after a scene (the overview answers it; no zoom)
   base    one-turn questions from the overview alone, for a no-tool "base model": colour at a frame
-          time, shape at a glimpse time, when a scene is first seen, colour after a scene
+          time, shape at a glimpse time, when a scene is first / last seen, colour after a scene
 Split: the last --num-test-videos videos are held out for test.jsonl; base, sft and rl use the rest
 (rl questions first, sft the next ones from the same shuffled pools). sft.jsonl is written by a
 scripted teacher that only uses what the model could see: the overview's scene spans, then what each
-zoom returned. Exemplar: scan the scene's span left to right in windows of <= 8 s at 2 fps (frames
-<= 0.53 s apart, so no 0.6 s flash falls between them), answer. Reflection: a wrong first zoom (the
-neighbouring scene, or the right span at 1 fps, too sparse), a turn saying why it was wrong, the scan,
-the answer (sft rows carry `teacher`: exemplar | reflection). The cold start is small and narrow on
-purpose: one fixed scan strategy, no shortcuts, a few hundred rows; RL has room to find better ones.
+zoom returned. Exemplar: one zoom on the scene's overview span (8-14 s) at 1.2 fps (at most 16 frames,
+at most 1 s apart, so no 1 s flash falls between them), then the answer. Reflection: a wrong first zoom
+(the neighbouring scene, or the right span at 0.5 fps, too sparse), a turn saying why it was wrong, the
+right zoom, the answer (sft rows carry `teacher`: exemplar | reflection). The cold start is small on
+purpose (a few hundred rows); RL trains on the model's own attempts at the rl.jsonl questions.
 Same seed -> byte-identical JSONL files and videos with identical frames.
 """
 
@@ -59,6 +59,9 @@ parser.add_argument("--seconds", type=int, default=120, help="length of every vi
                     "0.5 fps overview is exactly one frame every 2 s)")
 # Question sets
 parser.add_argument("--num-base", type=int, default=600, help="rows of base.jsonl (one-turn, no-tool questions)")
+parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl: base questions with every overview "
+                    "frame written as words instead of pixels (LLaMA-Factory layout, no images), a cheap warm-up "
+                    "that teaches a model trained from nothing to read frame tags and times before it reads pixels")
 parser.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
 parser.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
 parser.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
@@ -71,7 +74,7 @@ if not 20 <= args.seconds <= 128:
     vz.fail("--seconds must be from 20 to 128 (the overview must be one frame every 2 s)")
 if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
     vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
-if min(args.num_base, args.num_sft, args.num_rl, args.num_test) < 0 or not 0 <= args.reflection_frac <= 1:
+if min(args.num_base, args.num_text, args.num_sft, args.num_rl, args.num_test) < 0 or not 0 <= args.reflection_frac <= 1:
     vz.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
 print(vars(args) | {"num_test_videos": num_test_videos})
 
@@ -84,7 +87,8 @@ PALETTE = {"red": (220, 30, 30), "green": (30, 150, 50), "blue": (30, 60, 220), 
            "purple": (130, 40, 170), "orange": (250, 140, 20), "cyan": (40, 200, 220), "pink": (250, 140, 200),
            "brown": (120, 70, 30), "grey": (128, 128, 128), "white": (245, 245, 245), "black": (15, 15, 15)}
 SHAPES = ["circle", "square", "triangle", "cross", "diamond"]
-SIZE = 52  # shape box side in pixels, 40% of the height; even, so it lines up with the chroma planes
+SIZE = 64  # shape box side in pixels, half the height; even, so it lines up with the chroma planes
+ZOOM_FPS = 1.2  # the teacher's zoom rate: an 8-14 s span gives 9-16 frames at most 1 s (5 source frames) apart
 ROWS, COLS = np.mgrid[-1:1:SIZE * 1j, -1:1:SIZE * 1j]  # coordinates in the shape box, -1..1
 MASKS = {"circle": ROWS ** 2 + COLS ** 2 <= 0.95,
          "square": (abs(ROWS) <= 0.8) & (abs(COLS) <= 0.8),
@@ -109,7 +113,7 @@ def plan_video(rng, num_frames):
     while True:  # redraw until the last scene is 10-30 s too and every scene has its own colour
         bounds = [0]
         while bounds[-1] < num_frames:
-            bounds.append(bounds[-1] + rng.randint(10 * FPS, 30 * FPS))
+            bounds.append(bounds[-1] + rng.randint(10 * FPS, 16 * FPS))
         bounds[-1] = num_frames
         if bounds[-1] - bounds[-2] >= 10 * FPS and len(bounds) - 1 <= len(PALETTE):
             break
@@ -129,7 +133,7 @@ def plan_video(rng, num_frames):
             # overview frames at both ends of the cell and their neighbours stay plain.
             picks = sorted(rng.sample(range(len(cells) - num_events + 1), num_events))
             for i, pick in enumerate(picks):
-                length = rng.randint(3, 5)
+                length = rng.randint(5, 6)  # >= 1 s: a 1.2 fps zoom of the span cannot miss it
                 begin = cells[pick + i] * STEP + rng.randint(2, 9 - length)
                 scene["events"].append(event(rng, rng.choice(SHAPES), begin, length, colour))
         scenes.append(scene)
@@ -222,7 +226,8 @@ def ask(rng, kind, video, scenes, target):
     if kind == "count":
         return choice_row(rng, video, f"How many times does a shape flash during the {colour} scene?",
                           str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta, ordered=True), None
-    asks = ["start", "end", "after", "before"] if kind == "glance" else ["colour_at", "shape_at", "first_seen", "after"]
+    asks = ["start", "end", "after", "before"] if kind == "glance" else ["colour_at", "shape_at", "first_seen", "last_seen",
+                                                                                   "after", "span", "span"]
     asks = [a for a in asks if (a != "after" or target + 1 < len(scenes)) and (a != "before" or target > 0)
             and (a != "shape_at" or scene["glimpse"])]
     meta["ask"] = sub = rng.choice(asks)
@@ -238,6 +243,16 @@ def ask(rng, kind, video, scenes, target):
         question, answer, pool = f"Which colour comes right {sub} the {colour} scene?", other["colour"], list(PALETTE)
         why = (f"The overview shows the {colour} scene {span(scene)} and the {other['colour']} scene {span(other)}, "
                f"so {other['colour']} comes right {sub} {colour}.")
+    elif sub == "span":  # every overview frame of the scene, listed: where a zoom for it should go
+        spans = [f"from {s['first_seen']:g}s to {s['last_seen']:g}s" for s in scenes]
+        answer = spans[target]
+        first, last = int(scene["first_seen"]), int(scene["last_seen"])
+        pool = spans + [f"from {first + d}s to {last + d}s" for d in (-4, -2, 2, 4) if first + d >= 0]
+        pool += [f"from {first}s to {last + d}s" for d in (-4, -2, 2, 4) if last + d > first]
+        pool = list(dict.fromkeys(pool))
+        question = f"When is the {colour} scene seen in the overview?"
+        times = [f"{t:.2f}s" for t in range(first, last + 1, 2)]
+        why = f"The frames at {', '.join(times[:-1])} and {times[-1]} show {a_or_an(colour)} background: {answer}."
     elif sub == "colour_at":
         meta["time"] = 2 * rng.randint(int(scene["first_seen"]) // 2, int(scene["last_seen"]) // 2)
         question, answer, pool = f"What colour is the background at {meta['time']:.2f}s?", colour, list(PALETTE)
@@ -247,11 +262,12 @@ def ask(rng, kind, video, scenes, target):
         meta["time"] = -(-glimpse["frames"][0] // STEP) * 2  # the overview time inside the glimpse
         question, answer, pool = f"Which shape is visible at {meta['time']:.2f}s?", glimpse["shape"], SHAPES
         why = f"The frame at {meta['time']:.2f}s shows a {glimpse['colour']} {answer} on {a_or_an(colour)} background."
-    else:  # first_seen: distractors are the overview times around it
-        first = int(scene["first_seen"])
-        near = [f"{t}s" for t in range(first - 8, first + 10, 2) if 0 <= t < args.seconds]
-        question, answer, pool = f"At which frame time is the {colour} scene first seen?", f"{first}s", near
-        why = f"The first frame showing {a_or_an(colour)} background is the one at {first:.2f}s."
+    else:  # first_seen / last_seen: distractors are the overview times around it
+        which = sub.split("_")[0]
+        seen_at = int(scene[sub])
+        near = [f"{t}s" for t in range(seen_at - 8, seen_at + 10, 2) if 0 <= t < args.seconds]
+        question, answer, pool = f"At which frame time is the {colour} scene {which} seen?", f"{seen_at}s", near
+        why = f"The {which} frame showing {a_or_an(colour)} background is the one at {seen_at:.2f}s."
     return choice_row(rng, video, question, answer, pool, kind, meta), why
 
 
@@ -275,75 +291,52 @@ def seen(scene, start, end, fps):
     return hits
 
 
-def windows(scene):
-    """The scene's overview span cut on overview times into windows of at most 8 s (16 frames at 2 fps)."""
-    first, num_cells = int(scene["first_seen"]), int(scene["last_seen"] - scene["first_seen"]) // 2
-    num_windows = -(-num_cells // 4)
-    cuts = [first + 2 * (num_cells * i // num_windows) for i in range(num_windows + 1)]
-    return list(zip(cuts, cuts[1:]))
-
-
 def zoom(think, start, end, fps):
     return f'<think>{think}</think><video_zoom> {json.dumps({"segment": [start, end], "fps": fps})} </video_zoom>'
 
 
 def teach(rng, row, scenes, target, reflect):
-    """The assistant turns of a needle/count row: a left-to-right scan at 2 fps, then the answer; with
-    reflect, a wrong first zoom and a turn saying why. None when the turn budget has no room for that."""
+    """The assistant turns of a needle/count row: one zoom on the scene's overview span at ZOOM_FPS, then the
+    answer; with reflect, first a wrong zoom and a turn saying why it was wrong. None when the scene has no
+    wrong zoom to teach (a single-scene video whose sparse zoom would catch a flash)."""
     scene, letter = scenes[target], row["answer"]
     colour, answer = scene["colour"], row["options"]["ABCD".index(letter)][3:]
-    spans = windows(scene)
-    if row["kind"] == "needle":  # the scan stops at the window where the shape shows up
-        spans = spans[:next(i for i, (a, b) in enumerate(spans) if seen(scene, a, b, 2)) + 1]
-    plan = "a shape flashes for less than the 2s between overview frames, so I scan it at 2 fps"
-    first_scan = f"from {spans[0][0]}s to {spans[0][1]}s" + (" first" if len(windows(scene)) > 1 else "")
+    first, last = int(scene["first_seen"]), int(scene["last_seen"])
+    plan = f"a shape flashes for less than the 2s between overview frames, so I zoom on it at {ZOOM_FPS:g} fps"
     turns = []
     if not reflect:
-        opening = (f"The {colour} scene runs {span(scene)} in the overview, so its flashes are in that span; {plan}, "
-                   f"{first_scan}.")
+        opening = f"The {colour} scene runs {span(scene)} in the overview; {plan}."
     else:
-        first, last = int(scene["first_seen"]), int(scene["last_seen"])
-        # 1 fps on the whole span fits one call only up to 16 s, and is a lesson only when it misses every flash.
-        sparse = last - first <= 16 and not seen(scene, first, last, 1) and (len(scenes) == 1 or rng.random() < 0.5)
-        if len(spans) > 3 or (len(scenes) == 1 and not sparse):
+        # The right span at 0.5 fps: frames about 2 s apart; a lesson only when it misses every flash.
+        sparse = not seen(scene, first, last, 0.5) and (len(scenes) == 1 or rng.random() < 0.5)
+        if len(scenes) == 1 and not sparse:
             return None
-        if sparse:  # the right span, but too sparse to catch a flash
-            turns.append(zoom(f"The overview shows the {colour} scene {span(scene)}; I look at all of it at 1 fps.",
-                              first, last, 1))
-            opening = (f"Those frames are about 1s apart and show only the {colour} background, but a flash shorter "
-                       f"than that can fall between them: one zoom at 1 fps proves nothing. I scan again at 2 fps, "
-                       f"{first_scan}.")
-        else:  # the neighbouring scene, on its side next to the right one
+        if sparse:
+            turns.append(zoom(f"The overview shows the {colour} scene {span(scene)}; I look at it at 0.5 fps.",
+                              first, last, 0.5))
+            opening = (f"Those frames are about 2s apart and show only the {colour} background, but a flash is "
+                       f"shorter than that and can fall between them. I zoom again at {ZOOM_FPS:g} fps, {span(scene)}.")
+        else:  # the neighbouring scene's span
             earlier = target == len(scenes) - 1 or (target > 0 and rng.random() < 0.5)
             near = scenes[target - 1] if earlier else scenes[target + 1]
-            near_first, near_last = int(near["first_seen"]), int(near["last_seen"])
-            start, end = ((max(near_first, near_last - 8), near_last) if earlier
-                          else (near_first, min(near_last, near_first + 8)))
-            turns.append(zoom(f"The {colour} scene should be around {start}s to {end}s; {plan}.", start, end, 2))
-            opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene "
-                       f"comes {'later' if earlier else 'earlier'}, {span(scene)} in the overview. I scan it at 2 fps, "
-                       f"{first_scan}.")
-    turns.append(zoom(opening, *spans[0], 2))
-    found = []
-    for i, (a, b) in enumerate(spans):
-        hits = seen(scene, a, b, 2)
-        found += hits
-        said = "; ".join(f"frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}" for ev, j, t in hits)
-        said = (f"In the frames from {a}s to {b}s, {said}" if hits
-                else f"The frames from {a}s to {b}s show only the {colour} background")
-        if i + 1 < len(spans):
-            turns.append(zoom(f"{said}. Next, {spans[i + 1][0]}s to {spans[i + 1][1]}s.", *spans[i + 1], 2))
-        elif row["kind"] == "needle":
-            turns.append(f"<think>{said} on the {colour} background. The shape is a {answer}.</think>"
-                         f"<answer>{letter}</answer>")
-        else:
-            times = ", ".join(f"{t:.2f}s" for _, _, t in found)
-            turns.append(f"<think>{said}. Over the whole {colour} scene a shape flashed at {times}, with plain "
-                         f"frames between the flashes: {answer} time{'s' * (answer != '1')}.</think>"
-                         f"<answer>{letter}</answer>")
-    # The scan is sound: frames <= 0.53 s apart never miss a 0.6 s flash, and windows end on overview times.
-    assert len(found) == (1 if row["kind"] == "needle" else len(scene["events"])), f"the scan missed a flash: {row}"
-    assert len(turns) <= vz.Limits().max_turns
+            turns.append(zoom(f"The {colour} scene should be {span(near)}; {plan}.", int(near["first_seen"]),
+                              int(near["last_seen"]), ZOOM_FPS))
+            opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene comes "
+                       f"{'later' if earlier else 'earlier'}, {span(scene)} in the overview. I zoom there at "
+                       f"{ZOOM_FPS:g} fps.")
+    turns.append(zoom(opening, first, last, ZOOM_FPS))
+    hits = seen(scene, first, last, ZOOM_FPS)
+    if row["kind"] == "needle":
+        (ev, j, t), = hits
+        turns.append(f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']} on the {colour} background. "
+                     f"The shape is a {answer}.</think><answer>{letter}</answer>")
+    else:
+        said = ", ".join(f"frame {j} ({t:.2f}s)" for _, j, t in hits)
+        turns.append(f"<think>A shape shows in {said}, with plain frames between: {answer} "
+                     f"time{'s' * (answer != '1')}.</think><answer>{letter}</answer>")
+    # The zoom is sound: frames <= 1 s apart never miss a >= 1 s flash, and flashes are >= 2 s apart.
+    assert len(hits) == len(scene["events"]), f"the zoom missed a flash: {row}"
+    assert len(clip_frames(first, last, ZOOM_FPS)) <= vz.Limits().max_frames_per_call
     return turns
 
 
@@ -398,8 +391,9 @@ cursors = {}
 files = {"test": draw_rows(rng, test, args.num_test, mix, {}),
          "rl": draw_rows(rng, train, args.num_rl, mix, cursors),
          "sft": draw_rows(rng, train, args.num_sft, mix, cursors),
-         "base": draw_rows(rng, train, args.num_base, ["base"], {})}
-for row, why, scenes, target in files["sft"] + files["base"]:
+         "base": draw_rows(rng, train, args.num_base, ["base"], {}),
+         "text": draw_rows(rng, train, args.num_text, ["base"], {})}
+for row, why, scenes, target in files["sft"] + files["base"] + files["text"]:
     if why is not None:  # glance and base: one turn, the answer read off the overview
         no_zoom = " No zoom is needed." if row["kind"] == "glance" else ""
         row["turns"] = [f"<think>{why}{no_zoom}</think><answer>{row['answer']}</answer>"]
@@ -410,6 +404,27 @@ for row, why, scenes, target in files["sft"] + files["base"]:
         row["turns"] = row["turns"] or teach(rng, row, scenes, target, False)
     if row["kind"] != "base":
         row["teacher"] = "reflection" if why is None and reflect else "exemplar"
+
+
+def overview_in_words(scenes):
+    """The overview as the text.jsonl rows show it: each frame's tag, then what it shows in words."""
+    lines = []
+    for index, frame in enumerate(range(0, args.seconds * FPS, STEP)):
+        scene = next(s for s in scenes if s["frames"][0] <= frame < s["frames"][1])
+        glimpse = scene["glimpse"]
+        shown = glimpse and glimpse["frames"][0] <= frame < glimpse["frames"][1]
+        what = scene["colour"] + (f", {glimpse['colour']} {glimpse['shape']}" if shown else "")
+        lines.append(f"{vz.frame_tag(index, seconds(frame))}{what}\n")
+    return "".join(lines)
+
+
+no_tool_system = vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
+for row, why, scenes, target in files["text"]:
+    row["messages"] = [{"role": "system", "content": no_tool_system},
+                       {"role": "user", "content": overview_in_words(scenes) + vz.format_question(row["question"],
+                                                                                                   row["options"])},
+                       {"role": "assistant", "content": row.pop("turns")[0]}]
+    row["images"] = []
 for name, rows in files.items():
     with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row, *_ in rows)

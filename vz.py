@@ -690,22 +690,25 @@ PREPROCESSOR_CONFIG = {
 }
 
 
-def write_tiny_checkpoint(out_dir, corpus=(), seed=0, hidden_size=64, num_layers=2, vision_depth=2, note=None):
+def write_tiny_checkpoint(out_dir, corpus=(), seed=0, hidden_size=64, num_layers=2, vision_depth=2, note=None,
+                          vision_hidden_size=32, head_dim=16, rope_theta=1000000.0):
     """Write a small random Qwen2.5-VL checkpoint directory that loads through load_model().
     `note` is stored in config.json (videozoomer_note) and printed by infer.py."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = write_tiny_tokenizer(out_dir, list(corpus) + tokenizer_corpus())
     token = tokenizer.convert_tokens_to_ids
-    head_dim = 16
+    eighth = head_dim // 16  # Qwen2.5-VL splits the rotary pairs: temporal 2/8, height 3/8, width 3/8
+    mrope_section = [2 * eighth, 3 * eighth, 3 * eighth]
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_dim, num_key_value_heads=2,
-            max_position_embeddings=65536, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                                             "mrope_section": [2, 3, 3]},
+            max_position_embeddings=65536, rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                                                             "mrope_section": mrope_section},
             bos_token_id=token("<|endoftext|>"), eos_token_id=token("<|im_end|>"), pad_token_id=token("<|endoftext|>")),
-        vision_config=dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                           num_heads=vision_hidden_size // 16,
                            out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1], window_size=112),
         image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
         vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),

@@ -18,8 +18,8 @@ import vz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--num-videos", "8", "--num-test-videos", "2", "--seconds", "60", "--num-base", "30", "--num-sft", "30",
-         "--num-rl", "15", "--num-test", "10"]
-FILES = ("base", "sft", "rl", "test")
+         "--num-rl", "15", "--num-test", "10", "--num-text", "12"]
+FILES = ("base", "sft", "rl", "test", "text")
 
 
 def synth(out, seed, *extra):
@@ -79,9 +79,9 @@ def test_bad_flags_give_one_error_line(tmp_path):
 
 def test_rows_are_well_formed(rows):
     for name, file_rows in rows.items():
-        assert len(file_rows) == {"base": 30, "sft": 30, "rl": 15, "test": 10}[name]
+        assert len(file_rows) == {"base": 30, "sft": 30, "rl": 15, "test": 10, "text": 12}[name]
         kinds = {row["kind"] for row in file_rows}
-        assert kinds == ({"base"} if name == "base" else {"needle", "count", "glance"}), (name, kinds)
+        assert kinds == ({"base"} if name in ("base", "text") else {"needle", "count", "glance"}), (name, kinds)
         for row in file_rows:
             letters = [option[:3] for option in row["options"]]
             texts = [option[3:] for option in row["options"]]
@@ -89,6 +89,8 @@ def test_rows_are_well_formed(rows):
             assert row["answer"] in "ABCD" and row["video"].startswith("videos/"), row
     assert {row["teacher"] for row in rows["sft"]} == {"exemplar", "reflection"}
     assert all(len(row["turns"]) == 1 for row in rows["base"])
+    assert all([m["role"] for m in row["messages"]] == ["system", "user", "assistant"] and row["images"] == []
+               for row in rows["text"])
 
 
 def test_test_videos_are_held_out(rows):
@@ -135,6 +137,12 @@ def test_glance_and_base_answers_match_the_overview(rows, overviews):
             assert answer == seen[times.index(meta["time"])]
         elif ask == "first_seen":
             assert answer == f"{times[seen.index(colour)]:g}s"
+        elif ask == "span":  # every overview frame showing the scene, first to last
+            shown = [t for t, c in zip(times, seen) if c == colour]
+            assert answer == f"from {shown[0]:g}s to {shown[-1]:g}s"
+            assert all(f"{t:.2f}s" in row["turns"][0] for t in shown), row["turns"][0]
+        elif ask == "last_seen":
+            assert answer == f"{times[len(seen) - 1 - seen[::-1].index(colour)]:g}s"
         else:  # shape_at: the overview frame at that time shows the glimpse
             assert ask == "shape_at" and answer == meta["glimpse"]["shape"]
             assert shape_pixels(frames[times.index(meta["time"])].image, meta["scene"]["rgb"]) > 0.02
@@ -156,11 +164,31 @@ def test_trajectories_replay_to_their_answer_and_say_what_the_frames_show(world,
         for turn, after in zip(episode.turns, episode.turns[1:]):
             frames = episode.frames[offset:offset + turn["num_frames"]]
             offset += turn["num_frames"]
-            claims = re.findall(r"frame (\d+) \((\d+\.\d\d)s\) shows", after["text"])
+            claims = re.findall(r"[Ff]rame (\d+) \((\d+\.\d\d)s\)", after["text"])
             for index, seconds in claims:
                 assert f"{frames[int(index)].time:.2f}" == seconds
                 assert shape_pixels(frames[int(index)].image, rgb) > 0.02, (row["video"], seconds)
+            if after["kind"] == "answer" and row["kind"] in ("needle", "count"):  # the answer names every flash
+                assert len(claims) == (1 if row["kind"] == "needle" else "ABCD".index(row["answer"]) + 1), after
             if "show only the" in after["text"] and "Those frames show the" not in after["text"]:
                 assert all(shape_pixels(f.image, rgb) < 0.005 for f in frames), after["text"]
         if row.get("teacher") == "reflection":
-            assert re.match(r"<think>Those frames (show the \w+ scene, not|are about 1s apart)", row["turns"][1])
+            assert re.match(r"<think>Those frames (show the \w+ scene, not|are about 2s apart)", row["turns"][1])
+
+
+def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
+    """text.jsonl: each overview frame's tag, then its colour (and a glimpsed shape) in words; the
+    question and the one-turn answer are those of a base row. The rows render in train_sft.py's layout."""
+    for row in rows["text"]:
+        system, user, assistant = row["messages"]
+        lines = user["content"].split("\n")
+        frames = overviews[row["video"]]
+        palette = {s["colour"]: np.array(s["rgb"]) for s in row["meta"]["scenes"]}
+        for frame, line, index in zip(frames, lines, range(len(frames))):
+            colour = min(palette, key=lambda c: np.abs(np.median(frame.image.reshape(-1, 3), 0) - palette[c]).sum())
+            assert line.startswith(vz.frame_tag(index, frame.time) + colour), (line, colour)
+            assert ("," in line) == (shape_pixels(frame.image, palette[colour]) > 0.02), line
+        assert "\n".join(lines[len(frames):]) == vz.format_question(row["question"], row["options"])
+        assert system["content"] == vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
+        assert re.fullmatch(r"<think>.+</think><answer>[A-D]</answer>", assistant["content"])
+        assert assistant["content"].endswith(f"<answer>{row['answer']}</answer>")

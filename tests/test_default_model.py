@@ -1,0 +1,57 @@
+"""The embedded default: the committed checkpoint in assets/model, trained by train_world.sh.
+
+It loads through the normal path (infer.py with no --model), zooms and answers on the demo, and keeps
+the accuracy README.md states on a held-out synth.py world generated here from a seed no training run
+used.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What README.md states for this exact check (seed 4242, 8 videos, 40 questions, greedy decoding):
+# overall accuracy and needle accuracy, measured with the committed model. A few points are allowed
+# for floating-point differences between CPUs.
+STATED = {"all": None, "needle": None}
+MARGIN = 0.05
+
+
+def run(args, env, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))  # the demo world never lands in ~/.cache
+    return env
+
+
+def test_default_is_the_trained_model():
+    with open(os.path.join(REPO, "assets", "model", "config.json")) as f:
+        config = json.load(f)
+    assert "train_world.sh" in config.get("videozoomer_note", ""), config.get("videozoomer_note")
+    assert not [name for name in os.listdir(os.path.join(REPO, "assets", "model")) if name.endswith((".bin", ".pt"))]
+
+
+def test_demo_zooms_and_answers(env):
+    result = run(["infer.py"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ">> zoom " in result.stdout and re.search(r"^answer: .*\| truth: [A-D]", result.stdout, re.M), result.stdout
+
+
+def test_accuracy_on_a_fresh_held_out_world(env, tmp_path):
+    made = run(["synth.py", "--seed", "4242", "--out", str(tmp_path), "--num-videos", "8", "--num-test-videos", "7",
+                "--num-base", "0", "--num-sft", "0", "--num-rl", "0", "--num-test", "40"], env)
+    assert made.returncode == 0, made.stderr
+    result = run(["infer.py", "--data", str(tmp_path / "test.jsonl")], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\w+)\s+\d+\s+([\d.]+)", result.stdout, re.M)}
+    print(result.stdout[-800:])
+    for kind, stated in STATED.items():
+        assert table[kind] >= stated - MARGIN, (kind, table[kind], stated)
