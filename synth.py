@@ -3,11 +3,7 @@
     python synth.py --seed 0 --out world                                  # defaults: 100 videos of 120 s
     python synth.py --seed 1 --out world_small --num-videos 10 --seconds 60 --num-base 60 --num-sft 40 \\
         --num-rl 20 --num-test 20                                        # a small world for a quick run
-    python -c "import vz; print(vz.NO_TOOL_PROMPT)" > no_tool.txt     # base rows: one turn, no tool
-    python train_sft.py --model <dir> --data world/base.jsonl --out runs/base --system-prompt no_tool.txt
-    python train_sft.py --model runs/base/final --data world/sft.jsonl --out runs/sft
-    python train_rl.py --model runs/sft/final --data world/rl.jsonl --out runs/rl
-    python infer.py --data world/test.jsonl --model runs/rl/final
+    bash train_world.sh runs/world        # the whole pipeline: worlds, base model, cold-start SFT, RL
 
 Each video (5 fps, 224x128, keyframe every 25 frames) is a run of 10-16 s scenes, each a plain colour
 seen once per video. Inside scenes, shapes flash for 1.0-1.2 s, always between the first and last
@@ -19,7 +15,8 @@ Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`)
   count   how many times a shape flashes during the <colour> scene (1-4; needs fps >= 2)
   glance  start/end colour, colour right before/after a scene (the overview answers it; no zoom)
   base    one-turn questions from the overview alone, for a no-tool "base model": colour at a frame
-          time, shape at a glimpse time, when a scene is first / last seen, colour after a scene
+          time, shape at a glimpse time, when a scene is first / last seen, which overview frames show
+          a scene, colour after a scene (text.jsonl: the same, with the overview frames in words)
 Split: the last --num-test-videos videos are held out for test.jsonl; base, sft and rl use the rest
 (rl questions first, sft the next ones from the same shuffled pools). sft.jsonl is written by a
 scripted teacher that only uses what the model could see: the overview's scene spans, then what each

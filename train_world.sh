@@ -76,7 +76,7 @@ train sft sft_short/final world/sft.jsonl --lr 1e-3 --epochs 2
 
 stage "train_rl.py: rl"
 [ -d "$OUT/rl/final" ] || python train_rl.py --model "$OUT/sft/final" --data "$OUT/world/rl.jsonl" --out "$OUT/rl" \
-  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 50 --lr 1e-4 --tool-bonus 0 --max-new-tokens 128 \
+  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 10 --lr 1e-4 --tool-bonus 0 --max-new-tokens 128 \
   --save-every 5 --resume --log-jsonl "$OUT/rl.jsonl" --episodes-jsonl "$OUT/rl_episodes.jsonl"
 stage "trained: $OUT/rl/final"
 
@@ -102,7 +102,7 @@ if [ $EVAL = 1 ]; then
     local name=$1 model=$2; shift 2
     stage "evaluate $name"
     [ -f "$OUT/eval_$name.json" ] || python infer.py --data "$OUT/test/test.jsonl" --model "$OUT/$model/final" \
-      --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
+      --max-new-tokens 128 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
     cat "$OUT/eval_$name.txt"
   }
   evaluate sft_exemplar sft_exemplar
