@@ -29,10 +29,11 @@ mkdir -p "$OUT"
 begin=$SECONDS
 stage() { echo "== $1 ($(( (SECONDS - begin) / 60 ))m$(( (SECONDS - begin) % 60 ))s so far)"; }
 
-# world DIR SEED SECONDS [synth.py flags]: one synth.py world, skipped when it exists.
+# world DIR SEED SECONDS [synth.py flags]: one synth.py world, skipped when it exists (text.jsonl is
+# the last file synth.py writes).
 world() {
   local dir=$1 seed=$2 seconds=$3; shift 3
-  [ -f "$OUT/$dir/base.jsonl" ] || python synth.py --seed "$seed" --out "$OUT/$dir" --seconds "$seconds" "$@"
+  [ -f "$OUT/$dir/text.jsonl" ] || python synth.py --seed "$seed" --out "$OUT/$dir" --seconds "$seconds" "$@"
 }
 # train NAME START DATA [train_sft.py flags]: one train_sft.py stage, skipped when OUT/NAME/final exists.
 train() {
@@ -89,10 +90,11 @@ fi
 
 if [ $EVAL = 1 ]; then
   stage "ablation: cold-start SFT on exemplars only (the same questions, --reflection-frac 0)"
-  world world_exemplar 0 120 --num-videos 100 --num-base 1600 --num-sft 400 --num-rl 400 --num-test 60 \
+  # sft.jsonl is drawn after test and rl (same counts keep the same questions) and before base and text.
+  world world_exemplar 0 120 --num-videos 100 --num-base 0 --num-sft 400 --num-rl 400 --num-test 60 \
     --reflection-frac 0
-  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 6000 --num-text 32000 \
-    --num-sft 600 --num-rl 0 --num-test 0 --reflection-frac 0
+  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 0 --num-sft 600 --num-rl 0 \
+    --num-test 0 --reflection-frac 0
   train sft_short_exemplar base/final short_exemplar/sft.jsonl --lr 1e-3 --epochs 2
   train sft_exemplar sft_short_exemplar/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2
 

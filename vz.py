@@ -1185,7 +1185,7 @@ def shard_model(model, world_size):
     return model
 
 
-def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank, vcfg=None):
+def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank, vcfg):
     """Write an HF-format checkpoint (+ optimizer and trainer state) into out_dir atomically.
 
     Every rank must call it (gathering sharded weights is collective); rank 0 writes into a temporary
@@ -1208,11 +1208,11 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
         preprocessor = json.load(f)
-    if vcfg is not None:  # the frame-size bounds this model was trained with
-        preprocessor["size"] = {"shortest_edge": vcfg.min_pixels, "longest_edge": vcfg.max_pixels}
-        for key, value in (("min_pixels", vcfg.min_pixels), ("max_pixels", vcfg.max_pixels)):
-            if key in preprocessor:
-                preprocessor[key] = value
+    # The frame-size bounds this model was trained with (the start model's, or --min/--max-pixels).
+    preprocessor["size"] = {"shortest_edge": vcfg.min_pixels, "longest_edge": vcfg.max_pixels}
+    for key, value in (("min_pixels", vcfg.min_pixels), ("max_pixels", vcfg.max_pixels)):
+        if key in preprocessor:
+            preprocessor[key] = value
     with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
         json.dump(preprocessor, f, indent=2)
     tensors = {"rng.torch": torch.get_rng_state()}
