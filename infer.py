@@ -20,6 +20,7 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 import argparse
 import base64
 import html
+import hashlib
 import json
 import os
 import shutil
@@ -107,8 +108,11 @@ if args.no_tool and system_prompt is None:
 
 
 def demo_question(cache):
-    """The demo: the first test question (a needle one) of a small synth.py world, made once and cached."""
-    out = os.path.join(cache, f"demo_seed{DEMO_SEED}")
+    """The demo: the first test question (a needle one) of a small synth.py world, made once and cached
+    (under a name that changes with synth.py, so a new world design never meets an old cached video)."""
+    with open(os.path.join(HERE, "synth.py"), "rb") as f:
+        version = hashlib.sha256(f.read()).hexdigest()[:10]
+    out = os.path.join(cache, f"demo_seed{DEMO_SEED}_{version}")
     if not os.path.exists(os.path.join(out, "test.jsonl")):
         tmp = out + f".tmp{os.getpid()}"
         result = subprocess.run([sys.executable, os.path.join(HERE, "synth.py"), "--seed", str(DEMO_SEED), "--out", tmp,

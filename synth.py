@@ -5,14 +5,16 @@
         --num-rl 20 --num-test 20                                        # a small world for a quick run
     bash train_world.sh runs/world        # the whole pipeline: worlds, base model, cold-start SFT, RL
 
-Each video (5 fps, 224x128, keyframe every 25 frames) is a run of 10-16 s scenes, each a plain colour
-seen once per video. Inside scenes, shapes flash for 1.0-1.2 s, always between the first and last
-overview frames showing their scene, with a clear frame on either side of every overview time
-(t = 0, 2, 4, ... s): the overview shows where a scene is, never its flashes. A fifth of the scenes
+Each video (5 fps, 224x128, keyframe every 25 frames, a clock strip along the bottom whose white part
+grows with the time, like a player's seek bar) is a run of 10 s scenes starting on multiples of
+10 s, each a plain colour seen once per video (so where a colour is changes from video to video, and
+the overview frames at 10k, 10k+2, ..., 10k+8 s show scene k). Inside scenes, shapes flash for 1.0-1.2 s,
+always between the first and last overview frames showing their scene, with a clear frame on either side
+of every overview time (t = 0, 2, 4, ... s): the overview shows where a scene is, never its flashes. A fifth of the scenes
 instead hold one "glimpse", a shape that IS shown by an overview frame; only base.jsonl asks about them.
 Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`):
   needle  which shape appears during the <colour> scene (exactly one flash there; needs a zoom)
-  count   how many times a shape flashes during the <colour> scene (1-4; needs fps >= 2)
+  count   how many times a shape flashes during the <colour> scene (1-4; needs frames < 0.6 s apart)
   glance  start/end colour, colour right before/after a scene (the overview answers it; no zoom)
   base    one-turn questions from the overview alone, for a no-tool "base model": colour at a frame
           time, shape at a glimpse time, when a scene is first / last seen, which overview frames show
@@ -20,10 +22,13 @@ Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`)
 Split: the last --num-test-videos videos are held out for test.jsonl; base, sft and rl use the rest
 (rl questions first, sft the next ones from the same shuffled pools). sft.jsonl is written by a
 scripted teacher that only uses what the model could see: the overview's scene spans, then what each
-zoom returned. Exemplar: one zoom on the scene's overview span (8-14 s) at 1.2 fps (at most 16 frames,
-at most 1 s apart, so no 1 s flash falls between them), then the answer. Reflection: a wrong first zoom
-(the neighbouring scene, or the right span at 0.5 fps, too sparse), a turn saying why it was wrong, the
-right zoom, the answer (sft rows carry `teacher`: exemplar | reflection). The cold start is small on
+zoom returned. Exemplar: one zoom on the scene's overview span (8 s) at 2 fps (16 frames 0.53 s apart, so
+no flash and no gap between two flashes falls between them), then the answer. Reflection: a wrong first
+zoom (the neighbouring scene, or the right span at 0.5 fps, too sparse), a turn saying why it was wrong,
+the right zoom, the answer (sft rows carry `teacher`: exemplar | reflection). Options are listed in a
+fixed order (shapes, colours and numbers in their own order), and one-turn answers walk the options
+("A. red: no. B. blue: yes. ...") before the letter, so a small model trained from nothing maps the
+answer to its letter without a search. The cold start is small on
 purpose (a few hundred rows); RL trains on the model's own attempts at the rl.jsonl questions.
 Same seed -> byte-identical JSONL files and videos with identical frames.
 """
@@ -52,8 +57,8 @@ parser.add_argument("--num-videos", type=int, default=100, help="videos in the w
                     "videos than the question counts need makes questions repeat, options reshuffled)")
 parser.add_argument("--num-test-videos", type=int, default=0, help="videos held out for test.jsonl (the last ones); "
                     "0 = a fifth, at least 1")
-parser.add_argument("--seconds", type=int, default=120, help="length of every video in seconds (20-128, so the "
-                    "0.5 fps overview is exactly one frame every 2 s)")
+parser.add_argument("--seconds", type=int, default=120, help="length of every video in seconds: 40-120, a "
+                    "multiple of 10 (10 s scenes, each of the 12 colours at most once)")
 # Question sets
 parser.add_argument("--num-base", type=int, default=600, help="rows of base.jsonl (one-turn, no-tool questions)")
 parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl: base questions with every overview "
@@ -67,8 +72,8 @@ parser.add_argument("--reflection-frac", type=float, default=0.3, help="share of
 args = parser.parse_args()
 
 num_test_videos = args.num_test_videos or max(1, args.num_videos // 5)
-if not 20 <= args.seconds <= 128:
-    vz.fail("--seconds must be from 20 to 128 (the overview must be one frame every 2 s)")
+if not 40 <= args.seconds <= 120 or args.seconds % 10:
+    vz.fail("--seconds must be a multiple of 10 from 40 to 120 (10 s scenes, 12 colours)")
 if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
     vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
 if min(args.num_base, args.num_text, args.num_sft, args.num_rl, args.num_test) < 0 or not 0 <= args.reflection_frac <= 1:
@@ -83,14 +88,15 @@ STEP = 2 * FPS  # source frames between overview frames (0.5 fps)
 PALETTE = {"red": (220, 30, 30), "green": (30, 150, 50), "blue": (30, 60, 220), "yellow": (240, 220, 40),
            "purple": (130, 40, 170), "orange": (250, 140, 20), "cyan": (40, 200, 220), "pink": (250, 140, 200),
            "brown": (120, 70, 30), "grey": (128, 128, 128), "white": (245, 245, 245), "black": (15, 15, 15)}
-SHAPES = ["circle", "square", "triangle", "cross", "diamond"]
+SHAPES = ["circle", "square", "triangle", "diamond"]
 SIZE = 64  # shape box side in pixels, half the height; even, so it lines up with the chroma planes
-ZOOM_FPS = 1.2  # the teacher's zoom rate: an 8-14 s span gives 9-16 frames at most 1 s (5 source frames) apart
+CLOCK = 16  # height of the clock strip along the bottom: white from the left edge to t / 120 s of the width
+SCENE = 10 * FPS  # source frames per scene: overview frames 0, 2, 4, 6, 8 s into it show it
+ZOOM_FPS = 2  # the teacher's zoom rate: a scene's 8 s overview span gives 16 frames 0.53 s apart
 ROWS, COLS = np.mgrid[-1:1:SIZE * 1j, -1:1:SIZE * 1j]  # coordinates in the shape box, -1..1
 MASKS = {"circle": ROWS ** 2 + COLS ** 2 <= 0.95,
          "square": (abs(ROWS) <= 0.8) & (abs(COLS) <= 0.8),
          "triangle": (ROWS <= 0.85) & (abs(COLS) <= (ROWS + 0.95) / 2),
-         "cross": ((abs(ROWS) <= 0.3) | (abs(COLS) <= 0.3)) & (abs(ROWS) <= 0.95) & (abs(COLS) <= 0.95),
          "diamond": abs(ROWS) + abs(COLS) <= 1.0}
 
 
@@ -99,7 +105,7 @@ def seconds(frame_index):
 
 
 def event(rng, shape, start, length, background):
-    x0, y0 = 2 * rng.randint(2, (WIDTH - SIZE) // 2 - 2), 2 * rng.randint(2, (HEIGHT - SIZE) // 2 - 2)
+    x0, y0 = 2 * rng.randint(2, (WIDTH - SIZE) // 2 - 2), 2 * rng.randint(2, (HEIGHT - CLOCK - SIZE) // 2 - 2)
     colour = "white" if sum(PALETTE[background]) < 420 else "black"
     return {"shape": shape, "colour": colour, "start": seconds(start), "end": seconds(start + length),
             "frames": [start, start + length], "box": [x0, y0, x0 + SIZE, y0 + SIZE]}
@@ -107,31 +113,22 @@ def event(rng, shape, start, length, background):
 
 def plan_video(rng, num_frames):
     """Scenes with their overview span (first/last overview time showing them) and their events."""
-    while True:  # redraw until the last scene is 10-30 s too and every scene has its own colour
-        bounds = [0]
-        while bounds[-1] < num_frames:
-            bounds.append(bounds[-1] + rng.randint(10 * FPS, 16 * FPS))
-        bounds[-1] = num_frames
-        if bounds[-1] - bounds[-2] >= 10 * FPS and len(bounds) - 1 <= len(PALETTE):
-            break
     scenes = []
-    for colour, start, end in zip(rng.sample(list(PALETTE), len(bounds) - 1), bounds, bounds[1:]):
-        first, last = -(-start // STEP) * STEP, (end - 1) // STEP * STEP  # overview frames showing the scene
+    for colour, start in zip(rng.sample(list(PALETTE), num_frames // SCENE), range(0, num_frames, SCENE)):
+        first, last = start, start + SCENE - STEP  # the overview frames showing the scene
         cells = list(range(first // STEP, last // STEP))  # cell k: between overview frames k and k + 1
-        scene = {"colour": colour, "rgb": list(PALETTE[colour]), "start": seconds(start), "end": seconds(end),
-                 "first_seen": seconds(first), "last_seen": seconds(last), "frames": [start, end], "events": [],
-                 "glimpse": None}
+        scene = {"colour": colour, "rgb": list(PALETTE[colour]), "start": seconds(start),
+                 "end": seconds(start + SCENE), "first_seen": seconds(first), "last_seen": seconds(last),
+                 "frames": [start, start + SCENE], "events": [], "glimpse": None}
         if rng.random() < 0.2:  # a shape an overview frame shows: straddles overview frame k, one frame either side
             k, length = rng.choice(cells[1:]), rng.randint(3, 5)
             scene["glimpse"] = event(rng, rng.choice(SHAPES), k * STEP - rng.randint(1, length - 2), length, colour)
         else:
-            num_events = min(rng.choice([1, 1, 1, 2, 3, 4]), (len(cells) + 1) // 2)
-            # Non-adjacent cells, so flashes are >= 1 s apart; inside a cell, frames 2..8 of 10, so the
-            # overview frames at both ends of the cell and their neighbours stay plain.
-            picks = sorted(rng.sample(range(len(cells) - num_events + 1), num_events))
-            for i, pick in enumerate(picks):
-                length = rng.randint(5, 6)  # >= 1 s: a 1.2 fps zoom of the span cannot miss it
-                begin = cells[pick + i] * STEP + rng.randint(2, 9 - length)
+            # One flash per cell at most, inside frames 2..8 of 10, so the overview frames at both ends of
+            # the cell and their neighbours stay plain; flashes in neighbouring cells are >= 0.6 s apart.
+            for cell in sorted(rng.sample(cells, rng.choice([1, 1, 1, 2, 3, 4]))):
+                length = rng.randint(5, 6)  # >= 1 s
+                begin = cell * STEP + rng.randint(2, 9 - length)
                 scene["events"].append(event(rng, rng.choice(SHAPES), begin, length, colour))
         scenes.append(scene)
     overview = set(range(0, num_frames, STEP))
@@ -154,10 +151,15 @@ def yuv(rgb):
             128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255)
 
 
-def draw(background, ev=None):
-    """(HEIGHT * 3 / 2, WIDTH) uint8 yuv420p image: a plain background, optionally one shape."""
+def draw(background, frame_index, ev=None):
+    """(HEIGHT * 3 / 2, WIDTH) uint8 yuv420p image: a plain background, optionally one shape, and the clock
+    strip (like a player's seek bar: its white part grows with the time, 120 s = the full width)."""
     scales = (1, 2, 2)  # luma at full size, chroma at half size in both directions
     planes = [np.full((HEIGHT // k, WIDTH // k), round(value), np.uint8) for k, value in zip(scales, yuv(background))]
+    filled = 2 * round(WIDTH / 2 * seconds(frame_index) / 120)
+    for k, plane, (black, white) in zip(scales, planes, zip(yuv((0, 0, 0)), yuv((255, 255, 255)))):
+        plane[(HEIGHT - CLOCK) // k:, :] = round(black)
+        plane[(HEIGHT - CLOCK) // k:, :filled // k] = round(white)
     if ev is not None:
         full = MASKS[ev["shape"]]
         half = full.reshape(SIZE // 2, 2, SIZE // 2, 2).mean(axis=(1, 3)) >= 0.5
@@ -170,11 +172,10 @@ def draw(background, ev=None):
 def write_video(path, scenes):
     frames = []
     for scene in scenes:
-        plain = draw(scene["rgb"])
-        frames += [plain] * (scene["frames"][1] - scene["frames"][0])
-        for ev in scene["events"] + ([scene["glimpse"]] if scene["glimpse"] else []):
-            drawn = draw(scene["rgb"], ev)
-            frames[ev["frames"][0]:ev["frames"][1]] = [drawn] * (ev["frames"][1] - ev["frames"][0])
+        events = scene["events"] + ([scene["glimpse"]] if scene["glimpse"] else [])
+        for index in range(*scene["frames"]):
+            ev = next((e for e in events if e["frames"][0] <= index < e["frames"][1]), None)
+            frames.append(draw(scene["rgb"], index, ev))
     tmp = path + ".tmp.mp4"
     with av.open(tmp, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=FPS, options={
@@ -194,10 +195,9 @@ def write_video(path, scenes):
 # Questions
 
 
-def choice_row(rng, video, question, answer, pool, kind, meta, ordered=False):
-    """A multiple-choice row: the answer and three distractors from pool, shuffled (ordered: in pool order)."""
-    options = [answer] + rng.sample([p for p in pool if p != answer], 3)
-    options = sorted(options, key=pool.index) if ordered else rng.sample(options, 4)
+def choice_row(rng, video, question, answer, pool, kind, meta):
+    """A multiple-choice row: the answer and three distractors from pool, listed in pool order."""
+    options = sorted([answer] + rng.sample([p for p in pool if p != answer], 3), key=pool.index)
     return {"video": video, "question": question, "options": [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)],
             "answer": "ABCD"[options.index(answer)], "kind": kind, "meta": meta}
 
@@ -222,7 +222,7 @@ def ask(rng, kind, video, scenes, target):
                           SHAPES, kind, meta), None
     if kind == "count":
         return choice_row(rng, video, f"How many times does a shape flash during the {colour} scene?",
-                          str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta, ordered=True), None
+                          str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta), None
     asks = ["start", "end", "after", "before"] if kind == "glance" else ["colour_at", "shape_at", "first_seen", "last_seen",
                                                                                    "after", "span", "span"]
     asks = [a for a in asks if (a != "after" or target + 1 < len(scenes)) and (a != "before" or target > 0)
@@ -241,12 +241,9 @@ def ask(rng, kind, video, scenes, target):
         why = (f"The overview shows the {colour} scene {span(scene)} and the {other['colour']} scene {span(other)}, "
                f"so {other['colour']} comes right {sub} {colour}.")
     elif sub == "span":  # every overview frame of the scene, listed: where a zoom for it should go
-        spans = [f"from {s['first_seen']:g}s to {s['last_seen']:g}s" for s in scenes]
-        answer = spans[target]
+        pool = [span(s) for s in scenes]  # every scene's span, in time order
+        answer = pool[target]
         first, last = int(scene["first_seen"]), int(scene["last_seen"])
-        pool = spans + [f"from {first + d}s to {last + d}s" for d in (-4, -2, 2, 4) if first + d >= 0]
-        pool += [f"from {first}s to {last + d}s" for d in (-4, -2, 2, 4) if last + d > first]
-        pool = list(dict.fromkeys(pool))
         question = f"When is the {colour} scene seen in the overview?"
         times = [f"{t:.2f}s" for t in range(first, last + 1, 2)]
         why = f"The frames at {', '.join(times[:-1])} and {times[-1]} show {a_or_an(colour)} background: {answer}."
@@ -259,11 +256,11 @@ def ask(rng, kind, video, scenes, target):
         meta["time"] = -(-glimpse["frames"][0] // STEP) * 2  # the overview time inside the glimpse
         question, answer, pool = f"Which shape is visible at {meta['time']:.2f}s?", glimpse["shape"], SHAPES
         why = f"The frame at {meta['time']:.2f}s shows a {glimpse['colour']} {answer} on {a_or_an(colour)} background."
-    else:  # first_seen / last_seen: distractors are the overview times around it
+    else:  # first_seen / last_seen: the distractors are the same time in other scenes
         which = sub.split("_")[0]
+        pool = [f"{int(s[sub])}s" for s in scenes]
+        question, answer = f"At which frame time is the {colour} scene {which} seen?", pool[target]
         seen_at = int(scene[sub])
-        near = [f"{t}s" for t in range(seen_at - 8, seen_at + 10, 2) if 0 <= t < args.seconds]
-        question, answer, pool = f"At which frame time is the {colour} scene {which} seen?", f"{seen_at}s", near
         why = f"The {which} frame showing {a_or_an(colour)} background is the one at {seen_at:.2f}s."
     return choice_row(rng, video, question, answer, pool, kind, meta), why
 
@@ -299,39 +296,38 @@ def teach(rng, row, scenes, target, reflect):
     scene, letter = scenes[target], row["answer"]
     colour, answer = scene["colour"], row["options"]["ABCD".index(letter)][3:]
     first, last = int(scene["first_seen"]), int(scene["last_seen"])
-    plan = f"a shape flashes for less than the 2s between overview frames, so I zoom on it at {ZOOM_FPS:g} fps"
+    plan = f"A flash is shorter than the 2s between overview frames, so I zoom there at {ZOOM_FPS:g} fps."
     turns = []
     if not reflect:
-        opening = f"The {colour} scene runs {span(scene)} in the overview; {plan}."
+        opening = f"The {colour} scene is seen {span(scene)}. {plan}"
     else:
-        # The right span at 0.5 fps: frames about 2 s apart; a lesson only when it misses every flash.
+        # The right span at 0.5 fps: 4 frames 2.67 s apart; a lesson only when it misses every flash.
         sparse = not seen(scene, first, last, 0.5) and (len(scenes) == 1 or rng.random() < 0.5)
         if len(scenes) == 1 and not sparse:
             return None
         if sparse:
             turns.append(zoom(f"The overview shows the {colour} scene {span(scene)}; I look at it at 0.5 fps.",
                               first, last, 0.5))
-            opening = (f"Those frames are about 2s apart and show only the {colour} background, but a flash is "
+            gap = (last - first) / (len(clip_frames(first, last, 0.5)) - 1)
+            opening = (f"Those frames are {gap:.2f}s apart and show only the {colour} background, but a flash is "
                        f"shorter than that and can fall between them. I zoom again at {ZOOM_FPS:g} fps, {span(scene)}.")
         else:  # the neighbouring scene's span
             earlier = target == len(scenes) - 1 or (target > 0 and rng.random() < 0.5)
             near = scenes[target - 1] if earlier else scenes[target + 1]
-            turns.append(zoom(f"The {colour} scene should be {span(near)}; {plan}.", int(near["first_seen"]),
+            turns.append(zoom(f"The {colour} scene is seen {span(near)}. {plan}", int(near["first_seen"]),
                               int(near["last_seen"]), ZOOM_FPS))
             opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene comes "
-                       f"{'later' if earlier else 'earlier'}, {span(scene)} in the overview. I zoom there at "
-                       f"{ZOOM_FPS:g} fps.")
+                       f"{'later' if earlier else 'earlier'}, {span(scene)}. I zoom there at {ZOOM_FPS:g} fps.")
     turns.append(zoom(opening, first, last, ZOOM_FPS))
     hits = seen(scene, first, last, ZOOM_FPS)
     if row["kind"] == "needle":
         (ev, j, t), = hits
-        turns.append(f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']} on the {colour} background. "
-                     f"The shape is a {answer}.</think><answer>{letter}</answer>")
+        turns.append(f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}.</think><answer>{letter}</answer>")
     else:
         said = ", ".join(f"frame {j} ({t:.2f}s)" for _, j, t in hits)
         turns.append(f"<think>A shape shows in {said}, with plain frames between: {answer} "
                      f"time{'s' * (answer != '1')}.</think><answer>{letter}</answer>")
-    # The zoom is sound: frames <= 1 s apart never miss a >= 1 s flash, and flashes are >= 2 s apart.
+    # The zoom is sound: frames 0.53 s apart never miss a >= 1 s flash, nor a >= 0.6 s gap between two.
     assert len(hits) == len(scene["events"]), f"the zoom missed a flash: {row}"
     assert len(clip_frames(first, last, ZOOM_FPS)) <= vz.Limits().max_frames_per_call
     return turns
@@ -391,9 +387,11 @@ files = {"test": draw_rows(rng, test, args.num_test, mix, {}),
          "base": draw_rows(rng, train, args.num_base, ["base"], {}),
          "text": draw_rows(rng, train, args.num_text, ["base"], {})}
 for row, why, scenes, target in files["sft"] + files["base"] + files["text"]:
-    if why is not None:  # glance and base: one turn, the answer read off the overview
+    if why is not None:  # glance and base: one turn, the answer read off the overview, then the options walked
         no_zoom = " No zoom is needed." if row["kind"] == "glance" else ""
-        row["turns"] = [f"<think>{why}{no_zoom}</think><answer>{row['answer']}</answer>"]
+        answer = row["options"]["ABCD".index(row["answer"])]
+        walk = " ".join(f"{option}: {'yes' if option == answer else 'no'}." for option in row["options"])
+        row["turns"] = [f"<think>{why}{no_zoom} {walk}</think><answer>{row['answer']}</answer>"]
     else:
         reflect = rng.random() < args.reflection_frac
         row["turns"] = teach(rng, row, scenes, target, reflect)
@@ -411,7 +409,7 @@ def overview_in_words(scenes):
         glimpse = scene["glimpse"]
         shown = glimpse and glimpse["frames"][0] <= frame < glimpse["frames"][1]
         what = scene["colour"] + (f", {glimpse['colour']} {glimpse['shape']}" if shown else "")
-        lines.append(f"{vz.frame_tag(index, seconds(frame))}{what}\n")
+        lines.append(f"{vz.frame_tag(index, seconds(frame))} {what}\n")
     return "".join(lines)
 
 

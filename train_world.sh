@@ -46,8 +46,8 @@ train() {
 stage "worlds"
 # The short world has the same scenes and questions with 20 overview frames instead of 60, so the tiny
 # model first learns to read frames and times where few frames compete.
-world world 0 120 --num-videos 100 --num-base 1600 --num-sft 400 --num-rl 400 --num-test 60
-world short 100 40 --num-videos 300 --num-test-videos 1 --num-base 6000 --num-text 32000 --num-sft 600 --num-rl 0 \
+world world 0 120 --num-videos 100 --num-base 800 --num-sft 400 --num-rl 400 --num-test 60
+world short 100 40 --num-videos 300 --num-test-videos 1 --num-base 6400 --num-text 6400 --num-sft 1600 --num-rl 0 \
   --num-test 0
 python -c "import vz; print(vz.NO_TOOL_PROMPT)" > "$OUT/no_tool.txt"
 
@@ -57,10 +57,12 @@ import json, sys
 import vz
 out = sys.argv[1]
 rows = [json.loads(line) for name in ("base", "sft") for line in open(f"{out}/world/{name}.jsonl")]
+rows += [json.loads(line) for line in open(f"{out}/short/text.jsonl")][:200]  # the overview in words
 corpus = [row["question"] + "\n" + "\n".join(row["options"]) for row in rows]
-corpus += [turn for row in rows for turn in row["turns"]]
+corpus += [turn for row in rows for turn in row.get("turns", [])] + [row["messages"][1]["content"] for row in rows
+                                                                      if "messages" in row]
 vz.write_tiny_checkpoint(f"{out}/init", corpus, seed=0, hidden_size=128, num_layers=4, vision_hidden_size=64,
-                         head_dim=32, rope_theta=10000.0,
+                         head_dim=32, rope_theta=10000.0, whole_numbers=True,
                          note="tiny VideoZoomer trained on the synth.py world by train_world.sh")
 PY
 
@@ -93,7 +95,7 @@ if [ $EVAL = 1 ]; then
   # sft.jsonl is drawn after test and rl (same counts keep the same questions) and before base and text.
   world world_exemplar 0 120 --num-videos 100 --num-base 0 --num-sft 400 --num-rl 400 --num-test 60 \
     --reflection-frac 0
-  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 0 --num-sft 600 --num-rl 0 \
+  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 0 \
     --num-test 0 --reflection-frac 0
   train sft_short_exemplar base/final short_exemplar/sft.jsonl --lr 1e-3 --epochs 2
   train sft_exemplar sft_short_exemplar/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2

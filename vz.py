@@ -691,12 +691,13 @@ PREPROCESSOR_CONFIG = {
 
 
 def write_tiny_checkpoint(out_dir, corpus=(), seed=0, hidden_size=64, num_layers=2, vision_depth=2, note=None,
-                          vision_hidden_size=32, head_dim=16, rope_theta=1000000.0):
+                          vision_hidden_size=32, head_dim=16, rope_theta=1000000.0, whole_numbers=False):
     """Write a small random Qwen2.5-VL checkpoint directory that loads through load_model().
-    `note` is stored in config.json (videozoomer_note) and printed by infer.py."""
+    `note` is stored in config.json (videozoomer_note) and printed by infer.py; `whole_numbers`: see
+    write_tiny_tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer = write_tiny_tokenizer(out_dir, list(corpus) + tokenizer_corpus())
+    tokenizer = write_tiny_tokenizer(out_dir, list(corpus) + tokenizer_corpus(), whole_numbers=whole_numbers)
     token = tokenizer.convert_tokens_to_ids
     eighth = head_dim // 16  # Qwen2.5-VL splits the rotary pairs: temporal 2/8, height 3/8, width 3/8
     mrope_section = [2 * eighth, 3 * eighth, 3 * eighth]
@@ -752,9 +753,12 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def write_tiny_tokenizer(out_dir, corpus, vocab_size=2000):
+def write_tiny_tokenizer(out_dir, corpus, vocab_size=2000, whole_numbers=False):
     """A small byte-level BPE trained on `corpus`, with Qwen2.5's pre-tokenizer and its 22 added
-    tokens appended in Qwen's order. Every byte is encodable; the same corpus gives the same file."""
+    tokens appended in Qwen's order. Every byte is encodable; the same corpus gives the same file.
+    whole_numbers: digit runs stay one piece ("120" can be one token, where Qwen writes 1, 2, 0), so
+    that a model trained from nothing matches and copies a time as one token instead of a digit
+    sequence; the text the model reads and writes is the same either way."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
@@ -762,7 +766,8 @@ def write_tiny_tokenizer(out_dir, corpus, vocab_size=2000):
     bpe = Tokenizer(BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(QWEN_SPLIT.replace(r"|\p{N}|", r"|\p{N}+|") if whole_numbers else QWEN_SPLIT),
+                             behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,

@@ -123,3 +123,17 @@ def test_frame_tags_and_question():
     assert vz.frame_tag(12, 123.456) == "<frame12_time123.46s>"
     assert vz.format_question("Q?", ["red", "B. blue", "C) green"]) == "Q?\nA. red\nB. blue\nC) green"
     assert vz.format_question("Q?", None) == "Q?"
+
+
+def test_tiny_tokenizer_whole_numbers(tmp_path):
+    """whole_numbers keeps digit runs in one piece (a time can be one token); either way the text
+    round-trips, and the default splits digits one by one as Qwen does."""
+    corpus = ["<frame12_time24.00s> red", '{"segment": [110, 118], "fps": 2}'] * 20
+    text = '<frame12_time24.00s> red {"segment": [110, 118], "fps": 2}'
+    whole = vz.write_tiny_tokenizer(str(tmp_path / "whole"), corpus, whole_numbers=True)
+    digits = vz.write_tiny_tokenizer(str(tmp_path / "digits"), corpus)
+    pieces = [whole.decode([i]) for i in whole.encode(text)]
+    assert {"12", "24", "110", "118"} <= set(pieces)
+    assert all(len(p) == 1 for p in [digits.decode([i]) for i in digits.encode(text)] if p.isdigit())
+    for tokenizer in (whole, digits):
+        assert tokenizer.decode(tokenizer.encode(text)) == text

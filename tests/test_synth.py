@@ -58,6 +58,7 @@ def overviews(world, rows):
 
 def shape_pixels(image, rgb):
     """Fraction of pixels far from the plain background colour: ~0 on a plain frame, >2% with a shape."""
+    image = image[:image.shape[0] * 4 // 5]  # above the clock strip (synth.py: the bottom 16 of 128 rows)
     return float((np.abs(image.astype(int) - np.array(rgb)).max(axis=2) > 80).mean())
 
 
@@ -114,6 +115,16 @@ def test_flashes_hidden_from_overview_but_shown_by_a_zoom(world, rows, overviews
                 assert shape_pixels(frame.image, scene["rgb"]) > 0.02, event
                 num_events += 1
     assert num_events > 10
+
+
+def test_clock_strip_shows_the_time(overviews):
+    """The bottom strip of every frame is white from the left edge to t / 120 s of the width, black after."""
+    for frames in overviews.values():
+        for frame in frames:
+            row = frame.image[-2].astype(int)  # a row inside the strip, away from the scene above it
+            white = (row.min(axis=1) > 160).mean()
+            assert abs(white - frame.time / 120) < 0.03, (frame.time, white)
+            assert ((row.max(axis=1) < 90) | (row.min(axis=1) > 160)).mean() > 0.9  # only black and white
 
 
 def test_glance_and_base_answers_match_the_overview(rows, overviews):
@@ -173,7 +184,7 @@ def test_trajectories_replay_to_their_answer_and_say_what_the_frames_show(world,
             if "show only the" in after["text"] and "Those frames show the" not in after["text"]:
                 assert all(shape_pixels(f.image, rgb) < 0.005 for f in frames), after["text"]
         if row.get("teacher") == "reflection":
-            assert re.match(r"<think>Those frames (show the \w+ scene, not|are about 2s apart)", row["turns"][1])
+            assert re.match(r"<think>Those frames (show the \w+ scene, not|are [\d.]+s apart)", row["turns"][1])
 
 
 def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
@@ -186,7 +197,7 @@ def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
         palette = {s["colour"]: np.array(s["rgb"]) for s in row["meta"]["scenes"]}
         for frame, line, index in zip(frames, lines, range(len(frames))):
             colour = min(palette, key=lambda c: np.abs(np.median(frame.image.reshape(-1, 3), 0) - palette[c]).sum())
-            assert line.startswith(vz.frame_tag(index, frame.time) + colour), (line, colour)
+            assert line.startswith(vz.frame_tag(index, frame.time) + " " + colour), (line, colour)
             assert ("," in line) == (shape_pixels(frame.image, palette[colour]) > 0.02), line
         assert "\n".join(lines[len(frames):]) == vz.format_question(row["question"], row["options"])
         assert system["content"] == vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
