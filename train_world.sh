@@ -91,15 +91,6 @@ if [ $INSTALL = 1 ]; then
 fi
 
 if [ $EVAL = 1 ]; then
-  stage "ablation: cold-start SFT on exemplars only (the same questions, --reflection-frac 0)"
-  # sft.jsonl is drawn after test and rl (same counts keep the same questions) and before base and text.
-  world world_exemplar 0 120 --num-videos 100 --num-base 0 --num-sft 400 --num-rl 400 --num-test 60 \
-    --reflection-frac 0
-  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 0 \
-    --num-test 0 --reflection-frac 0
-  train sft_short_exemplar base/final short_exemplar/sft.jsonl --lr 1e-3 --epochs 2
-  train sft_exemplar sft_short_exemplar/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2
-
   stage "held-out world"
   world test 1 120 --num-videos 60 --num-test-videos 59 --num-base 0 --num-sft 0 --num-rl 0 --num-test 320
   evaluate() {  # evaluate NAME MODEL [infer.py flags]: OUT/eval_NAME.txt (last line: accuracy) and .json
@@ -109,12 +100,21 @@ if [ $EVAL = 1 ]; then
       --max-new-tokens 128 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
     cat "$OUT/eval_$name.txt"
   }
-  evaluate sft_exemplar sft_exemplar
-  evaluate sft sft
   evaluate rl rl
+  evaluate sft sft
   # The uniform baselines get the frames per question the SFT + RL agent used on average.
   frames=$(sed -n 's/^mean frames per question: \([0-9]*\).*/\1/p' "$OUT/eval_rl.txt")
   evaluate base_no_tool base --no-tool --no-tool-frames "$frames"
   evaluate rl_no_tool rl --no-tool --no-tool-frames "$frames"
+
+  stage "ablation: cold-start SFT on exemplars only (the same questions, --reflection-frac 0)"
+  # sft.jsonl is drawn after test and rl (same counts keep the same questions) and before base and text.
+  world world_exemplar 0 120 --num-videos 100 --num-base 0 --num-sft 400 --num-rl 400 --num-test 60 \
+    --reflection-frac 0
+  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 0 \
+    --num-test 0 --reflection-frac 0
+  train sft_short_exemplar base/final short_exemplar/sft.jsonl --lr 1e-3 --epochs 2
+  train sft_exemplar sft_short_exemplar/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2
+  evaluate sft_exemplar sft_exemplar
 fi
 stage "done"
