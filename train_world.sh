@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the embedded default model from nothing on the synthetic world, with the real scripts:
 #   1. synth.py writes the world (2-minute videos) and a short-video world (40 s) that eases the start;
-#   2. a random tiny Qwen2.5-VL (0.9M parameters, tokenizer fitted to the world's text);
+#   2. a random tiny Qwen2.5-VL (1.0M parameters, tokenizer fitted to the world's text);
 #   3. base model: train_sft.py on one-turn no-tool questions (our stand-in for a pretrained VLM);
 #   4. cold-start SFT: train_sft.py on the teacher's exemplar + reflection trajectories;
 #   5. RL: train_rl.py (GRPO) on the model's own multi-turn rollouts.
@@ -67,8 +67,8 @@ vz.write_tiny_checkpoint(f"{out}/init", corpus, seed=0, hidden_size=128, num_lay
 PY
 
 # Base model, from nothing: first the base questions with the overview written in words (text only, fast:
-# reading frame tags, finding a scene's frames and copying times need many steps), then the same questions
-# on pixels, short videos first, the vision tower trained too. One turn, no tool.
+# it learns the answer format), then the same questions on pixels, short videos first, the vision tower
+# trained too. One turn, no tool.
 train text init short/text.jsonl --min-pixels 3136 --max-pixels 7168 --lr 3e-3
 base=(--system-prompt "$OUT/no_tool.txt" --train-vision)
 train base_short text/final short/base.jsonl "${base[@]}" --lr 2e-3
