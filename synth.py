@@ -6,12 +6,13 @@
     bash train_world.sh runs/world        # the whole pipeline: worlds, base model, cold-start SFT, RL
 
 Each video (5 fps, 224x128, keyframe every 25 frames, a clock strip along the bottom whose white part
-grows with the time, like a player's seek bar) is a run of 10 s scenes starting on multiples of
-10 s, each a plain colour seen once per video (so where a colour is changes from video to video, and
-the overview frames at 10k, 10k+2, ..., 10k+8 s show scene k). Inside scenes, shapes flash for 1.0-1.2 s,
-always between the first and last overview frames showing their scene, with a clear frame on either side
-of every overview time (t = 0, 2, 4, ... s): the overview shows where a scene is, never its flashes. A fifth of the scenes
-instead hold one "glimpse", a shape that IS shown by an overview frame; only base.jsonl asks about them.
+grows with the time, like a player's seek bar) is a run of 10 s scenes starting on multiples of 10 s,
+each a plain colour seen once per video (so where a colour is changes from video to video, and the
+overview frames at 10k, 10k+2, ..., 10k+8 s show scene k). Inside scenes, shapes flash for 1.0-1.2 s,
+always between the first and last overview frames showing their scene, with a clear frame on either
+side of every overview time (t = 0, 2, 4, ... s): the overview shows where a scene is, never its
+flashes. A fifth of the scenes instead hold one "glimpse", a shape that IS shown by an overview frame;
+only base.jsonl asks about them.
 Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`):
   needle  which shape appears during the <colour> scene (exactly one flash there; needs a zoom)
   count   how many times a shape flashes during the <colour> scene (1-4; needs frames < 0.6 s apart)
@@ -28,8 +29,8 @@ zoom (the neighbouring scene, or the right span at 0.5 fps, too sparse), a turn 
 the right zoom, the answer (sft rows carry `teacher`: exemplar | reflection). Options are listed in a
 fixed order (shapes, colours and numbers in their own order), and one-turn answers walk the options
 ("A. red: no. B. blue: yes. ...") before the letter, so a small model trained from nothing maps the
-answer to its letter without a search. The cold start is small on
-purpose (a few hundred rows); RL trains on the model's own attempts at the rl.jsonl questions.
+answer to its letter without a search. The cold start is small on purpose (hundreds to a few thousand
+rows); RL trains on the model's own attempts at the rl.jsonl questions.
 Same seed -> byte-identical JSONL files and videos with identical frames.
 """
 
@@ -61,9 +62,9 @@ parser.add_argument("--seconds", type=int, default=120, help="length of every vi
                     "multiple of 10 (10 s scenes, each of the 12 colours at most once)")
 # Question sets
 parser.add_argument("--num-base", type=int, default=600, help="rows of base.jsonl (one-turn, no-tool questions)")
-parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl: base questions with every overview "
-                    "frame written as words instead of pixels (LLaMA-Factory layout, no images), a cheap warm-up "
-                    "that teaches a model trained from nothing to read frame tags and times before it reads pixels")
+parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl: base questions with every "
+                    "overview frame written as words instead of pixels (LLaMA-Factory layout, no images), a cheap "
+                    "warm-up for a model trained from nothing (train_world.sh uses it to teach the answer format)")
 parser.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
 parser.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
 parser.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
@@ -76,7 +77,8 @@ if not 40 <= args.seconds <= 120 or args.seconds % 10:
     vz.fail("--seconds must be a multiple of 10 from 40 to 120 (10 s scenes, 12 colours)")
 if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
     vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
-if min(args.num_base, args.num_text, args.num_sft, args.num_rl, args.num_test) < 0 or not 0 <= args.reflection_frac <= 1:
+counts = (args.num_base, args.num_text, args.num_sft, args.num_rl, args.num_test)
+if min(counts) < 0 or not 0 <= args.reflection_frac <= 1:
     vz.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
 print(vars(args) | {"num_test_videos": num_test_videos})
 
@@ -223,8 +225,8 @@ def ask(rng, kind, video, scenes, target):
     if kind == "count":
         return choice_row(rng, video, f"How many times does a shape flash during the {colour} scene?",
                           str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta), None
-    asks = ["start", "end", "after", "before"] if kind == "glance" else ["colour_at", "shape_at", "first_seen", "last_seen",
-                                                                                   "after", "span", "span"]
+    asks = (["start", "end", "after", "before"] if kind == "glance"
+            else ["colour_at", "shape_at", "first_seen", "last_seen", "after", "span", "span"])
     asks = [a for a in asks if (a != "after" or target + 1 < len(scenes)) and (a != "before" or target > 0)
             and (a != "shape_at" or scene["glimpse"])]
     meta["ask"] = sub = rng.choice(asks)
@@ -260,8 +262,7 @@ def ask(rng, kind, video, scenes, target):
         which = sub.split("_")[0]
         pool = [f"{int(s[sub])}s" for s in scenes]
         question, answer = f"At which frame time is the {colour} scene {which} seen?", pool[target]
-        seen_at = int(scene[sub])
-        why = f"The {which} frame showing {a_or_an(colour)} background is the one at {seen_at:.2f}s."
+        why = f"The {which} frame showing {a_or_an(colour)} background is the one at {scene[sub]:.2f}s."
     return choice_row(rng, video, question, answer, pool, kind, meta), why
 
 
@@ -322,7 +323,8 @@ def teach(rng, row, scenes, target, reflect):
     hits = seen(scene, first, last, ZOOM_FPS)
     if row["kind"] == "needle":
         (ev, j, t), = hits
-        turns.append(f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}.</think><answer>{letter}</answer>")
+        turns.append(f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}.</think>"
+                     f"<answer>{letter}</answer>")
     else:
         said = ", ".join(f"frame {j} ({t:.2f}s)" for _, j, t in hits)
         turns.append(f"<think>A shape shows in {said}, with plain frames between: {answer} "
