@@ -213,6 +213,14 @@ def span(scene):
     return f"from {scene['first_seen']:g}s to {scene['last_seen']:g}s"
 
 
+def scan(scenes, upto):
+    """The overview read scene by scene, in time order, up to scene `upto`: "0s red, 10s blue, 20s black."
+    Every reasoning starts with it. A small model learns this walk (each step reads the frames at the next
+    10 s) far faster than finding a named colour among all frames in one step, and once the walk stops at
+    the named scene, the scene's time is the last one written."""
+    return ", ".join(f"{int(s['start'])}s {s['colour']}" for s in scenes[:upto + 1]) + "."
+
+
 def ask(rng, kind, video, scenes, target):
     """One question of `kind` about scene `target`. Glance and base rows pick a sub-kind (meta["ask"]) and
     come with their one-turn reasoning, read off the overview frames; needle and count rows with None."""
@@ -226,18 +234,25 @@ def ask(rng, kind, video, scenes, target):
         return choice_row(rng, video, f"How many times does a shape flash during the {colour} scene?",
                           str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta), None
     asks = (["start", "end", "after", "before"] if kind == "glance"
-            else ["colour_at", "shape_at", "first_seen", "last_seen", "after", "span", "span"])
+            else ["colour_at", "shape_at", "first_seen", "last_seen", "after", "span", "span"] + ["scenes"] * 3)
     asks = [a for a in asks if (a != "after" or target + 1 < len(scenes)) and (a != "before" or target > 0)
             and (a != "shape_at" or scene["glimpse"])]
     meta["ask"] = sub = rng.choice(asks)
     meta["scenes"] = [{k: s[k] for k in ("colour", "rgb", "start", "end")} for s in scenes]
+    upto = target  # the scene the scan stops at
+    if sub == "scenes":  # the whole scan and nothing else: the densest lesson in reading frames (not multiple choice)
+        answer = ", ".join(s["colour"] for s in scenes)
+        return {"video": video, "question": "Which colour does each scene show, in order?", "options": [],
+                "answer": answer, "kind": kind, "meta": meta}, scan(scenes, len(scenes) - 1)
     if sub in ("start", "end"):
-        edge = scenes[0 if sub == "start" else -1]
+        upto = 0 if sub == "start" else len(scenes) - 1
+        edge = scenes[upto]
         meta["scene"] = {k: edge[k] for k in meta["scene"]}
         question, answer, pool = f"What colour is the scene at the {sub} of the video?", edge["colour"], list(PALETTE)
         which, seen_at = ("first", edge["first_seen"]) if sub == "start" else ("last", edge["last_seen"])
         why = f"The {which} overview frame ({seen_at:.2f}s) shows {a_or_an(edge['colour'])} background."
     elif sub in ("after", "before"):
+        upto = target + (sub == "after")
         other = scenes[target + (1 if sub == "after" else -1)]
         question, answer, pool = f"Which colour comes right {sub} the {colour} scene?", other["colour"], list(PALETTE)
         why = (f"The overview shows the {colour} scene {span(scene)} and the {other['colour']} scene {span(other)}, "
@@ -263,7 +278,7 @@ def ask(rng, kind, video, scenes, target):
         pool = [f"{int(s[sub])}s" for s in scenes]
         question, answer = f"At which frame time is the {colour} scene {which} seen?", pool[target]
         why = f"The {which} frame showing {a_or_an(colour)} background is the one at {scene[sub]:.2f}s."
-    return choice_row(rng, video, question, answer, pool, kind, meta), why
+    return choice_row(rng, video, question, answer, pool, kind, meta), f"{scan(scenes, upto)} {why}"
 
 
 # -----------------------------------------------------------------------------
@@ -300,14 +315,15 @@ def teach(rng, row, scenes, target, reflect):
     plan = f"A flash is shorter than the 2s between overview frames, so I zoom there at {ZOOM_FPS:g} fps."
     turns = []
     if not reflect:
-        opening = f"The {colour} scene is seen {span(scene)}. {plan}"
+        opening = f"{scan(scenes, target)} The {colour} scene is seen {span(scene)}. {plan}"
     else:
         # The right span at 0.5 fps: 4 frames 2.67 s apart; a lesson only when it misses every flash.
         sparse = not seen(scene, first, last, 0.5) and (len(scenes) == 1 or rng.random() < 0.5)
         if len(scenes) == 1 and not sparse:
             return None
         if sparse:
-            turns.append(zoom(f"The overview shows the {colour} scene {span(scene)}; I look at it at 0.5 fps.",
+            turns.append(zoom(f"{scan(scenes, target)} The overview shows the {colour} scene {span(scene)}; "
+                              "I look at it at 0.5 fps.",
                               first, last, 0.5))
             gap = (last - first) / (len(clip_frames(first, last, 0.5)) - 1)
             opening = (f"Those frames are {gap:.2f}s apart and show only the {colour} background, but a flash is "
@@ -315,7 +331,9 @@ def teach(rng, row, scenes, target, reflect):
         else:  # the neighbouring scene's span
             earlier = target == len(scenes) - 1 or (target > 0 and rng.random() < 0.5)
             near = scenes[target - 1] if earlier else scenes[target + 1]
-            turns.append(zoom(f"The {colour} scene is seen {span(near)}. {plan}", int(near["first_seen"]),
+            # The slip: the scene read one step too early, or the scan run one step too far.
+            turns.append(zoom(f"{scan(scenes, max(target, scenes.index(near)))} The {colour} scene is seen "
+                              f"{span(near)}. {plan}", int(near["first_seen"]),
                               int(near["last_seen"]), ZOOM_FPS))
             opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene comes "
                        f"{'later' if earlier else 'earlier'}, {span(scene)}. I zoom there at {ZOOM_FPS:g} fps.")
@@ -391,9 +409,10 @@ files = {"test": draw_rows(rng, test, args.num_test, mix, {}),
 for row, why, scenes, target in files["sft"] + files["base"] + files["text"]:
     if why is not None:  # glance and base: one turn, the answer read off the overview, then the options walked
         no_zoom = " No zoom is needed." if row["kind"] == "glance" else ""
-        answer = row["options"]["ABCD".index(row["answer"])]
-        walk = " ".join(f"{option}: {'yes' if option == answer else 'no'}." for option in row["options"])
-        row["turns"] = [f"<think>{why}{no_zoom} {walk}</think><answer>{row['answer']}</answer>"]
+        if row["options"]:
+            answer = row["options"]["ABCD".index(row["answer"])]
+            why += no_zoom + " " + " ".join(f"{o}: {'yes' if o == answer else 'no'}." for o in row["options"])
+        row["turns"] = [f"<think>{why}</think><answer>{row['answer']}</answer>"]
     else:
         reflect = rng.random() < args.reflection_frac
         row["turns"] = teach(rng, row, scenes, target, reflect)

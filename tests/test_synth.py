@@ -84,6 +84,9 @@ def test_rows_are_well_formed(rows):
         kinds = {row["kind"] for row in file_rows}
         assert kinds == ({"base"} if name in ("base", "text") else {"needle", "count", "glance"}), (name, kinds)
         for row in file_rows:
+            if name in ("base", "text") and row["meta"]["ask"] == "scenes":  # the scan alone, not multiple choice
+                assert row["options"] == [] and row["answer"] == ", ".join(s["colour"] for s in row["meta"]["scenes"])
+                continue
             letters = [option[:3] for option in row["options"]]
             texts = [option[3:] for option in row["options"]]
             assert letters == ["A. ", "B. ", "C. ", "D. "] and len(set(texts)) == 4, row
@@ -129,7 +132,8 @@ def test_clock_strip_shows_the_time(overviews):
 
 def test_glance_and_base_answers_match_the_overview(rows, overviews):
     for row in [r for name in ("sft", "rl", "test", "base") for r in rows[name] if r["kind"] in ("glance", "base")]:
-        meta, answer = row["meta"], row["options"]["ABCD".index(row["answer"])][3:]
+        meta = row["meta"]
+        answer = row["options"]["ABCD".index(row["answer"])][3:] if row["options"] else row["answer"]
         frames = overviews[row["video"]]
         # The colour each overview frame shows: the nearest scene colour to its median pixel.
         palette = {s["colour"]: np.array(s["rgb"]) for s in meta["scenes"]}
@@ -139,6 +143,8 @@ def test_glance_and_base_answers_match_the_overview(rows, overviews):
         colour, ask = meta["scene"]["colour"], meta["ask"]
         if ask in ("start", "end"):
             assert answer == seen[0 if ask == "start" else -1]
+        elif ask == "scenes":  # one colour per 10 s scene, in order
+            assert answer.split(", ") == seen[::5] and len(seen) == 5 * len(meta["scenes"])
         elif ask == "after":
             last = max(i for i, c in enumerate(seen) if c == colour)
             assert answer == seen[last + 1]
@@ -166,7 +172,8 @@ def test_trajectories_replay_to_their_answer_and_say_what_the_frames_show(world,
             prompt = vz.build_prompt(renderer, video, row["question"], row["options"])
             episode = vz.replay(renderer, video, prompt, row["turns"], vz.Limits())
         kinds = [turn["kind"] for turn in episode.turns]
-        assert episode.stop == "answer" and episode.answer.letter == row["answer"], (row["turns"], episode.turns)
+        assert episode.stop == "answer", (row["turns"], episode.turns)
+        assert (episode.answer.letter if row["options"] else episode.answer.text) == row["answer"], row["turns"]
         assert set(kinds[:-1]) <= {"zoom"} and kinds[-1] == "answer" and all(t["format_ok"] for t in episode.turns)
         assert (row["kind"] in ("glance", "base")) == (len(kinds) == 1)
         # Each turn after a zoom talks about that zoom's frames: "frame j (t s) shows a ..." must be a
@@ -187,6 +194,44 @@ def test_trajectories_replay_to_their_answer_and_say_what_the_frames_show(world,
             assert re.match(r"<think>Those frames (show the \w+ scene, not|are [\d.]+s apart)", row["turns"][1])
 
 
+def test_every_reasoning_starts_with_the_scan_of_the_overview(rows, overviews):
+    """The first turn starts "0s red, 10s blue, ...": one entry per scene in time order, each the colour the
+    overview frame at that time really shows, stopping at the scene the question needs (needle and count:
+    the named scene, whose time is then the zoom's start; the reflection slip stops one scene late at most)."""
+    palette = {s["colour"]: np.array(s["rgb"]) for r in sum(rows.values(), [])
+               for s in r["meta"].get("scenes", []) + [r["meta"]["scene"]]}
+    assert len(palette) == 12  # every colour's RGB is named by some row of this world
+    checked = 0
+    for name in ("sft", "base", "text"):
+        for row in rows[name]:
+            first = row["messages"][2]["content"] if name == "text" else row["turns"][0]
+            scan = re.match(r"<think>((?:\d+s \w+, )*\d+s \w+)\.[ <]", first)
+            assert scan, first
+            entries = [entry.split(" ") for entry in scan.group(1).split(", ")]
+            frames = overviews[row["video"]]
+            for index, (time, colour) in enumerate(entries):
+                assert time == f"{10 * index}s", first
+                frame = next(f for f in frames if round(f.time, 2) == 10 * index)
+                seen = min(palette, key=lambda c: np.abs(np.median(frame.image.reshape(-1, 3), 0) - palette[c]).sum())
+                assert colour == seen, (row["video"], time, colour, seen)
+            meta = row["meta"]
+            if row["kind"] in ("needle", "count"):
+                stop = [e[1] for e in entries].index(meta["scene"]["colour"])
+                slip = row["teacher"] == "reflection" and "Those frames show the" in row["turns"][1]
+                assert len(entries) - 1 - stop in ((0, 1) if slip else (0,)), first
+                if not slip:  # the zoom starts where the scan stopped
+                    assert json.loads(re.search(r"<video_zoom>(.*)</video_zoom>", first).group(1))["segment"][0] \
+                        == 10 * stop, first
+            elif meta["ask"] in ("first_seen", "last_seen", "span", "colour_at", "shape_at", "before"):
+                assert entries[-1][1] == meta["scene"]["colour"], first
+            elif meta["ask"] == "after":
+                assert entries[-2][1] == meta["scene"]["colour"], first
+            else:  # start / end / scenes
+                assert len(entries) == (1 if meta["ask"] == "start" else len(meta["scenes"])), first
+            checked += 1
+    assert checked == len(rows["sft"]) + len(rows["base"]) + len(rows["text"])
+
+
 def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
     """text.jsonl: each overview frame's tag, then its colour (and a glimpsed shape) in words; the
     question and the one-turn answer are those of a base row. The rows render in train_sft.py's layout."""
@@ -201,5 +246,5 @@ def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
             assert ("," in line) == (shape_pixels(frame.image, palette[colour]) > 0.02), line
         assert "\n".join(lines[len(frames):]) == vz.format_question(row["question"], row["options"])
         assert system["content"] == vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
-        assert re.fullmatch(r"<think>.+</think><answer>[A-D]</answer>", assistant["content"])
+        assert re.fullmatch(r"<think>.+</think><answer>([A-D]|[a-z, ]+)</answer>", assistant["content"])
         assert assistant["content"].endswith(f"<answer>{row['answer']}</answer>")
