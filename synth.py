@@ -68,6 +68,10 @@ parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl:
 parser.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
 parser.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
 parser.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
+parser.add_argument("--walk", action="store_true", help="start every reasoning by reading the overview scene by "
+                    "scene up to the scene the question needs (\"0s red, 10s blue, 20s black. ...\"), and add base "
+                    "rows asking for the whole walk (README: what it teaches a model trained from nothing, and "
+                    "what it does not yet)")
 parser.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
                     "reflection trajectories (where the turn budget allows one)")
 args = parser.parse_args()
@@ -217,8 +221,8 @@ def scan(scenes, upto):
     """The overview read scene by scene, in time order, up to scene `upto`: "0s red, 10s blue, 20s black."
     Every reasoning starts with it. A small model learns this walk (each step reads the frames at the next
     10 s) far faster than finding a named colour among all frames in one step, and once the walk stops at
-    the named scene, the scene's time is the last one written."""
-    return ", ".join(f"{int(s['start'])}s {s['colour']}" for s in scenes[:upto + 1]) + "."
+    the named scene, the scene's time is the last one written. Empty without --walk."""
+    return ", ".join(f"{int(s['start'])}s {s['colour']}" for s in scenes[:upto + 1]) + ". " if args.walk else ""
 
 
 def ask(rng, kind, video, scenes, target):
@@ -234,7 +238,7 @@ def ask(rng, kind, video, scenes, target):
         return choice_row(rng, video, f"How many times does a shape flash during the {colour} scene?",
                           str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta), None
     asks = (["start", "end", "after", "before"] if kind == "glance"
-            else ["colour_at", "shape_at", "first_seen", "last_seen", "after", "span", "span"] + ["scenes"] * 3)
+            else ["colour_at", "shape_at", "first_seen", "last_seen", "after", "span", "span"] + ["scenes"] * 3 * args.walk)
     asks = [a for a in asks if (a != "after" or target + 1 < len(scenes)) and (a != "before" or target > 0)
             and (a != "shape_at" or scene["glimpse"])]
     meta["ask"] = sub = rng.choice(asks)
@@ -243,7 +247,7 @@ def ask(rng, kind, video, scenes, target):
     if sub == "scenes":  # the whole scan and nothing else: the densest lesson in reading frames (not multiple choice)
         answer = ", ".join(s["colour"] for s in scenes)
         return {"video": video, "question": "Which colour does each scene show, in order?", "options": [],
-                "answer": answer, "kind": kind, "meta": meta}, scan(scenes, len(scenes) - 1)
+                "answer": answer, "kind": kind, "meta": meta}, scan(scenes, len(scenes) - 1).strip()
     if sub in ("start", "end"):
         upto = 0 if sub == "start" else len(scenes) - 1
         edge = scenes[upto]
@@ -278,7 +282,7 @@ def ask(rng, kind, video, scenes, target):
         pool = [f"{int(s[sub])}s" for s in scenes]
         question, answer = f"At which frame time is the {colour} scene {which} seen?", pool[target]
         why = f"The {which} frame showing {a_or_an(colour)} background is the one at {scene[sub]:.2f}s."
-    return choice_row(rng, video, question, answer, pool, kind, meta), f"{scan(scenes, upto)} {why}"
+    return choice_row(rng, video, question, answer, pool, kind, meta), f"{scan(scenes, upto)}{why}"
 
 
 # -----------------------------------------------------------------------------
@@ -315,14 +319,14 @@ def teach(rng, row, scenes, target, reflect):
     plan = f"A flash is shorter than the 2s between overview frames, so I zoom there at {ZOOM_FPS:g} fps."
     turns = []
     if not reflect:
-        opening = f"{scan(scenes, target)} The {colour} scene is seen {span(scene)}. {plan}"
+        opening = f"{scan(scenes, target)}The {colour} scene is seen {span(scene)}. {plan}"
     else:
         # The right span at 0.5 fps: 4 frames 2.67 s apart; a lesson only when it misses every flash.
         sparse = not seen(scene, first, last, 0.5) and (len(scenes) == 1 or rng.random() < 0.5)
         if len(scenes) == 1 and not sparse:
             return None
         if sparse:
-            turns.append(zoom(f"{scan(scenes, target)} The overview shows the {colour} scene {span(scene)}; "
+            turns.append(zoom(f"{scan(scenes, target)}The overview shows the {colour} scene {span(scene)}; "
                               "I look at it at 0.5 fps.",
                               first, last, 0.5))
             gap = (last - first) / (len(clip_frames(first, last, 0.5)) - 1)
@@ -332,7 +336,7 @@ def teach(rng, row, scenes, target, reflect):
             earlier = target == len(scenes) - 1 or (target > 0 and rng.random() < 0.5)
             near = scenes[target - 1] if earlier else scenes[target + 1]
             # The slip: the scene read one step too early, or the scan run one step too far.
-            turns.append(zoom(f"{scan(scenes, max(target, scenes.index(near)))} The {colour} scene is seen "
+            turns.append(zoom(f"{scan(scenes, max(target, scenes.index(near)))}The {colour} scene is seen "
                               f"{span(near)}. {plan}", int(near["first_seen"]),
                               int(near["last_seen"]), ZOOM_FPS))
             opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene comes "

@@ -72,14 +72,14 @@ PY
 train text init short/text.jsonl --min-pixels 3136 --max-pixels 7168 --lr 3e-3
 base=(--system-prompt "$OUT/no_tool.txt" --train-vision)
 train base_short text/final short/base.jsonl "${base[@]}" --lr 2e-3
-train base base_short/final world/base.jsonl "${base[@]}" --lr 1e-3 --epochs 2
+train base base_short/final world/base.jsonl "${base[@]}" --lr 1e-3
 # Cold-start SFT on the teacher's trajectories (vision tower frozen, as in the paper).
 train sft_short base/final short/sft.jsonl --lr 1e-3 --epochs 2
 train sft sft_short/final world/sft.jsonl --lr 1e-3 --epochs 2
 
 stage "train_rl.py: rl"
 [ -d "$OUT/rl/final" ] || python train_rl.py --model "$OUT/sft/final" --data "$OUT/world/rl.jsonl" --out "$OUT/rl" \
-  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 10 --lr 1e-4 --tool-bonus 0 --max-new-tokens 192 \
+  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 10 --lr 1e-4 --tool-bonus 0 --max-new-tokens 128 \
   --save-every 5 --resume --log-jsonl "$OUT/rl.jsonl" --episodes-jsonl "$OUT/rl_episodes.jsonl"
 stage "trained: $OUT/rl/final"
 
@@ -97,7 +97,7 @@ if [ $EVAL = 1 ]; then
     local name=$1 model=$2; shift 2
     stage "evaluate $name"
     [ -f "$OUT/eval_$name.json" ] || python infer.py --data "$OUT/test/test.jsonl" --model "$OUT/$model/final" \
-      --max-new-tokens 192 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
+      --max-new-tokens 128 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
     cat "$OUT/eval_$name.txt"
   }
   evaluate rl rl

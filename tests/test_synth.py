@@ -194,10 +194,23 @@ def test_trajectories_replay_to_their_answer_and_say_what_the_frames_show(world,
             assert re.match(r"<think>Those frames (show the \w+ scene, not|are [\d.]+s apart)", row["turns"][1])
 
 
-def test_every_reasoning_starts_with_the_scan_of_the_overview(rows, overviews):
-    """The first turn starts "0s red, 10s blue, ...": one entry per scene in time order, each the colour the
-    overview frame at that time really shows, stopping at the scene the question needs (needle and count:
-    the named scene, whose time is then the zoom's start; the reflection slip stops one scene late at most)."""
+@pytest.fixture(scope="module")
+def walk_rows(world):
+    result = synth(world / "walk", 0, "--walk")
+    assert result.returncode == 0, result.stderr
+    for video in os.listdir(world / "a" / "videos"):  # the same videos: only the words change
+        assert (world / "a" / "videos" / video).read_bytes() == (world / "walk" / "videos" / video).read_bytes()
+    return load(world / "walk")
+
+
+def test_with_walk_every_reasoning_starts_with_the_scan_of_the_overview(walk_rows, rows, overviews):
+    """--walk: the first turn starts "0s red, 10s blue, ...": one entry per scene in time order, each the colour
+    the overview frame at that time really shows, stopping at the scene the question needs (needle and count:
+    the named scene, whose time is then the zoom's start; the reflection slip stops one scene late at most).
+    Without --walk no reasoning has it."""
+    assert not any(re.match(r"<think>\d+s ", row["turns"][0]) for row in rows["sft"] + rows["base"])
+    rows = walk_rows
+    assert any(row["meta"]["ask"] == "scenes" for row in rows["base"])
     palette = {s["colour"]: np.array(s["rgb"]) for r in sum(rows.values(), [])
                for s in r["meta"].get("scenes", []) + [r["meta"]["scene"]]}
     assert len(palette) == 12  # every colour's RGB is named by some row of this world
