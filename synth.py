@@ -19,7 +19,8 @@ Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`)
   glance  start/end colour, colour right before/after a scene (the overview answers it; no zoom)
   base    one-turn questions from the overview alone, for a no-tool "base model": colour at a frame
           time, shape at a glimpse time, when a scene is first / last seen, which overview frames show
-          a scene, colour after a scene (text.jsonl: the same, with the overview frames in words)
+          a scene, colour after a scene (text.jsonl: the same, with the overview frames in words);
+          with --walk also "which colour does each scene show, in order?" (free text, not A-D)
 Split: the last --num-test-videos videos are held out for test.jsonl; base, sft and rl use the rest
 (rl questions first, sft the next ones from the same shuffled pools). sft.jsonl is written by a
 scripted teacher that only uses what the model could see: the overview's scene spans, then what each
@@ -218,8 +219,8 @@ def span(scene):
 
 
 def scan(scenes, upto):
-    """The overview read scene by scene, in time order, up to scene `upto`: "0s red, 10s blue, 20s black."
-    Every reasoning starts with it. A small model learns this walk (each step reads the frames at the next
+    """The overview read scene by scene, in time order, up to scene `upto`: "0s red, 10s blue, 20s black. "
+    With --walk every reasoning starts with it. A small model learns this walk (each step reads the frames at the next
     10 s) far faster than finding a named colour among all frames in one step, and once the walk stops at
     the named scene, the scene's time is the last one written. Empty without --walk."""
     return ", ".join(f"{int(s['start'])}s {s['colour']}" for s in scenes[:upto + 1]) + ". " if args.walk else ""
@@ -238,7 +239,8 @@ def ask(rng, kind, video, scenes, target):
         return choice_row(rng, video, f"How many times does a shape flash during the {colour} scene?",
                           str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta), None
     asks = (["start", "end", "after", "before"] if kind == "glance"
-            else ["colour_at", "shape_at", "first_seen", "last_seen", "after", "span", "span"] + ["scenes"] * 3 * args.walk)
+            else ["colour_at", "shape_at", "first_seen", "last_seen", "after", "span", "span"]
+            + ["scenes"] * 3 * args.walk)
     asks = [a for a in asks if (a != "after" or target + 1 < len(scenes)) and (a != "before" or target > 0)
             and (a != "shape_at" or scene["glimpse"])]
     meta["ask"] = sub = rng.choice(asks)

@@ -56,6 +56,11 @@ def overviews(world, rows):
     return out
 
 
+def scene_colour(image, palette):
+    """The palette colour nearest to a frame's median pixel: the plain background it shows."""
+    return min(palette, key=lambda c: np.abs(np.median(image.reshape(-1, 3), 0) - palette[c]).sum())
+
+
 def shape_pixels(image, rgb):
     """Fraction of pixels far from the plain background colour: ~0 on a plain frame, >2% with a shape."""
     image = image[:image.shape[0] * 4 // 5]  # above the clock strip (synth.py: the bottom 16 of 128 rows)
@@ -137,8 +142,7 @@ def test_glance_and_base_answers_match_the_overview(rows, overviews):
         frames = overviews[row["video"]]
         # The colour each overview frame shows: the nearest scene colour to its median pixel.
         palette = {s["colour"]: np.array(s["rgb"]) for s in meta["scenes"]}
-        seen = [min(palette, key=lambda c: np.abs(np.median(f.image.reshape(-1, 3), 0) - palette[c]).sum())
-                for f in frames]
+        seen = [scene_colour(f.image, palette) for f in frames]
         times = [round(f.time, 2) for f in frames]
         colour, ask = meta["scene"]["colour"], meta["ask"]
         if ask in ("start", "end"):
@@ -225,7 +229,7 @@ def test_with_walk_every_reasoning_starts_with_the_scan_of_the_overview(walk_row
             for index, (time, colour) in enumerate(entries):
                 assert time == f"{10 * index}s", first
                 frame = next(f for f in frames if round(f.time, 2) == 10 * index)
-                seen = min(palette, key=lambda c: np.abs(np.median(frame.image.reshape(-1, 3), 0) - palette[c]).sum())
+                seen = scene_colour(frame.image, palette)
                 assert colour == seen, (row["video"], time, colour, seen)
             meta = row["meta"]
             if row["kind"] in ("needle", "count"):
@@ -254,7 +258,7 @@ def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
         frames = overviews[row["video"]]
         palette = {s["colour"]: np.array(s["rgb"]) for s in row["meta"]["scenes"]}
         for frame, line, index in zip(frames, lines, range(len(frames))):
-            colour = min(palette, key=lambda c: np.abs(np.median(frame.image.reshape(-1, 3), 0) - palette[c]).sum())
+            colour = scene_colour(frame.image, palette)
             assert line.startswith(vz.frame_tag(index, frame.time) + " " + colour), (line, colour)
             assert ("," in line) == (shape_pixels(frame.image, palette[colour]) > 0.02), line
         assert "\n".join(lines[len(frames):]) == vz.format_question(row["question"], row["options"])
