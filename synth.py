@@ -218,12 +218,26 @@ def span(scene):
     return f"from {scene['first_seen']:g}s to {scene['last_seen']:g}s"
 
 
-def scan(scenes, upto):
-    """The overview read scene by scene, in time order, up to scene `upto`: "0s red, 10s blue, 20s black. "
-    With --walk every reasoning starts with it. A small model learns this walk (each step reads the frames at the next
-    10 s) far faster than finding a named colour among all frames in one step, and once the walk stops at
-    the named scene, the scene's time is the last one written. Empty without --walk."""
-    return ", ".join(f"{int(s['start'])}s {s['colour']}" for s in scenes[:upto + 1]) + ". " if args.walk else ""
+def scan(scenes, target):
+    """With --walk, the overview read scene by scene up to scene `target`, each entry set against the colour
+    the question names: "0s red vs black no, 10s black vs black yes. " Every step is local (read the frames
+    at the next 10 s, compare two colour words side by side), so a small model trained from nothing learns
+    where to stop, which it does not when each entry must be matched against the question far back
+    (README); the scene's time is then the last one written. Empty without --walk."""
+    if not args.walk:
+        return ""
+    colour = scenes[target]["colour"]
+    return " ".join(f"{int(s['start'])}s {s['colour']} vs {colour} " + ("yes." if i == target else "no,")
+                    for i, s in enumerate(scenes[:target + 1])) + " "
+
+
+def options_walk(options, answer):
+    """The options walked up to the answer before its letter is written. With --walk each option is set
+    against the answer ("A. red vs blue no, B. blue vs blue yes."), else "A. red: no. B. blue: yes. ..."."""
+    if not args.walk:
+        return " ".join(f"{o}: {'yes' if o == answer else 'no'}." for o in options)
+    upto = options.index(answer)
+    return " ".join(f"{o} vs {answer[3:]} " + ("yes." if i == upto else "no,") for i, o in enumerate(options[:upto + 1]))
 
 
 def ask(rng, kind, video, scenes, target):
@@ -245,24 +259,24 @@ def ask(rng, kind, video, scenes, target):
             and (a != "shape_at" or scene["glimpse"])]
     meta["ask"] = sub = rng.choice(asks)
     meta["scenes"] = [{k: s[k] for k in ("colour", "rgb", "start", "end")} for s in scenes]
-    upto = target  # the scene the scan stops at
-    if sub == "scenes":  # the whole scan and nothing else: the densest lesson in reading frames (not multiple choice)
-        answer = ", ".join(s["colour"] for s in scenes)
+    if sub == "scenes":  # every scene read in order and nothing else: the densest lesson in reading frames
+        answer = ", ".join(s["colour"] for s in scenes)  # (free text, not multiple choice)
         return {"video": video, "question": "Which colour does each scene show, in order?", "options": [],
-                "answer": answer, "kind": kind, "meta": meta}, scan(scenes, len(scenes) - 1).strip()
+                "answer": answer, "kind": kind, "meta": meta}, ", ".join(f"{int(s['start'])}s {s['colour']}"
+                                                                         for s in scenes) + "."
     if sub in ("start", "end"):
-        upto = 0 if sub == "start" else len(scenes) - 1
-        edge = scenes[upto]
+        edge = scenes[0 if sub == "start" else -1]
         meta["scene"] = {k: edge[k] for k in meta["scene"]}
         question, answer, pool = f"What colour is the scene at the {sub} of the video?", edge["colour"], list(PALETTE)
         which, seen_at = ("first", edge["first_seen"]) if sub == "start" else ("last", edge["last_seen"])
         why = f"The {which} overview frame ({seen_at:.2f}s) shows {a_or_an(edge['colour'])} background."
     elif sub in ("after", "before"):
-        upto = target + (sub == "after")
         other = scenes[target + (1 if sub == "after" else -1)]
         question, answer, pool = f"Which colour comes right {sub} the {colour} scene?", other["colour"], list(PALETTE)
         why = (f"The overview shows the {colour} scene {span(scene)} and the {other['colour']} scene {span(other)}, "
                f"so {other['colour']} comes right {sub} {colour}.")
+        if args.walk:  # the walk stops at the named scene; its neighbour is one entry away
+            why = f"Right {sub} it: {int(other['start'])}s {other['colour']}."
     elif sub == "span":  # every overview frame of the scene, listed: where a zoom for it should go
         pool = [span(s) for s in scenes]  # every scene's span, in time order
         answer = pool[target]
@@ -270,6 +284,8 @@ def ask(rng, kind, video, scenes, target):
         question = f"When is the {colour} scene seen in the overview?"
         times = [f"{t:.2f}s" for t in range(first, last + 1, 2)]
         why = f"The frames at {', '.join(times[:-1])} and {times[-1]} show {a_or_an(colour)} background: {answer}."
+        if args.walk:  # the scene's time is the last one the walk wrote
+            why = f"The {colour} scene is seen {answer}."
     elif sub == "colour_at":
         meta["time"] = 2 * rng.randint(int(scene["first_seen"]) // 2, int(scene["last_seen"]) // 2)
         question, answer, pool = f"What colour is the background at {meta['time']:.2f}s?", colour, list(PALETTE)
@@ -284,7 +300,8 @@ def ask(rng, kind, video, scenes, target):
         pool = [f"{int(s[sub])}s" for s in scenes]
         question, answer = f"At which frame time is the {colour} scene {which} seen?", pool[target]
         why = f"The {which} frame showing {a_or_an(colour)} background is the one at {scene[sub]:.2f}s."
-    return choice_row(rng, video, question, answer, pool, kind, meta), f"{scan(scenes, upto)}{why}"
+    named = sub in ("after", "before", "span", "first_seen", "last_seen")  # the question names a scene
+    return choice_row(rng, video, question, answer, pool, kind, meta), (scan(scenes, target) if named else "") + why
 
 
 # -----------------------------------------------------------------------------
@@ -324,8 +341,9 @@ def teach(rng, row, scenes, target, reflect):
         opening = f"{scan(scenes, target)}The {colour} scene is seen {span(scene)}. {plan}"
     else:
         # The right span at 0.5 fps: 4 frames 2.67 s apart; a lesson only when it misses every flash.
-        sparse = not seen(scene, first, last, 0.5) and (len(scenes) == 1 or rng.random() < 0.5)
-        if len(scenes) == 1 and not sparse:
+        # With --walk only this kind: the neighbour's slip would teach a wrong "yes" in the walk.
+        sparse = not seen(scene, first, last, 0.5) and (len(scenes) == 1 or args.walk or rng.random() < 0.5)
+        if (len(scenes) == 1 or args.walk) and not sparse:
             return None
         if sparse:
             turns.append(zoom(f"{scan(scenes, target)}The overview shows the {colour} scene {span(scene)}; "
@@ -338,14 +356,26 @@ def teach(rng, row, scenes, target, reflect):
             earlier = target == len(scenes) - 1 or (target > 0 and rng.random() < 0.5)
             near = scenes[target - 1] if earlier else scenes[target + 1]
             # The slip: the scene read one step too early, or the scan run one step too far.
-            turns.append(zoom(f"{scan(scenes, max(target, scenes.index(near)))}The {colour} scene is seen "
-                              f"{span(near)}. {plan}", int(near["first_seen"]),
+            turns.append(zoom(f"The {colour} scene is seen {span(near)}. {plan}", int(near["first_seen"]),
                               int(near["last_seen"]), ZOOM_FPS))
             opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene comes "
                        f"{'later' if earlier else 'earlier'}, {span(scene)}. I zoom there at {ZOOM_FPS:g} fps.")
     turns.append(zoom(opening, first, last, ZOOM_FPS))
     hits = seen(scene, first, last, ZOOM_FPS)
-    if row["kind"] == "needle":
+    if args.walk:  # the zoomed frames read one by one ("0 -, 1 -, 2 circle"), then the options walked
+        entries, last_event, flashes = [], None, 0
+        for j, frame in enumerate(clip_frames(first, last, ZOOM_FPS)):
+            ev = next((e for e in scene["events"] if e["frames"][0] <= frame < e["frames"][1]), None)
+            new, last_event = ev is not None and ev is not last_event, ev
+            flashes += new
+            entries.append(f"{j} {ev['shape'] if ev else '-'}" + (f" #{flashes}" if new and row["kind"] == "count"
+                                                                   else ""))
+            if ev is not None and row["kind"] == "needle":  # one flash: the walk stops at it
+                break
+        assert flashes == len(scene["events"]), f"the walk missed a flash: {row}"
+        walked = options_walk(row["options"], row["options"]["ABCD".index(letter)])
+        turns.append(f"<think>{', '.join(entries)}. {walked}</think><answer>{letter}</answer>")
+    elif row["kind"] == "needle":
         (ev, j, t), = hits
         turns.append(f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}.</think>"
                      f"<answer>{letter}</answer>")
@@ -417,7 +447,7 @@ for row, why, scenes, target in files["sft"] + files["base"] + files["text"]:
         no_zoom = " No zoom is needed." if row["kind"] == "glance" else ""
         if row["options"]:
             answer = row["options"]["ABCD".index(row["answer"])]
-            why += no_zoom + " " + " ".join(f"{o}: {'yes' if o == answer else 'no'}." for o in row["options"])
+            why += no_zoom + " " + options_walk(row["options"], answer)
         row["turns"] = [f"<think>{why}</think><answer>{row['answer']}</answer>"]
     else:
         reflect = rng.random() < args.reflection_frac

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -207,46 +208,87 @@ def walk_rows(world):
     return load(world / "walk")
 
 
-def test_with_walk_every_reasoning_starts_with_the_scan_of_the_overview(walk_rows, rows, overviews):
-    """--walk: the first turn starts "0s red, 10s blue, ...": one entry per scene in time order, each the colour
-    the overview frame at that time really shows, stopping at the scene the question needs (needle and count:
-    the named scene, whose time is then the zoom's start; the reflection slip stops one scene late at most).
-    Without --walk no reasoning has it."""
+NAMES_A_SCENE = ("after", "before", "span", "first_seen", "last_seen")  # base/glance asks whose question names one
+
+
+def first_turn(row):
+    return row["messages"][2]["content"] if "messages" in row else row["turns"][0]
+
+
+def test_with_walk_reasonings_read_the_overview_against_the_named_colour(walk_rows, rows, overviews):
+    """--walk: a reasoning about a named scene starts "0s red vs black no, 10s black vs black yes.": one entry
+    per scene in time order, each the colour the overview frame at that time really shows set against the
+    question's colour, "no" until they are the same, where it stops. Needle and count then zoom where it
+    stopped. The whole-walk rows list every scene ("0s red, 10s blue, ..."); rows about a time or an edge
+    of the video do not walk. Without --walk no reasoning has a walk."""
     assert not any(re.match(r"<think>\d+s ", row["turns"][0]) for row in rows["sft"] + rows["base"])
     rows = walk_rows
-    assert any(row["meta"]["ask"] == "scenes" for row in rows["base"])
     palette = {s["colour"]: np.array(s["rgb"]) for r in sum(rows.values(), [])
                for s in r["meta"].get("scenes", []) + [r["meta"]["scene"]]}
     assert len(palette) == 12  # every colour's RGB is named by some row of this world
-    checked = 0
-    for name in ("sft", "base", "text"):
-        for row in rows[name]:
-            first = row["messages"][2]["content"] if name == "text" else row["turns"][0]
-            scan = re.match(r"<think>((?:\d+s \w+, )*\d+s \w+)\.[ <]", first)
-            assert scan, first
-            entries = [entry.split(" ") for entry in scan.group(1).split(", ")]
-            frames = overviews[row["video"]]
-            for index, (time, colour) in enumerate(entries):
-                assert time == f"{10 * index}s", first
-                frame = next(f for f in frames if round(f.time, 2) == 10 * index)
-                seen = scene_colour(frame.image, palette)
-                assert colour == seen, (row["video"], time, colour, seen)
-            meta = row["meta"]
-            if row["kind"] in ("needle", "count"):
-                stop = [e[1] for e in entries].index(meta["scene"]["colour"])
-                slip = row["teacher"] == "reflection" and "Those frames show the" in row["turns"][1]
-                assert len(entries) - 1 - stop in ((0, 1) if slip else (0,)), first
-                if not slip:  # the zoom starts where the scan stopped
-                    assert json.loads(re.search(r"<video_zoom>(.*)</video_zoom>", first).group(1))["segment"][0] \
-                        == 10 * stop, first
-            elif meta["ask"] in ("first_seen", "last_seen", "span", "colour_at", "shape_at", "before"):
-                assert entries[-1][1] == meta["scene"]["colour"], first
-            elif meta["ask"] == "after":
-                assert entries[-2][1] == meta["scene"]["colour"], first
-            else:  # start / end / scenes
-                assert len(entries) == (1 if meta["ask"] == "start" else len(meta["scenes"])), first
-            checked += 1
-    assert checked == len(rows["sft"]) + len(rows["base"]) + len(rows["text"])
+    walked = Counter()
+    for row in rows["sft"] + rows["base"] + rows["text"]:
+        first, meta = first_turn(row), row["meta"]
+        frames = overviews[row["video"]]
+        seen = [scene_colour(next(f for f in frames if round(f.time, 2) == 10 * index).image, palette)
+                for index in range(len(frames) // 5)]  # the colour of each 10 s scene, from its first frame
+        ask = meta.get("ask", row["kind"])
+        if ask == "scenes":
+            assert first == "<think>" + ", ".join(f"{10 * i}s {c}" for i, c in enumerate(seen)) + ".</think>" \
+                + f"<answer>{row['answer']}</answer>"
+        elif ask in ("needle", "count") + NAMES_A_SCENE:
+            walk = re.match(r"<think>((?:\d+s \w+ vs \w+ no, )*\d+s \w+ vs \w+ yes\.) ", first)
+            assert walk, first
+            entries = re.findall(r"(\d+)s (\w+) vs (\w+) (no|yes)", walk.group(1))
+            named = meta["scene"]["colour"]
+            assert [(int(t), c, q) for t, c, q, _ in entries] == [(10 * i, seen[i], named) for i in range(len(entries))]
+            assert [d for *_, d in entries] == ["no" if c != named else "yes" for _, c, _, _ in entries]
+            if row["kind"] in ("needle", "count"):  # the first zoom starts where the walk stopped
+                zoom = json.loads(re.search(r"<video_zoom>(.*)</video_zoom>", first).group(1))
+                assert zoom["segment"][0] == 10 * (len(entries) - 1), first
+        else:
+            assert ask in ("start", "end", "colour_at", "shape_at") and not re.match(r"<think>\d+s ", first), first
+        walked[ask] += 1
+    assert set(walked) >= {"needle", "count", "scenes", "span", "colour_at"}, walked
+    reflections = [row for row in rows["sft"] if row.get("teacher") == "reflection"]
+    assert reflections and all(row["turns"][1].startswith("<think>Those frames are ") for row in reflections)
+
+
+def test_with_walk_answers_read_each_zoomed_frame_then_walk_the_options(walk_rows, world, tiny):
+    """--walk: after the zoom, each returned frame in order ("0 -, 1 -, 2 circle"; count rows mark where
+    each flash starts: "5 square #1"), checked against the pixels the sampler returns; the needle walk
+    stops at the flash. Every answer then walks the options against the answer ("A. circle vs square no,
+    B. square vs square yes.") up to the right letter."""
+    _, renderer = tiny
+    for row in walk_rows["sft"] + walk_rows["base"] + walk_rows["text"]:
+        last = row["messages"][2]["content"] if "messages" in row else row["turns"][-1]
+        if not row["options"]:
+            continue
+        answer = row["options"]["ABCD".index(row["answer"])][3:]
+        options = re.findall(r"([A-D])\. (.+?) vs (.+?) (no,|yes\.)", last)
+        assert [(letter, option, against) for letter, option, against, _ in options] \
+            == [("ABCD"[i], o[3:], answer) for i, o in enumerate(row["options"][:len(options)])], last
+        assert [d for *_, d in options] == ["no,"] * (len(options) - 1) + ["yes."] and options[-1][0] == row["answer"]
+        assert last.endswith(f"yes.</think><answer>{row['answer']}</answer>"), last
+        if row["kind"] not in ("needle", "count"):
+            continue
+        with vz.open_video(str(world / "walk" / row["video"])) as video:
+            prompt = vz.build_prompt(renderer, video, row["question"], row["options"])
+            episode = vz.replay(renderer, video, prompt, row["turns"], vz.Limits())
+        assert episode.stop == "answer" and episode.answer.letter == row["answer"]
+        frames = episode.frames[-episode.turns[-2]["num_frames"]:]  # the last zoom's frames
+        frame_walk = last[len("<think>"):last.index(" A. ")]
+        entries = re.findall(r"(\d+) (\w+|-)(?: #(\d+))?[,.]", frame_walk)
+        assert [int(j) for j, *_ in entries] == list(range(len(entries)))
+        for (j, shape, _), frame in zip(entries, frames):
+            assert (shape_pixels(frame.image, row["meta"]["scene"]["rgb"]) > 0.02) == (shape != "-"), (row, j)
+        if row["kind"] == "needle":  # stops at the one flash, whose shape is the answer
+            assert [s for _, s, _ in entries] == ["-"] * (len(entries) - 1) + [answer]
+        else:  # every frame read; a mark where each flash starts; the last mark is the count
+            starts = [j for j, (_, s, _) in enumerate(entries) if s != "-" and (j == 0 or entries[j - 1][1] == "-")]
+            assert len(entries) == len(frames)
+            assert [int(n) for _, _, n in entries if n] == list(range(1, len(starts) + 1)) and str(len(starts)) == answer
+            assert [j for j, (_, _, n) in enumerate(entries) if n] == starts
 
 
 def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
