@@ -220,15 +220,18 @@ def span(scene):
 
 def scan(scenes, target):
     """With --walk, the overview read scene by scene up to scene `target`, each entry set against the colour
-    the question names: "0s red vs black no, 10s black vs black yes. " Every step is local (read the frames
-    at the next 10 s, compare two colour words side by side), so a small model trained from nothing learns
-    where to stop, which it does not when each entry must be matched against the question far back
-    (README); the scene's time is then the last one written. Empty without --walk."""
+    the question names: "Find black: 0s red vs black no, 10s black vs black yes. " Every step is local (read
+    the frames at the next 10 s, compare two colour words side by side, copy the colour from the entry
+    before), so a small model trained from nothing learns where to stop, which it does not when each entry
+    must be matched against the question far back (README). The one copy from the question comes first,
+    before the turn holds any other colour word. The scene's time is then the last one written. Empty
+    without --walk."""
     if not args.walk:
         return ""
     colour = scenes[target]["colour"]
-    return " ".join(f"{int(s['start'])}s {s['colour']} vs {colour} " + ("yes." if i == target else "no,")
-                    for i, s in enumerate(scenes[:target + 1])) + " "
+    entries = [f"{int(s['start'])}s {s['colour']} vs {colour} " + ("yes." if i == target else "no,")
+               for i, s in enumerate(scenes[:target + 1])]
+    return f"Find {colour}: " + " ".join(entries) + " "
 
 
 def options_walk(options, answer):
@@ -237,7 +240,8 @@ def options_walk(options, answer):
     if not args.walk:
         return " ".join(f"{o}: {'yes' if o == answer else 'no'}." for o in options)
     upto = options.index(answer)
-    return " ".join(f"{o} vs {answer[3:]} " + ("yes." if i == upto else "no,") for i, o in enumerate(options[:upto + 1]))
+    return " ".join(f"{o} vs {answer[3:]} " + ("yes." if i == upto else "no,")
+                    for i, o in enumerate(options[:upto + 1]))
 
 
 def ask(rng, kind, video, scenes, target):

@@ -72,7 +72,10 @@ PY
 train text init short/text.jsonl --min-pixels 3136 --max-pixels 7168 --lr 3e-3
 base=(--system-prompt "$OUT/no_tool.txt" --train-vision)
 train base_short text/final short/base.jsonl "${base[@]}" --lr 2e-3 --epochs 2
-train base base_short/final world/base.jsonl "${base[@]}" --lr 1e-3
+# Reading forms midway through that pass and copying the question's colour into the walk does not yet, so a
+# second pass at a lower peak (seed 1: another order) teaches the stop.
+train base_short2 base_short/final short/base.jsonl "${base[@]}" --lr 1e-3 --epochs 2 --seed 1
+train base base_short2/final world/base.jsonl "${base[@]}" --lr 1e-3
 # Cold-start SFT on the teacher's trajectories (vision tower frozen, as in the paper).
 train sft_short base/final short/sft.jsonl --lr 1e-3 --epochs 2 --train-vision
 train sft sft_short/final world/sft.jsonl --lr 1e-3 --epochs 2 --train-vision

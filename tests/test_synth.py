@@ -216,11 +216,11 @@ def first_turn(row):
 
 
 def test_with_walk_reasonings_read_the_overview_against_the_named_colour(walk_rows, rows, overviews):
-    """--walk: a reasoning about a named scene starts "0s red vs black no, 10s black vs black yes.": one entry
-    per scene in time order, each the colour the overview frame at that time really shows set against the
-    question's colour, "no" until they are the same, where it stops. Needle and count then zoom where it
-    stopped. The whole-walk rows list every scene ("0s red, 10s blue, ..."); rows about a time or an edge
-    of the video do not walk. Without --walk no reasoning has a walk."""
+    """--walk: a reasoning about a named scene starts "Find black: 0s red vs black no, 10s black vs black
+    yes.": the question's colour, then one entry per scene in time order, each the colour the overview frame
+    at that time really shows set against the question's colour, "no" until they are the same, where it
+    stops. Needle and count then zoom where it stopped. The whole-walk rows list every scene ("0s red, 10s
+    blue, ..."); rows about a time or an edge of the video do not walk. Without --walk no reasoning walks."""
     assert not any(re.match(r"<think>\d+s ", row["turns"][0]) for row in rows["sft"] + rows["base"])
     rows = walk_rows
     palette = {s["colour"]: np.array(s["rgb"]) for r in sum(rows.values(), [])
@@ -237,10 +237,11 @@ def test_with_walk_reasonings_read_the_overview_against_the_named_colour(walk_ro
             assert first == "<think>" + ", ".join(f"{10 * i}s {c}" for i, c in enumerate(seen)) + ".</think>" \
                 + f"<answer>{row['answer']}</answer>"
         elif ask in ("needle", "count") + NAMES_A_SCENE:
-            walk = re.match(r"<think>((?:\d+s \w+ vs \w+ no, )*\d+s \w+ vs \w+ yes\.) ", first)
+            walk = re.match(r"<think>Find (\w+): ((?:\d+s \w+ vs \w+ no, )*\d+s \w+ vs \w+ yes\.) ", first)
             assert walk, first
-            entries = re.findall(r"(\d+)s (\w+) vs (\w+) (no|yes)", walk.group(1))
+            entries = re.findall(r"(\d+)s (\w+) vs (\w+) (no|yes)", walk.group(2))
             named = meta["scene"]["colour"]
+            assert walk.group(1) == named, first
             assert [(int(t), c, q) for t, c, q, _ in entries] == [(10 * i, seen[i], named) for i in range(len(entries))]
             assert [d for *_, d in entries] == ["no" if c != named else "yes" for _, c, _, _ in entries]
             if row["kind"] in ("needle", "count"):  # the first zoom starts where the walk stopped
@@ -287,7 +288,8 @@ def test_with_walk_answers_read_each_zoomed_frame_then_walk_the_options(walk_row
         else:  # every frame read; a mark where each flash starts; the last mark is the count
             starts = [j for j, (_, s, _) in enumerate(entries) if s != "-" and (j == 0 or entries[j - 1][1] == "-")]
             assert len(entries) == len(frames)
-            assert [int(n) for _, _, n in entries if n] == list(range(1, len(starts) + 1)) and str(len(starts)) == answer
+            assert [int(n) for _, _, n in entries if n] == list(range(1, len(starts) + 1))
+            assert str(len(starts)) == answer
             assert [j for j, (_, _, n) in enumerate(entries) if n] == starts
 
 
