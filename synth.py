@@ -69,10 +69,12 @@ parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl:
 parser.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
 parser.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
 parser.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
-parser.add_argument("--walk", action="store_true", help="start every reasoning by reading the overview scene by "
-                    "scene up to the scene the question needs (\"0s red, 10s blue, 20s black. ...\"), and add base "
-                    "rows asking for the whole walk (README: what it teaches a model trained from nothing, and "
-                    "what it does not yet)")
+parser.add_argument("--walk", action="store_true", help="write every reasoning as local steps: a question naming a "
+                    "scene reads the overview scene by scene against its colour (\"Find black: 0s red vs black no, "
+                    "10s black vs black yes.\"), the zoomed frames are read one by one (\"0 -, 1 circle.\"), the "
+                    "options are walked against the answer (\"A. red vs blue no, B. blue vs blue yes.\"); base rows "
+                    "add the whole walk, reflection is the sparse kind only (README: what it teaches a model trained "
+                    "from nothing, and what not yet)")
 parser.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
                     "reflection trajectories (where the turn budget allows one)")
 args = parser.parse_args()

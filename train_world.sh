@@ -46,9 +46,9 @@ train() {
 stage "worlds"
 # The short world has the same scenes and questions with 20 overview frames instead of 60, so the tiny
 # model first learns to read frames and times where few frames compete.
-world world 0 120 --walk --num-videos 100 --num-base 3200 --num-sft 400 --num-rl 400 --num-test 60
-world short 100 40 --walk --num-videos 1500 --num-test-videos 1 --num-base 6400 --num-text 6400 --num-sft 1600 \
-  --num-rl 0 --num-test 0
+world world 0 120 --num-videos 100 --num-base 800 --num-sft 400 --num-rl 400 --num-test 60
+world short 100 40 --num-videos 300 --num-test-videos 1 --num-base 6400 --num-text 6400 --num-sft 1600 --num-rl 0 \
+  --num-test 0
 python -c "import vz; print(vz.NO_TOOL_PROMPT)" > "$OUT/no_tool.txt"
 
 stage "random tiny model"
@@ -71,18 +71,15 @@ PY
 # trained too. One turn, no tool.
 train text init short/text.jsonl --min-pixels 3136 --max-pixels 7168 --lr 3e-3
 base=(--system-prompt "$OUT/no_tool.txt" --train-vision)
-train base_short text/final short/base.jsonl "${base[@]}" --lr 2e-3 --epochs 2
-# Reading forms midway through that pass and copying the question's colour into the walk does not yet, so a
-# second pass at a lower peak (seed 1: another order) teaches the stop.
-train base_short2 base_short/final short/base.jsonl "${base[@]}" --lr 1e-3 --epochs 2 --seed 1
-train base base_short2/final world/base.jsonl "${base[@]}" --lr 1e-3
+train base_short text/final short/base.jsonl "${base[@]}" --lr 2e-3
+train base base_short/final world/base.jsonl "${base[@]}" --lr 1e-3
 # Cold-start SFT on the teacher's trajectories (vision tower frozen, as in the paper).
-train sft_short base/final short/sft.jsonl --lr 1e-3 --epochs 2 --train-vision
-train sft sft_short/final world/sft.jsonl --lr 1e-3 --epochs 2 --train-vision
+train sft_short base/final short/sft.jsonl --lr 1e-3 --epochs 2
+train sft sft_short/final world/sft.jsonl --lr 1e-3 --epochs 2
 
 stage "train_rl.py: rl"
 [ -d "$OUT/rl/final" ] || python train_rl.py --model "$OUT/sft/final" --data "$OUT/world/rl.jsonl" --out "$OUT/rl" \
-  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 10 --lr 1e-4 --tool-bonus 0 --max-new-tokens 192 \
+  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 10 --lr 1e-4 --tool-bonus 0 --max-new-tokens 128 \
   --save-every 5 --resume --log-jsonl "$OUT/rl.jsonl" --episodes-jsonl "$OUT/rl_episodes.jsonl"
 stage "trained: $OUT/rl/final"
 
@@ -100,7 +97,7 @@ if [ $EVAL = 1 ]; then
     local name=$1 model=$2; shift 2
     stage "evaluate $name"
     [ -f "$OUT/eval_$name.json" ] || python infer.py --data "$OUT/test/test.jsonl" --model "$OUT/$model/final" \
-      --max-new-tokens 192 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
+      --max-new-tokens 128 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
     cat "$OUT/eval_$name.txt"
   }
   evaluate rl rl
@@ -112,12 +109,12 @@ if [ $EVAL = 1 ]; then
 
   stage "ablation: cold-start SFT on exemplars only (the same questions, --reflection-frac 0)"
   # sft.jsonl is drawn after test and rl (same counts keep the same questions) and before base and text.
-  world world_exemplar 0 120 --walk --num-videos 100 --num-base 0 --num-sft 400 --num-rl 400 --num-test 60 \
+  world world_exemplar 0 120 --num-videos 100 --num-base 0 --num-sft 400 --num-rl 400 --num-test 60 \
     --reflection-frac 0
-  world short_exemplar 100 40 --walk --num-videos 1500 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 0 \
+  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 0 \
     --num-test 0 --reflection-frac 0
-  train sft_short_exemplar base/final short_exemplar/sft.jsonl --lr 1e-3 --epochs 2 --train-vision
-  train sft_exemplar sft_short_exemplar/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2 --train-vision
+  train sft_short_exemplar base/final short_exemplar/sft.jsonl --lr 1e-3 --epochs 2
+  train sft_exemplar sft_short_exemplar/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2
   evaluate sft_exemplar sft_exemplar
 fi
 stage "done"
