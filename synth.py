@@ -361,7 +361,7 @@ def teach(rng, row, scenes, target, reflect):
         else:  # the neighbouring scene's span
             earlier = target == len(scenes) - 1 or (target > 0 and rng.random() < 0.5)
             near = scenes[target - 1] if earlier else scenes[target + 1]
-            # The slip: the scene read one step too early, or the scan run one step too far.
+            # The slip: the neighbouring scene's span, as if its time had been read for this one.
             turns.append(zoom(f"The {colour} scene is seen {span(near)}. {plan}", int(near["first_seen"]),
                               int(near["last_seen"]), ZOOM_FPS))
             opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene comes "
