@@ -21,6 +21,8 @@ Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`)
           time, shape at a glimpse time, when a scene is first / last seen, which overview frames show
           a scene, colour after a scene (text.jsonl: the same, with the overview frames in words);
           with --walk also "which colour does each scene show, in order?" (free text, not A-D)
+  shape   (shapes.jsonl, --num-shapes) one still frame of a flash, "which shape is shown?": the vision
+          tower's lesson in telling the four shapes apart, which the base questions teach late or never
 Split: the last --num-test-videos videos are held out for test.jsonl; base, sft and rl use the rest
 (rl questions first, sft the next ones from the same shuffled pools). sft.jsonl is written by a
 scripted teacher that only uses what the model could see: the overview's scene spans, then what each
@@ -66,6 +68,9 @@ parser.add_argument("--num-base", type=int, default=600, help="rows of base.json
 parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl: base questions with every "
                     "overview frame written as words instead of pixels (LLaMA-Factory layout, no images), a cheap "
                     "warm-up for a model trained from nothing (train_world.sh uses it to teach the answer format)")
+parser.add_argument("--num-shapes", type=int, default=0, help="rows of shapes.jsonl: one still frame with a flash "
+                    "(a PNG under shapes/), \"Which shape is shown?\" (LLaMA-Factory layout): the vision tower's "
+                    "lesson in telling the shapes apart, which the base questions alone teach late or never")
 parser.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
 parser.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
 parser.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
@@ -84,7 +89,7 @@ if not 40 <= args.seconds <= 120 or args.seconds % 10:
     vz.fail("--seconds must be a multiple of 10 from 40 to 120 (10 s scenes, 12 colours)")
 if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
     vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
-counts = (args.num_base, args.num_text, args.num_sft, args.num_rl, args.num_test)
+counts = (args.num_base, args.num_text, args.num_shapes, args.num_sft, args.num_rl, args.num_test)
 if min(counts) < 0 or not 0 <= args.reflection_frac <= 1:
     vz.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
 print(vars(args) | {"num_test_videos": num_test_videos})
@@ -490,6 +495,41 @@ for row, why, scenes, target in files["text"]:
                                                                                                    row["options"])},
                        {"role": "assistant", "content": row.pop("turns")[0]}]
     row["images"] = []
+
+
+def write_png(path, image):
+    """A yuv420p image (as draw makes it) converted to RGB the way a decoder would, saved losslessly."""
+    frame = av.VideoFrame.from_ndarray(image, format="yuv420p").reformat(format="rgb24")
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = WIDTH, HEIGHT, "rgb24"
+    with open(path, "wb") as f:
+        f.writelines(bytes(packet) for packet in codec.encode(frame) + codec.encode(None))
+
+
+def shape_card(rng, index):
+    """A shapes.jsonl row: one frame of a flash, anywhere in any scene at any time, and its shape asked."""
+    background, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
+    ev = event(rng, shape, 0, 1, background)
+    image = os.path.join("shapes", f"{index:05d}.png")
+    frame_index = rng.randrange(args.seconds * FPS)  # the clock strip shows a time, as in a video
+    write_png(os.path.join(args.out, image), draw(PALETTE[background], frame_index, ev))
+    row = choice_row(rng, None, "Which shape is shown?", shape, SHAPES, "shape",
+                     {"background": background, "shape": shape, "colour": ev["colour"], "box": ev["box"]})
+    why = f"0 {shape}." if args.walk else f"The frame shows {a_or_an(ev['colour'])} {shape}."
+    turn = f"<think>{why} {options_walk(row['options'], row['options']['ABCD'.index(row['answer'])])}</think>"
+    row["messages"] = [{"role": "system", "content": no_tool_system},
+                       {"role": "user", "content": f"{vz.frame_tag(0, seconds(frame_index))}<image>\n"
+                        + vz.format_question(row["question"], row["options"])},
+                       {"role": "assistant", "content": f"{turn}<answer>{row['answer']}</answer>"}]
+    row["images"] = [image]
+    del row["video"]
+    return row, None, None, None
+
+
+if args.num_shapes:
+    os.makedirs(os.path.join(args.out, "shapes"), exist_ok=True)
+shape_rng = random.Random(f"{args.seed} shapes")  # its own stream: the other files do not move with --num-shapes
+files["shapes"] = [shape_card(shape_rng, index) for index in range(args.num_shapes)]
 for name, rows in files.items():
     with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row, *_ in rows)
@@ -498,7 +538,7 @@ print(f"videos: {args.num_videos} ({num_test_videos} held out for test) x {args.
       f"{sum(os.path.getsize(os.path.join(args.out, v)) for v, _ in worlds) / 1e6:.1f} MB")
 for name, rows in files.items():
     kinds = Counter(row["kind"] + (f"/{row['teacher']}" if "teacher" in row else "") for row, *_ in rows)
-    distinct = len({(row["video"], row["question"]) for row, *_ in rows})
+    distinct = len({(row.get("video"), row["question"], *row.get("images", [])) for row, *_ in rows})
     print(f"{name}.jsonl: {len(rows)} rows, {distinct} distinct questions | "
           + " | ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
 questions = [{(row["video"], row["question"]) for row, *_ in files[name]} for name in ("rl", "sft")]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import av
 import numpy as np
 import pytest
 
@@ -310,3 +311,45 @@ def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
         assert system["content"] == vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
         assert re.fullmatch(r"<think>.+</think><answer>([A-D]|[a-z, ]+)</answer>", assistant["content"])
         assert assistant["content"].endswith(f"<answer>{row['answer']}</answer>")
+
+
+def test_shape_cards_show_the_shape_they_name_and_train(world, walk_rows, tiny_dir, tiny, tmp_path):
+    """--num-shapes: shapes.jsonl holds one PNG frame per row, the shape it names drawn in it (told apart here by
+    how much of its box it fills), in the LLaMA-Factory layout that train_sft.py trains on; the other files
+    do not move."""
+    result = synth(world / "cards", 0, "--walk", "--num-shapes", "24")
+    assert result.returncode == 0, result.stderr
+    for name in FILES:
+        assert (world / "cards" / f"{name}.jsonl").read_bytes() == (world / "walk" / f"{name}.jsonl").read_bytes()
+    cards = [json.loads(line) for line in open(world / "cards" / "shapes.jsonl")]
+    # Share of the box a shape fills, from its geometry on [-1, 1]^2: a disc of radius sqrt(0.95), a square of
+    # side 1.6, a diamond of half-diagonal 1, a triangle of base 1.8 at 0.85 and apex at -0.95.
+    fill = {"circle": np.pi * 0.95 / 4, "square": 1.6 ** 2 / 4, "diamond": 0.5, "triangle": 1.8 * 1.8 / 2 / 4}
+    assert len(cards) == 24 and {card["meta"]["shape"] for card in cards} == set(fill)
+    for card in cards:
+        shape = card["meta"]["shape"]
+        assert card["options"]["ABCD".index(card["answer"])] == f"{card['answer']}. {shape}" and card["kind"] == "shape"
+        with av.open(str(world / "cards" / card["images"][0])) as container:
+            image = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(int)
+        above_clock = image[:image.shape[0] * 7 // 8]
+        background = np.median(above_clock.reshape(-1, 3), 0)
+        marked = np.abs(above_clock - background).max(axis=2) > 80
+        x0, y0, x1, y1 = card["meta"]["box"]
+        drawn = min(fill, key=lambda s: abs(fill[s] - marked[y0:y1, x0:x1].mean()))
+        assert drawn == shape and marked.sum() == marked[y0:y1, x0:x1].sum(), (card["images"], drawn, shape)
+        system, user, assistant = card["messages"]
+        assert system["content"] == vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
+        assert re.fullmatch(r"<frame0_time\d+\.\d\ds><image>\n", user["content"].split("Which")[0])
+        assert user["content"].endswith(vz.format_question("Which shape is shown?", card["options"]))
+        walked = [f"{o} vs {shape} {'yes.' if o[3:] == shape else 'no,'}" for o in card["options"]]
+        assert assistant["content"] == (f"<think>0 {shape}. {' '.join(walked[:'ABCD'.index(card['answer']) + 1])}"
+                                        f"</think><answer>{card['answer']}</answer>")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_sft.py"), "--model", tiny_dir, "--data",
+                             str(world / "cards" / "shapes.jsonl"), "--out", str(out), "--batch-size", "24",
+                             "--max-steps", "1", "--train-vision", "--log-jsonl", str(tmp_path / "log.jsonl")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, renderer = tiny
+    (log,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log["trained_tokens"] == sum(len(renderer.encode(card["messages"][2]["content"])) + 1 for card in cards)
