@@ -530,6 +530,7 @@ if args.num_shapes:
     os.makedirs(os.path.join(args.out, "shapes"), exist_ok=True)
 shape_rng = random.Random(f"{args.seed} shapes")  # its own stream: the other files do not move with --num-shapes
 files["shapes"] = [shape_card(shape_rng, index) for index in range(args.num_shapes)]
+files["text"] = files.pop("text")  # text.jsonl stays the last file written: train_world.sh's mark of a whole world
 for name, rows in files.items():
     with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row, *_ in rows)
