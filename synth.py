@@ -260,6 +260,14 @@ def options_walk(options, answer):
                     for i, o in enumerate(options[:upto + 1]))
 
 
+def answer_turn(row, why):
+    """A row's answering turn: the reasoning, then (multiple choice) the options walked up to the answer, then
+    the answer."""
+    if row["options"]:
+        why += " " + options_walk(row["options"], row["options"]["ABCD".index(row["answer"])])
+    return f"<think>{why}</think><answer>{row['answer']}</answer>"
+
+
 def ask(rng, kind, video, scenes, target):
     """One question of `kind` about scene `target`. Glance and base rows pick a sub-kind (meta["ask"]) and
     come with their one-turn reasoning, read off the overview frames; needle and count rows with None."""
@@ -391,8 +399,7 @@ def teach(rng, row, scenes, target, reflect):
                                                                    else ""))
             if ev is not None and row["kind"] == "needle":  # one flash: the walk stops at it
                 break
-        walked = options_walk(row["options"], row["options"]["ABCD".index(letter)])
-        turns.append(f"<think>{', '.join(entries)}. {walked}</think><answer>{letter}</answer>")
+        turns.append(answer_turn(row, f"{', '.join(entries)}."))
     elif row["kind"] == "needle":
         (ev, j, t), = hits
         turns.append(f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}.</think>"
@@ -463,10 +470,7 @@ files = {"test": draw_rows(rng, test, args.num_test, mix, {}),
 for row, why, scenes, target in files["sft"] + files["base"] + files["text"]:
     if why is not None:  # glance and base: one turn, the answer read off the overview, then the options walked
         no_zoom = " No zoom is needed." if row["kind"] == "glance" else ""
-        if row["options"]:
-            answer = row["options"]["ABCD".index(row["answer"])]
-            why += no_zoom + " " + options_walk(row["options"], answer)
-        row["turns"] = [f"<think>{why}</think><answer>{row['answer']}</answer>"]
+        row["turns"] = [answer_turn(row, why + no_zoom)]
     else:
         reflect = rng.random() < args.reflection_frac
         row["turns"] = teach(rng, row, scenes, target, reflect)
@@ -516,11 +520,10 @@ def shape_card(rng, index):
     row = choice_row(rng, None, "Which shape is shown?", shape, SHAPES, "shape",
                      {"background": background, "shape": shape, "colour": ev["colour"], "box": ev["box"]})
     why = f"0 {shape}." if args.walk else f"The frame shows {a_or_an(ev['colour'])} {shape}."
-    turn = f"<think>{why} {options_walk(row['options'], row['options']['ABCD'.index(row['answer'])])}</think>"
     row["messages"] = [{"role": "system", "content": no_tool_system},
                        {"role": "user", "content": f"{vz.frame_tag(0, seconds(frame_index))}<image>\n"
                         + vz.format_question(row["question"], row["options"])},
-                       {"role": "assistant", "content": f"{turn}<answer>{row['answer']}</answer>"}]
+                       {"role": "assistant", "content": answer_turn(row, why)}]
     row["images"] = [image]
     del row["video"]
     return row, None, None, None
