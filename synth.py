@@ -23,6 +23,8 @@ Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`)
           with --walk also "which colour does each scene show, in order?" (free text, not A-D)
   shape   (shapes.jsonl, --num-shapes) one still frame of a flash, "which shape is shown?": the vision
           tower's lesson in telling the four shapes apart, which the base questions teach late or never
+  clips   (clips.jsonl, --num-clips) a needle or count question asked of a zoom's frames alone (PNGs of the
+          scene's overview span at 2 fps), answered as the sft rows' last turn: the lesson in reading them
 Split: the last --num-test-videos videos are held out for test.jsonl; base, sft and rl use the rest
 (rl questions first, sft the next ones from the same shuffled pools). sft.jsonl is written by a
 scripted teacher that only uses what the model could see: the overview's scene spans, then what each
@@ -71,6 +73,9 @@ parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl:
 parser.add_argument("--num-shapes", type=int, default=0, help="rows of shapes.jsonl: one still frame with a flash "
                     "(a PNG under shapes/), \"Which shape is shown?\" (LLaMA-Factory layout): the vision tower's "
                     "lesson in telling the shapes apart, which the base questions alone teach late or never")
+parser.add_argument("--num-clips", type=int, default=0, help="rows of clips.jsonl: a needle or count question asked "
+                    "of the frames a zoom on its scene returns and nothing else (PNGs under clips/, LLaMA-Factory "
+                    "layout), answered as an sft row's last turn is: the lesson in reading zoomed frames one by one")
 parser.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
 parser.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
 parser.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
@@ -89,7 +94,7 @@ if not 40 <= args.seconds <= 120 or args.seconds % 10:
     vz.fail("--seconds must be a multiple of 10 from 40 to 120 (10 s scenes, 12 colours)")
 if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
     vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
-counts = (args.num_base, args.num_text, args.num_shapes, args.num_sft, args.num_rl, args.num_test)
+counts = (args.num_base, args.num_text, args.num_shapes, args.num_clips, args.num_sft, args.num_rl, args.num_test)
 if min(counts) < 0 or not 0 <= args.reflection_frac <= 1:
     vz.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
 print(vars(args) | {"num_test_videos": num_test_videos})
@@ -359,9 +364,8 @@ def teach(rng, row, scenes, target, reflect):
     """The assistant turns of a needle/count row: one zoom on the scene's overview span at ZOOM_FPS, then the
     answer; with reflect, first a wrong zoom and a turn saying why it was wrong. None when the scene has no
     wrong zoom to teach (a single-scene video whose sparse zoom would catch a flash)."""
-    scene, letter = scenes[target], row["answer"]
-    colour, answer = scene["colour"], row["options"]["ABCD".index(letter)][3:]
-    first, last = int(scene["first_seen"]), int(scene["last_seen"])
+    scene = scenes[target]
+    colour, first, last = scene["colour"], int(scene["first_seen"]), int(scene["last_seen"])
     plan = f"A flash is shorter than the 2s between overview frames, so I zoom there at {ZOOM_FPS:g} fps."
     turns = []
     if not reflect:
@@ -388,8 +392,21 @@ def teach(rng, row, scenes, target, reflect):
             opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene comes "
                        f"{'later' if earlier else 'earlier'}, {span(scene)}. I zoom there at {ZOOM_FPS:g} fps.")
     turns.append(zoom(opening, first, last, ZOOM_FPS))
+    turns.append(read_zoom(row, scene))
+    return turns
+
+
+def read_zoom(row, scene):
+    """The answering turn after a zoom on the scene's overview span at ZOOM_FPS: with --walk the frames read one
+    by one ("0 -, 1 -, 2 circle"; a needle walk stops at its flash, a count walk numbers each new one), then the
+    options walked; else the frames that show a shape, named."""
+    first, last = int(scene["first_seen"]), int(scene["last_seen"])
     hits = seen(scene, first, last, ZOOM_FPS)
-    if args.walk:  # the zoomed frames read one by one ("0 -, 1 -, 2 circle"), then the options walked
+    # The zoom is sound: frames 0.53 s apart never miss a >= 1 s flash, nor a >= 0.6 s gap between two.
+    assert len(hits) == len(scene["events"]), f"the zoom missed a flash: {row}"
+    assert len(clip_frames(first, last, ZOOM_FPS)) <= vz.Limits().max_frames_per_call
+    answer = row["options"]["ABCD".index(row["answer"])][3:]
+    if args.walk:
         entries, last_event, flashes = [], None, 0
         for j, frame in enumerate(clip_frames(first, last, ZOOM_FPS)):
             ev = event_at(scene["events"], frame)
@@ -399,19 +416,14 @@ def teach(rng, row, scenes, target, reflect):
                                                                    else ""))
             if ev is not None and row["kind"] == "needle":  # one flash: the walk stops at it
                 break
-        turns.append(answer_turn(row, f"{', '.join(entries)}."))
-    elif row["kind"] == "needle":
+        return answer_turn(row, f"{', '.join(entries)}.")
+    if row["kind"] == "needle":
         (ev, j, t), = hits
-        turns.append(f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}.</think>"
-                     f"<answer>{letter}</answer>")
-    else:
-        said = ", ".join(f"frame {j} ({t:.2f}s)" for _, j, t in hits)
-        turns.append(f"<think>A shape shows in {said}, with plain frames between: {answer} "
-                     f"time{'s' * (answer != '1')}.</think><answer>{letter}</answer>")
-    # The zoom is sound: frames 0.53 s apart never miss a >= 1 s flash, nor a >= 0.6 s gap between two.
-    assert len(hits) == len(scene["events"]), f"the zoom missed a flash: {row}"
-    assert len(clip_frames(first, last, ZOOM_FPS)) <= vz.Limits().max_frames_per_call
-    return turns
+        return (f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}.</think>"
+                f"<answer>{row['answer']}</answer>")
+    said = ", ".join(f"frame {j} ({t:.2f}s)" for _, j, t in hits)
+    return (f"<think>A shape shows in {said}, with plain frames between: {answer} "
+            f"time{'s' * (answer != '1')}.</think><answer>{row['answer']}</answer>")
 
 
 # -----------------------------------------------------------------------------
@@ -533,6 +545,35 @@ if args.num_shapes:
     os.makedirs(os.path.join(args.out, "shapes"), exist_ok=True)
 shape_rng = random.Random(f"{args.seed} shapes")  # its own stream: the other files do not move with --num-shapes
 files["shapes"] = [shape_card(shape_rng, index) for index in range(args.num_shapes)]
+
+
+def clip_row(rng, video, scenes, target, written):
+    """A clips.jsonl row: the scene's needle or count question asked of the frames a zoom on its overview span
+    returns and of nothing else (PNGs named by video and frame, each written once), answered as an sft row's
+    last turn is."""
+    scene = scenes[target]
+    row, _ = ask(rng, "needle" if len(scene["events"]) == 1 and rng.random() < 0.5 else "count", video, scenes, target)
+    frames = clip_frames(int(scene["first_seen"]), int(scene["last_seen"]), ZOOM_FPS)
+    row["images"] = [os.path.join("clips", f"{os.path.basename(video)[:-4]}_{frame:04d}.png") for frame in frames]
+    for image, frame in zip(row["images"], frames):
+        if image not in written:
+            written.add(image)
+            write_png(os.path.join(args.out, image), draw(scene["rgb"], frame, event_at(scene["events"], frame)))
+    row["messages"] = [{"role": "system", "content": no_tool_system},
+                       {"role": "user", "content": "".join(f"{vz.frame_tag(j, seconds(frame))}<image>\n"
+                                                           for j, frame in enumerate(frames))
+                        + vz.format_question(row["question"], row["options"])},
+                       {"role": "assistant", "content": read_zoom(row, scene)}]
+    return row, None, None, None
+
+
+if args.num_clips:
+    os.makedirs(os.path.join(args.out, "clips"), exist_ok=True)
+clip_rng = random.Random(f"{args.seed} clips")  # its own stream, as the cards have
+flashing = [(video, scenes, i) for video, scenes in train for i, scene in enumerate(scenes) if scene["events"]]
+flashing = clip_rng.sample(flashing, len(flashing))
+written = set()
+files["clips"] = [clip_row(clip_rng, *flashing[n % len(flashing)], written) for n in range(args.num_clips)]
 files["text"] = files.pop("text")  # text.jsonl stays the last file written: train_world.sh's mark of a whole world
 for name, rows in files.items():
     with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:

@@ -209,6 +209,27 @@ def walk_rows(world):
     return load(world / "walk")
 
 
+# Share of the box a shape fills, from its geometry on [-1, 1]^2: a disc of radius sqrt(0.95), a square of side 1.6,
+# a diamond of half-diagonal 1, a triangle of base 1.8 at 0.85 and apex at -0.95.
+FILL = {"circle": np.pi * 0.95 / 4, "square": 1.6 ** 2 / 4, "diamond": 0.5, "triangle": 1.8 * 1.8 / 2 / 4}
+
+
+def read_png(path):
+    with av.open(str(path)) as container:
+        return next(container.decode(video=0)).to_ndarray(format="rgb24").astype(int)
+
+
+def drawn_shape(image, boxes):
+    """The shape drawn in one of the boxes, told apart by how much of the box it fills ("-" when nothing stands out
+    from the background above the clock strip); everything drawn must lie inside that box."""
+    above_clock = image[:image.shape[0] * 7 // 8]
+    marked = np.abs(above_clock - np.median(above_clock.reshape(-1, 3), 0)).max(axis=2) > 80
+    if not marked.any():
+        return "-"
+    (x0, y0, x1, y1), = [box for box in boxes if marked[box[1]:box[3], box[0]:box[2]].sum() == marked.sum()]
+    return min(FILL, key=lambda s: abs(FILL[s] - marked[y0:y1, x0:x1].mean()))
+
+
 NAMES_A_SCENE = ("after", "before", "span", "first_seen", "last_seen")  # base/glance asks whose question names one
 
 
@@ -322,21 +343,12 @@ def test_shape_cards_show_the_shape_they_name_and_train(world, walk_rows, tiny_d
     for name in FILES:
         assert (world / "cards" / f"{name}.jsonl").read_bytes() == (world / "walk" / f"{name}.jsonl").read_bytes()
     cards = [json.loads(line) for line in open(world / "cards" / "shapes.jsonl")]
-    # Share of the box a shape fills, from its geometry on [-1, 1]^2: a disc of radius sqrt(0.95), a square of
-    # side 1.6, a diamond of half-diagonal 1, a triangle of base 1.8 at 0.85 and apex at -0.95.
-    fill = {"circle": np.pi * 0.95 / 4, "square": 1.6 ** 2 / 4, "diamond": 0.5, "triangle": 1.8 * 1.8 / 2 / 4}
-    assert len(cards) == 24 and {card["meta"]["shape"] for card in cards} == set(fill)
+    assert len(cards) == 24 and {card["meta"]["shape"] for card in cards} == set(FILL)
     for card in cards:
         shape = card["meta"]["shape"]
         assert card["options"]["ABCD".index(card["answer"])] == f"{card['answer']}. {shape}" and card["kind"] == "shape"
-        with av.open(str(world / "cards" / card["images"][0])) as container:
-            image = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(int)
-        above_clock = image[:image.shape[0] * 7 // 8]
-        background = np.median(above_clock.reshape(-1, 3), 0)
-        marked = np.abs(above_clock - background).max(axis=2) > 80
-        x0, y0, x1, y1 = card["meta"]["box"]
-        drawn = min(fill, key=lambda s: abs(fill[s] - marked[y0:y1, x0:x1].mean()))
-        assert drawn == shape and marked.sum() == marked[y0:y1, x0:x1].sum(), (card["images"], drawn, shape)
+        drawn = drawn_shape(read_png(world / "cards" / card["images"][0]), [card["meta"]["box"]])
+        assert drawn == shape, (card["images"], drawn, shape)
         system, user, assistant = card["messages"]
         assert system["content"] == vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
         assert re.fullmatch(r"<frame0_time\d+\.\d\ds><image>\n", user["content"].split("Which")[0])
@@ -353,3 +365,55 @@ def test_shape_cards_show_the_shape_they_name_and_train(world, walk_rows, tiny_d
     _, renderer = tiny
     (log,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert log["trained_tokens"] == sum(len(renderer.encode(card["messages"][2]["content"])) + 1 for card in cards)
+
+
+def test_clip_rows_ask_of_a_zooms_frames_and_answer_by_reading_them(world, walk_rows, tiny_dir, tiny, tmp_path):
+    """--num-clips: clips.jsonl asks a needle or count question of the frames a zoom on its scene returns (the
+    same times, and PNGs showing what the video shows then) and nothing else; the answer reads every frame as
+    it is drawn (read back here from the PNGs) up to the flash, or numbering each flash, then walks the options;
+    train_sft.py trains on it; the other files do not move."""
+    result = synth(world / "clips", 0, "--walk", "--num-clips", "10")
+    assert result.returncode == 0, result.stderr
+    for name in FILES:
+        assert (world / "clips" / f"{name}.jsonl").read_bytes() == (world / "walk" / f"{name}.jsonl").read_bytes()
+    clips = [json.loads(line) for line in open(world / "clips" / "clips.jsonl")]
+    assert len(clips) == 10 and {row["kind"] for row in clips} == {"needle", "count"}
+    videos = {}
+    for row in clips:
+        scene, events = row["meta"]["scene"], row["meta"]["events"]
+        if row["video"] not in videos:
+            with av.open(str(world / "clips" / row["video"])) as container:
+                videos[row["video"]] = [f.to_ndarray(format="rgb24").astype(int) for f in container.decode(video=0)]
+        with vz.open_video(str(world / "clips" / row["video"])) as video:  # what a zoom on the scene returns
+            zoomed = vz.sample_clip(video, vz.VisionConfig(), scene["first_seen"], scene["last_seen"], 16)
+        system, user, assistant = row["messages"]
+        assert system["content"] == vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
+        assert user["content"] == ("".join(f"{vz.frame_tag(j, f.time)}<image>\n" for j, f in enumerate(zoomed))
+                                   + vz.format_question(row["question"], row["options"]))
+        entries, flashes = [], 0
+        for j, (path, frame) in enumerate(zip(row["images"], zoomed)):
+            image = read_png(world / "clips" / path)
+            assert np.abs(image - videos[row["video"]][round(frame.time * 5)]).mean() < 3, path
+            shape = drawn_shape(image, [ev["box"] for ev in events])
+            new = shape != "-" and (not entries or entries[-1].split()[1] == "-")
+            flashes += new
+            entries.append(f"{j} {shape}" + (f" #{flashes}" if new and row["kind"] == "count" else ""))
+            if shape != "-" and row["kind"] == "needle":
+                break
+        answer = events[0]["shape"] if row["kind"] == "needle" else str(len(events))
+        assert flashes == (1 if row["kind"] == "needle" else len(events))
+        options = [o[3:] for o in row["options"]]
+        walked = [f"{'ABCD'[i]}. {o} vs {answer} {'yes.' if o == answer else 'no,'}" for i, o in enumerate(options)]
+        upto = options.index(answer)
+        assert row["answer"] == "ABCD"[upto]
+        assert assistant["content"] == (f"<think>{', '.join(entries)}. {' '.join(walked[:upto + 1])}</think>"
+                                        f"<answer>{row['answer']}</answer>")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_sft.py"), "--model", tiny_dir, "--data",
+                             str(world / "clips" / "clips.jsonl"), "--out", str(out), "--batch-size", "10",
+                             "--max-steps", "1", "--train-vision", "--log-jsonl", str(tmp_path / "log.jsonl")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, renderer = tiny
+    (log,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log["trained_tokens"] == sum(len(renderer.encode(row["messages"][2]["content"])) + 1 for row in clips)
