@@ -64,7 +64,14 @@ parser.add_argument("--num-videos", type=int, default=100, help="videos in the w
 parser.add_argument("--num-test-videos", type=int, default=0, help="videos held out for test.jsonl (the last ones); "
                     "0 = a fifth, at least 1")
 parser.add_argument("--seconds", type=int, default=120, help="length of every video in seconds: 40-120, a "
-                    "multiple of 10 (10 s scenes, each of the 12 colours at most once)")
+                    "multiple of --scene-seconds (each of the 12 colours at most once, at least 2 scenes)")
+parser.add_argument("--scene-seconds", type=int, default=10, help="length of every scene in seconds: a multiple of "
+                    "the overview's spacing, so every scene starts on an overview frame")
+parser.add_argument("--overview-frames", type=int, default=0, help="the overview the agent is trained and run with: "
+                    "N frames spread uniformly (train_sft.py / train_rl.py / infer.py --max-overview-frames N); "
+                    "0 = one frame every 2 s (0.5 fps). Flashes fall between its frames")
+parser.add_argument("--shape-size", type=int, default=64, help="side of a flash's box in source pixels (the video is "
+                    "224x128, and 112x56 after the 8-token resize): even, at most 104")
 # Question sets
 parser.add_argument("--num-base", type=int, default=600, help="rows of base.jsonl (one-turn, no-tool questions)")
 parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl: base questions with every "
@@ -90,8 +97,18 @@ parser.add_argument("--reflection-frac", type=float, default=0.3, help="share of
 args = parser.parse_args()
 
 num_test_videos = args.num_test_videos or max(1, args.num_videos // 5)
-if not 40 <= args.seconds <= 120 or args.seconds % 10:
-    vz.fail("--seconds must be a multiple of 10 from 40 to 120 (10 s scenes, 12 colours)")
+spacing = args.seconds / args.overview_frames if args.overview_frames else 2.0  # seconds between overview frames
+if not 40 <= args.seconds <= 120 or args.scene_seconds < 1 or args.seconds % args.scene_seconds \
+        or not 2 <= args.seconds // args.scene_seconds <= 12:
+    vz.fail("--seconds must be from 40 to 120 and a multiple of --scene-seconds, with 2 to 12 scenes")
+if args.overview_frames < 0 or spacing % 1 or (args.scene_seconds / spacing) % 1 or spacing < 2:
+    vz.fail("--overview-frames must give a spacing of a whole number of seconds, at least 2, that "
+            "divides --scene-seconds")
+if args.scene_seconds - spacing > 16:
+    vz.fail("a scene's overview span (--scene-seconds minus the overview spacing) must be at most 16 s, so that "
+            "one zoom of at most 16 frames at 1 fps or more covers it")
+if args.shape_size % 2 or not 16 <= args.shape_size <= 104:
+    vz.fail("--shape-size must be even, from 16 to 104")
 if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
     vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
 counts = (args.num_base, args.num_text, args.num_shapes, args.num_clips, args.num_sft, args.num_rl, args.num_test)
@@ -103,15 +120,23 @@ print(vars(args) | {"num_test_videos": num_test_videos})
 # The world: scenes of plain colours, shapes flashing inside them
 
 FPS, WIDTH, HEIGHT, GOP = 5, 224, 128, 25
-STEP = 2 * FPS  # source frames between overview frames (0.5 fps)
+STEP, SPACING = round(spacing * FPS), int(spacing)  # source frames between overview frames (10 at 0.5 fps)
 PALETTE = {"red": (220, 30, 30), "green": (30, 150, 50), "blue": (30, 60, 220), "yellow": (240, 220, 40),
            "purple": (130, 40, 170), "orange": (250, 140, 20), "cyan": (40, 200, 220), "pink": (250, 140, 200),
            "brown": (120, 70, 30), "grey": (128, 128, 128), "white": (245, 245, 245), "black": (15, 15, 15)}
 SHAPES = ["circle", "square", "triangle", "diamond"]
-SIZE = 64  # shape box side in pixels, half the height; even, so it lines up with the chroma planes
+SIZE = args.shape_size  # shape box side in pixels (64: half the height); even, so it lines up with the chroma planes
 CLOCK = 16  # height of the clock strip along the bottom: white from the left edge to t / 120 s of the width
-SCENE = 10 * FPS  # source frames per scene: overview frames 0, 2, 4, 6, 8 s into it show it
-ZOOM_FPS = 2  # the teacher's zoom rate: a scene's 8 s overview span gives 16 frames 0.53 s apart
+SCENE = args.scene_seconds * FPS  # source frames per scene: (10 s scenes) overview frames 0, 2, 4, 6, 8 s into it
+# The teacher's zoom rate, the highest whole fps whose call on a scene's overview span returns at most 16 frames
+# (8 s span: 2 fps, 16 frames 0.53 s apart); its too-sparse reflection zoom is a quarter of it.
+ZOOM_FPS = 16 * FPS // (SCENE - STEP)
+SPARSE_FPS = ZOOM_FPS / 4
+# Flashes are placed in slots of SLOT source frames inside the cells between overview frames, at most one per slot,
+# MARGIN frames clear of the slot's ends: 2 s slots for 10-frame cells; 3 s slots (longer flashes, wider gaps)
+# where a zoom's frames are further apart, so a zoom at ZOOM_FPS still sees every flash and every gap.
+SLOT = 10 if ZOOM_FPS >= 2 else 15
+MARGIN, LONGER = SLOT // 5, (SLOT - 10) // 5  # 2 and 0 frames for 2 s slots
 ROWS, COLS = np.mgrid[-1:1:SIZE * 1j, -1:1:SIZE * 1j]  # coordinates in the shape box, -1..1
 MASKS = {"circle": ROWS ** 2 + COLS ** 2 <= 0.95,
          "square": (abs(ROWS) <= 0.8) & (abs(COLS) <= 0.8),
@@ -139,15 +164,18 @@ def plan_video(rng, num_frames):
         scene = {"colour": colour, "rgb": list(PALETTE[colour]), "start": seconds(start),
                  "end": seconds(start + SCENE), "first_seen": seconds(first), "last_seen": seconds(last),
                  "frames": [start, start + SCENE], "events": [], "glimpse": None}
-        if rng.random() < 0.2:  # a shape an overview frame shows: straddles overview frame k, one frame either side
+        if rng.random() < 0.2 and len(cells) > 1:  # a shape an overview frame inside the scene shows: it
+            # straddles overview frame k, one frame either side
             k, length = rng.choice(cells[1:]), rng.randint(3, 5)
             scene["glimpse"] = event(rng, rng.choice(SHAPES), k * STEP - rng.randint(1, length - 2), length, colour)
         else:
-            # One flash per cell at most, inside frames 2..8 of 10, so the overview frames at both ends of
-            # the cell and their neighbours stay plain; flashes in neighbouring cells are >= 0.6 s apart.
-            for cell in sorted(rng.sample(cells, rng.choice([1, 1, 1, 2, 3, 4]))):
-                length = rng.randint(5, 6)  # >= 1 s
-                begin = cell * STEP + rng.randint(2, 9 - length)
+            # One flash per slot at most, inside frames 2..8 of a 10-frame slot (3..11 of 15), so the overview
+            # frames at the ends of a cell and their neighbours stay plain; flashes in neighbouring slots are
+            # >= 0.6 s (1.2 s) apart, and they last >= 1 s (1.2 s).
+            slots = [cell * STEP + j * SLOT for cell in cells for j in range(STEP // SLOT)]
+            for slot in sorted(rng.sample(slots, rng.choice([1, 1, 1, 2, 3, 4]))):
+                length = rng.randint(5, 6) + LONGER
+                begin = slot + rng.randint(MARGIN, SLOT - 1 - length - 2 * LONGER)
                 scene["events"].append(event(rng, rng.choice(SHAPES), begin, length, colour))
         scenes.append(scene)
     overview = set(range(0, num_frames, STEP))
@@ -314,17 +342,17 @@ def ask(rng, kind, video, scenes, target):
         answer = pool[target]
         first, last = int(scene["first_seen"]), int(scene["last_seen"])
         question = f"When is the {colour} scene seen in the overview?"
-        times = [f"{t:.2f}s" for t in range(first, last + 1, 2)]
+        times = [f"{t:.2f}s" for t in range(first, last + 1, SPACING)]
         why = f"The frames at {', '.join(times[:-1])} and {times[-1]} show {a_or_an(colour)} background: {answer}."
         if args.walk:  # the scene's time is the last one the walk wrote
             why = f"The {colour} scene is seen {answer}."
     elif sub == "colour_at":
-        meta["time"] = 2 * rng.randint(int(scene["first_seen"]) // 2, int(scene["last_seen"]) // 2)
+        meta["time"] = SPACING * rng.randint(int(scene["first_seen"]) // SPACING, int(scene["last_seen"]) // SPACING)
         question, answer, pool = f"What colour is the background at {meta['time']:.2f}s?", colour, list(PALETTE)
         why = f"The frame at {meta['time']:.2f}s shows {a_or_an(colour)} background."
     elif sub == "shape_at":
         glimpse = scene["glimpse"]
-        meta["time"] = -(-glimpse["frames"][0] // STEP) * 2  # the overview time inside the glimpse
+        meta["time"] = -(-glimpse["frames"][0] // STEP) * SPACING  # the overview time inside the glimpse
         question, answer, pool = f"Which shape is visible at {meta['time']:.2f}s?", glimpse["shape"], SHAPES
         why = f"The frame at {meta['time']:.2f}s shows a {glimpse['colour']} {answer} on {a_or_an(colour)} background."
     else:  # first_seen / last_seen: the distractors are the same time in other scenes
@@ -366,21 +394,21 @@ def teach(rng, row, scenes, target, reflect):
     wrong zoom to teach (a single-scene video whose sparse zoom would catch a flash)."""
     scene = scenes[target]
     colour, first, last = scene["colour"], int(scene["first_seen"]), int(scene["last_seen"])
-    plan = f"A flash is shorter than the 2s between overview frames, so I zoom there at {ZOOM_FPS:g} fps."
+    plan = f"A flash is shorter than the {SPACING}s between overview frames, so I zoom there at {ZOOM_FPS:g} fps."
     turns = []
     if not reflect:
         opening = f"{scan(scenes, target)}The {colour} scene is seen {span(scene)}. {plan}"
     else:
-        # The right span at 0.5 fps: 4 frames 2.67 s apart; a lesson only when it misses every flash.
+        # The right span at SPARSE_FPS (10 s scenes: 4 frames 2.67 s apart); a lesson only when it misses every flash.
         # With --walk only this kind: the neighbour's slip would teach a wrong "yes" in the walk.
-        sparse = not seen(scene, first, last, 0.5) and (len(scenes) == 1 or args.walk or rng.random() < 0.5)
+        sparse = not seen(scene, first, last, SPARSE_FPS) and (len(scenes) == 1 or args.walk or rng.random() < 0.5)
         if (len(scenes) == 1 or args.walk) and not sparse:
             return None
         if sparse:
             turns.append(zoom(f"{scan(scenes, target)}The overview shows the {colour} scene {span(scene)}; "
-                              "I look at it at 0.5 fps.",
-                              first, last, 0.5))
-            gap = (last - first) / (len(clip_frames(first, last, 0.5)) - 1)
+                              f"I look at it at {SPARSE_FPS:g} fps.",
+                              first, last, SPARSE_FPS))
+            gap = (last - first) / (len(clip_frames(first, last, SPARSE_FPS)) - 1)
             opening = (f"Those frames are {gap:.2f}s apart and show only the {colour} background, but a flash is "
                        f"shorter than that and can fall between them. I zoom again at {ZOOM_FPS:g} fps, {span(scene)}.")
         else:  # the neighbouring scene's span
