@@ -57,8 +57,10 @@ parser.add_argument("--max-pixels", type=int, default=0, help="override the chec
 parser.add_argument("--system-prompt", help="file whose text replaces the built-in system prompt "
                     "(may use {max_frames_per_call}, {max_zooms}, {max_frames})")
 # Protocol budgets
-parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
-parser.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap; above it frames are spread uniformly")
+parser.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
+                    "model's (0.5 unless it was trained otherwise)")
+parser.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap, above which frames are "
+                    "spread uniformly; 0 = the model's (64 unless it was trained otherwise)")
 parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode (so max-turns - 1 zooms)")
 parser.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
 parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may ask for")
@@ -76,7 +78,7 @@ parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto
 args = parser.parse_args()
 
 
-for flag in ("overview_fps", "max_overview_frames", "max_turns", "max_frames", "max_frames_per_call",
+for flag in ("max_turns", "max_frames", "max_frames_per_call",
              "max_new_tokens", "max_total_tokens"):
     if getattr(args, flag) <= 0:
         vz.fail(f"--{flag.replace('_', '-')} must be positive")
@@ -135,6 +137,7 @@ if demo:
 model_dir = args.model or DEFAULT_MODEL
 if not os.path.isdir(model_dir):
     vz.fail(f"{model_dir}: no such model directory")
+vz.resolve_overview(args, model_dir)  # the overview the model was trained on, unless the flags say otherwise
 
 # -----------------------------------------------------------------------------
 # Model and questions

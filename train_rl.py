@@ -58,8 +58,8 @@ parser.add_argument("--max-resample", type=int, default=4, help="extra prompt ro
 parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
 parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
                     "100352, i.e. 128 visual tokens); 0 = keep")
-parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
-parser.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
+parser.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the model's (0.5 unless it was trained otherwise)")
+parser.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless it was trained otherwise)")
 parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode")
 parser.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
 parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
@@ -100,6 +100,8 @@ if args.steps % args.mini_batches:
     vz.fail(f"--steps {args.steps} must be a multiple of --mini-batches {args.mini_batches}")
 if not os.path.isfile(args.data):
     vz.fail(f"{args.data}: no such data file")
+vz.resolve_overview(args, args.model)  # saved with every checkpoint, so later stages and infer.py keep it
+overview = (args.overview_fps, args.max_overview_frames)
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens, args.max_total_tokens)
 num_rounds = args.steps // args.mini_batches
 groups_per_rank = args.prompts_per_step // world_size
@@ -360,7 +362,7 @@ for round_index in range(first_round, num_rounds):
     if args.save_every and (round_index + 1) % args.save_every == 0 and round_index + 1 < num_rounds:
         path = os.path.join(args.out, f"step_{(round_index + 1) * args.mini_batches}")
         vz.save_checkpoint(path, policy, tokenizer, args.model, optimizer,
-                           {"round": round_index + 1, "cursor": cursor, "args": vars(args)}, rank, vcfg)
+                           {"round": round_index + 1, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview)
         if master:
             print(f"saved {path}", flush=True)
 
@@ -369,7 +371,7 @@ for round_index in range(first_round, num_rounds):
 
 final = os.path.join(args.out, "final")
 vz.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
-                   {"round": num_rounds, "cursor": cursor, "args": vars(args)}, rank, vcfg)
+                   {"round": num_rounds, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview)
 if master:
     print(f"saved {final} ({time.time() - run_started:.1f} s)")
 vz.compute_cleanup()

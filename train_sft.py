@@ -48,8 +48,8 @@ parser.add_argument("--system-prompt", help="file replacing the built-in system 
 parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
 parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
                     "100352, i.e. 128 visual tokens); 0 = keep")
-parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
-parser.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
+parser.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the model's (0.5 unless it was trained otherwise)")
+parser.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless it was trained otherwise)")
 parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
 parser.add_argument("--max-frames", type=int, default=128, help="frames per trajectory, overview included")
 parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
@@ -79,6 +79,8 @@ if args.batch_size % world_size:
     vz.fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
 if not os.path.isfile(args.data):
     vz.fail(f"{args.data}: no such data file")
+vz.resolve_overview(args, args.model)  # saved with every checkpoint, so later stages and infer.py keep it
+overview = (args.overview_fps, args.max_overview_frames)
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, max_total_tokens=args.max_len)
 if master:
     print("args:", json.dumps(vars(args)))
@@ -304,7 +306,7 @@ for step in range(first_step, last_step):
             log.flush()
     if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < last_step:
         vz.save_checkpoint(os.path.join(args.out, f"step_{step + 1}"), model, tokenizer, args.model, optimizer,
-                           {"step": step + 1, "args": vars(args)}, rank, vcfg)
+                           {"step": step + 1, "args": vars(args)}, rank, vcfg, overview)
         if master:
             print(f"saved {os.path.join(args.out, f'step_{step + 1}')}", flush=True)
 
@@ -313,7 +315,7 @@ for step in range(first_step, last_step):
 
 final = os.path.join(args.out, "final" if last_step == total_steps else f"step_{last_step}")
 vz.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank,
-                   vcfg)
+                   vcfg, overview)
 if master:
     print(f"saved {final} ({time.time() - run_started:.1f} s)")
     if log:

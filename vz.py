@@ -67,6 +67,27 @@ def load_vision_config(model_dir):
     )
 
 
+def load_overview(model_dir):
+    """(fps, max_frames) of the overview a model was trained with: preprocessor_config.json's
+    `videozoomer_overview`, which our trainers write, else PROTOCOL.md's 0.5 fps and 64 frames."""
+    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
+        overview = json.load(f).get("videozoomer_overview") or {}
+    return float(overview.get("fps", 0.5)), int(overview.get("max_frames", 64))
+
+
+def resolve_overview(args, model_dir):
+    """Fill --overview-fps / --max-overview-frames left at 0 from the model (load_overview); one error line
+    when model_dir is not a model directory, and when a value is negative."""
+    try:
+        fps, max_frames = load_overview(model_dir)
+    except (OSError, ValueError) as e:
+        fail(f"{model_dir}: not a model directory ({_one_line(e)})")
+    if args.overview_fps < 0 or args.max_overview_frames < 0:
+        fail("--overview-fps and --max-overview-frames must be positive, or 0 for the model's")
+    args.overview_fps = args.overview_fps or fps
+    args.max_overview_frames = args.max_overview_frames or max_frames
+
+
 def resize_shape(height, width, vcfg):
     """(h, w) with sides multiples of patch*merge, aspect kept, pixels in [min, max]."""
     factor = vcfg.factor
@@ -457,8 +478,11 @@ class Renderer:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def image_ids(self, frame):
-        _, grid = frame.patches(self.vcfg)
-        num_tokens = int(grid.prod()) // self.vcfg.merge_size ** 2
+        # The token count from the frame's size alone: patchifying here would cost more than the rendering.
+        height, width, _ = frame.image.shape
+        factor = self.vcfg.patch_size * self.vcfg.merge_size
+        assert height % factor == 0 and width % factor == 0, f"frame {width}x{height} is not patch-aligned"
+        num_tokens = (height // factor) * (width // factor)
         return [self.vision_start] + [self.image_pad] * num_tokens + [self.vision_end]
 
     def parts(self, parts):
@@ -867,6 +891,10 @@ def respond(renderer, video, episode, ids, limits):
         episode.last_turn, frames = True, []
         record.update(kind="refused", error="the episode's token budget is used up, so no frames are returned")
         message, _ = renderer.message("user", error_reply_parts(record["error"], True))
+        if len(episode.ids) + len(closing) + len(message) + len(header) > limits.max_total_tokens:
+            # Not even that reply fits (the turn used its whole cap): the episode ends here, within its budget.
+            episode.stop = "length"
+            return None
     episode.num_zooms += record["kind"] == "zoom"
     reply_ids = closing + message + header
     episode.add((reply_ids, [0] * len(reply_ids)))
@@ -1190,7 +1218,7 @@ def shard_model(model, world_size):
     return model
 
 
-def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank, vcfg):
+def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank, vcfg, overview):
     """Write an HF-format checkpoint (+ optimizer and trainer state) into out_dir atomically.
 
     Every rank must call it (gathering sharded weights is collective); rank 0 writes into a temporary
@@ -1218,6 +1246,8 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
     for key, value in (("min_pixels", vcfg.min_pixels), ("max_pixels", vcfg.max_pixels)):
         if key in preprocessor:
             preprocessor[key] = value
+    # And the overview it was trained on, (fps, max frames): infer.py and later stages default to it.
+    preprocessor["videozoomer_overview"] = {"fps": overview[0], "max_frames": overview[1]}
     with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
         json.dump(preprocessor, f, indent=2)
     tensors = {"rng.torch": torch.get_rng_state()}

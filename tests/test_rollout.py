@@ -141,3 +141,17 @@ def test_limits_and_mask(scripted, limits):
                 start = 0
         zoom_turns = [t for t in episode.turns if t["kind"] == "zoom"]
         assert all(1 <= t["num_frames"] <= merged.max_frames_per_call for t in zoom_turns)
+
+
+def test_a_refusal_that_does_not_fit_ends_the_episode_within_its_budget(tiny, index_video):
+    # conftest's second script zooms until its fourth zoom is refused for the token budget. With 64 fewer tokens
+    # in the budget not even the refusal fits: the episode ends there ("length"), never past its budget.
+    from conftest import OPTIONS, QUESTION, SCRIPTS
+    _, renderer = tiny
+    with vz.open_video(index_video) as video:
+        for total, stop in ((4160, "answer"), (4096, "length")):
+            limits = vz.Limits(max_new_tokens=64, max_total_tokens=total)
+            prompt = vz.build_prompt(renderer, video, QUESTION, OPTIONS, limits, overview_fps=0.25)
+            episode = vz.replay(renderer, video, prompt, SCRIPTS[1][:4 if stop == "length" else 5], limits)
+            assert episode.stop == stop and episode.turns[3]["kind"] == "refused", [t["kind"] for t in episode.turns]
+            assert len(episode.ids) <= total

@@ -417,3 +417,93 @@ def test_clip_rows_ask_of_a_zooms_frames_and_answer_by_reading_them(world, walk_
     _, renderer = tiny
     (log,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert log["trained_tokens"] == sum(len(renderer.encode(row["messages"][2]["content"])) + 1 for row in clips)
+
+
+COARSE = ["--num-videos", "6", "--num-test-videos", "2", "--seconds", "120", "--scene-seconds", "30",
+          "--overview-frames", "8", "--shape-size", "96", "--num-base", "30", "--num-sft", "30", "--num-rl", "10",
+          "--num-test", "10", "--num-text", "6", "--num-clips", "4", "--walk"]
+
+
+@pytest.fixture(scope="module")
+def coarse(tmp_path_factory):
+    # 2-minute videos of four 30 s scenes, an 8-frame overview (15 s apart), 96-pixel flashes: SMALL's flags overridden
+    root = tmp_path_factory.mktemp("coarse")
+    result = synth(root, 0, *COARSE)
+    assert result.returncode == 0, result.stderr
+    return root, load(root)
+
+
+def test_coarse_overview_shows_each_scene_plain_at_its_two_frames(coarse):
+    root, rows = coarse
+    palette = {s["colour"]: np.array(s["rgb"]) for r in sum(rows.values(), [])
+               for s in r["meta"].get("scenes", []) + [r["meta"]["scene"]]}
+    overviews, checked = {}, Counter()
+    for row in sum(rows.values(), []):
+        if row["video"] not in overviews:  # the agent's overview: 8 frames spread uniformly
+            with vz.open_video(str(root / row["video"])) as video:
+                overviews[row["video"]] = vz.sample_overview(video, vz.VisionConfig(), 0.5, 8)
+        frames = overviews[row["video"]]
+        assert [round(f.time, 2) for f in frames] == [15 * k for k in range(8)]
+        seen = [scene_colour(f.image, palette) for f in frames]
+        # No flash (and no glimpse: a scene has a single cell) ever reaches an overview frame.
+        assert all(shape_pixels(f.image, palette[c]) < 0.005 for f, c in zip(frames, seen)), row["video"]
+        scene, scenes = row["meta"]["scene"], row["meta"].get("scenes")
+        assert (scene["first_seen"], scene["last_seen"]) == (scene["start"], scene["start"] + 15)
+        assert seen[int(scene["start"]) // 15:int(scene["end"]) // 15] == [scene["colour"]] * 2, (row["video"], scene)
+        if scenes:  # base and glance rows list every scene: 30 s each, two overview frames apiece
+            assert [(s["start"], s["end"]) for s in scenes] == [(30 * i, 30 * i + 30) for i in range(4)]
+            assert seen == [s["colour"] for s in scenes for _ in range(2)], (row["video"], seen)
+        checked[row["kind"]] += 1
+    assert set(checked) == {"base", "needle", "count", "glance"}
+
+
+def test_coarse_teacher_zooms_a_scene_span_at_1_fps_and_reads_each_frame(coarse):
+    root, rows = coarse
+    native = vz.VisionConfig(patch_size=1, merge_size=1)  # frames at the video's 224x128, where the boxes are
+    checked = Counter()
+    for row in [r for r in rows["sft"] if r["kind"] in ("needle", "count")]:
+        scene, events = row["meta"]["scene"], row["meta"]["events"]
+        assert all(x1 - x0 == y1 - y0 == 96 for x0, y0, x1, y1 in (ev["box"] for ev in events))
+        with vz.open_video(str(root / row["video"])) as video:
+            calls = [vz.parse_turn(turn, video.duration, 16) for turn in row["turns"][:-1]]
+            assert all(ok and isinstance(call, vz.Zoom) for call, ok in calls), row["turns"]
+            zoom = calls[-1][0]  # the right zoom: the scene's overview span at 1 fps, 15 frames ~1.07 s apart
+            assert (zoom.start, zoom.end, zoom.fps, zoom.num_frames) == (scene["start"], scene["start"] + 15, 1, 15)
+            frames = vz.sample_clip(video, vz.VisionConfig(), zoom.start, zoom.end, zoom.num_frames)
+            full = vz.sample_clip(video, native, zoom.start, zoom.end, zoom.num_frames)
+            if row["teacher"] == "reflection":  # first the same span too sparse: 0.25 fps, 3 plain frames
+                sparse = calls[0][0]
+                assert len(calls) == 2 and (sparse.start, sparse.end, sparse.fps) == (zoom.start, zoom.end, 0.25)
+                sparse_frames = vz.sample_clip(video, vz.VisionConfig(), sparse.start, sparse.end, sparse.num_frames)
+                assert len(sparse_frames) == 3 and all(shape_pixels(f.image, scene["rgb"]) < 0.005
+                                                       for f in sparse_frames)
+        # The frame showing at each call time: the source frame (5 fps) at or just before it.
+        assert [f.time for f in frames] == [np.floor(t * 5 + 1e-6) / 5 for t in vz.clip_times(zoom.start, zoom.end, 15)]
+        last = row["turns"][-1]
+        entries = re.findall(r"(\d+) (\w+|-)(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
+        assert [int(j) for j, *_ in entries] == list(range(len(entries))), last
+        # Each entry says what its frame shows: a flash where it names a shape (the shape drawn, all of it inside the
+        # box of the event showing then: 96-pixel boxes overlap), plain at "-".
+        for (j, shape, _), frame, big in zip(entries, frames, full):
+            assert (shape_pixels(frame.image, scene["rgb"]) > 0.02) == (shape != "-"), (row["video"], j)
+            showing = [ev["box"] for ev in events if ev["frames"][0] <= round(big.time * 5) < ev["frames"][1]]
+            assert drawn_shape(big.image.astype(int), showing) == shape, (row["video"], j)
+        answer = row["options"]["ABCD".index(row["answer"])][3:]
+        if row["kind"] == "needle":  # stops at the one flash, whose shape is the answer
+            assert [s for _, s, _ in entries] == ["-"] * (len(entries) - 1) + [answer], last
+        else:  # every frame read, one mark per flash, the last mark the count
+            marks = [int(n) for *_, n in entries if n]
+            assert len(entries) == 15 and marks == list(range(1, len(marks) + 1)) and str(len(marks)) == answer, last
+        checked[row["kind"], row["teacher"]] += 1
+    assert {("needle", "exemplar"), ("count", "exemplar"), ("needle", "reflection")} <= set(checked), checked
+
+
+def test_bad_geometry_flags_give_one_error_line(tmp_path):
+    # Scenes that do not tile the video, an overview spacing that is not whole seconds, an odd shape box, a span
+    # one zoom of 16 frames at 1 fps cannot cover: each its own one-line error and exit code 2, not a traceback.
+    for extra, says in ((["--scene-seconds", "7"], "--seconds must"), (["--overview-frames", "7"], "--overview-frames"),
+                        (["--shape-size", "97"], "--shape-size"),
+                        (["--scene-seconds", "40", "--overview-frames", "6"], "at most 16 s")):
+        result = synth(tmp_path, 0, "--seconds", "120", *extra)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and says in result.stderr, extra
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr

@@ -112,9 +112,11 @@ def test_unchanged_policy_ratio_is_one(scripted):
     assert torch.equal(ratio, torch.ones_like(ratio))
 
 
-def grpo_rate(scripted, sign, steps=16, group=8):
+def grpo_rate(scripted, sign, steps=16, group=16):
     """A few GRPO steps with the vz pieces; the reward pays for one behaviour: starting the first turn
-    with the scanning script ('<think>Scan'). Returns the behaviour's rate per step."""
+    with the scanning script ('<think>Scan'). Returns the behaviour's rate per step. Groups of 16 (the
+    protocol's): in groups of 8 the first ones can hold no scan at all on some CPUs, and with no reward
+    signal the entropy bonus alone moves the policy away from it."""
     model, renderer, video, prompt, _ = scripted
     model = copy.deepcopy(model)
     limits = vz.Limits(max_turns=1, max_new_tokens=6, max_total_tokens=4096)

@@ -1,6 +1,7 @@
 """train_sft.py end to end on CPU: torchrun with 2 processes, exact resume after SIGKILL, bad rows,
 the LLaMA-Factory layout, and train/inference consistency of the rendered tokens."""
 
+import argparse
 import json
 import os
 import signal
@@ -71,6 +72,13 @@ def test_two_processes_match_one(data_dir, tiny_dir, tmp_path):
     # The checkpoint loads through the normal path.
     model, _, _ = vz.load_model(str(tmp_path / "run2" / "final"))
     assert model.config.model_type == "qwen2_5_vl"
+    # It records the overview it trained on (0.25 fps, the default cap), which the next stage and infer.py take
+    # for flags left at 0; a model without the record gets PROTOCOL.md's 0.5 fps and 64 frames.
+    assert vz.load_overview(str(tmp_path / "run2" / "final")) == (0.25, 64)
+    assert vz.load_overview(tiny_dir) == (0.5, 64)
+    flags = argparse.Namespace(overview_fps=0, max_overview_frames=16)
+    vz.resolve_overview(flags, str(tmp_path / "run2" / "final"))
+    assert (flags.overview_fps, flags.max_overview_frames) == (0.25, 16)
 
 
 def test_resume_after_sigkill_is_exact(data_dir, tiny_dir, tmp_path):
