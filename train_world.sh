@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the embedded default model from nothing on the synthetic world, with the real scripts:
-#   1. synth.py writes the world: 2-minute videos of four 30 s scenes, seen by an 8-frame overview;
+#   1. synth.py writes the world (2-minute videos) and a short-video world (40 s) that eases the start;
 #   2. a random tiny Qwen2.5-VL (1.0M parameters, tokenizer fitted to the world's text);
 #   3. base model: train_sft.py on one-turn no-tool questions (our stand-in for a pretrained VLM);
 #   4. cold-start SFT: train_sft.py on the teacher's exemplar + reflection trajectories;
@@ -29,16 +29,11 @@ mkdir -p "$OUT"
 begin=$SECONDS
 stage() { echo "== $1 ($(( (SECONDS - begin) / 60 ))m$(( (SECONDS - begin) % 60 ))s so far)"; }
 
-# The world's geometry (synth.py --help): 2-minute videos of four 30 s scenes; the agent's overview is 8 frames
-# 15 s apart, so each scene is seen twice and never its flashes (1.2-1.4 s, 96-pixel shapes); every reasoning
-# is a walk of local steps (--walk). The trainers get --max-overview-frames 8 once, in the first stage: every
-# checkpoint records its overview, and later stages and infer.py default to it.
-GEOMETRY=(--seconds 120 --scene-seconds 30 --overview-frames 8 --shape-size 96 --walk)
-# world DIR SEED [synth.py flags]: one synth.py world, skipped when it exists (text.jsonl is the last file
-# synth.py writes).
+# world DIR SEED SECONDS [synth.py flags]: one synth.py world, skipped when it exists (text.jsonl is
+# the last file synth.py writes).
 world() {
-  local dir=$1 seed=$2; shift 2
-  [ -f "$OUT/$dir/text.jsonl" ] || python synth.py --seed "$seed" --out "$OUT/$dir" "${GEOMETRY[@]}" "$@"
+  local dir=$1 seed=$2 seconds=$3; shift 3
+  [ -f "$OUT/$dir/text.jsonl" ] || python synth.py --seed "$seed" --out "$OUT/$dir" --seconds "$seconds" "$@"
 }
 # train NAME START DATA [train_sft.py flags]: one train_sft.py stage, skipped when OUT/NAME/final exists.
 train() {
@@ -48,39 +43,43 @@ train() {
     --batch-size 16 --save-every 100 --resume --frame-cache "$OUT/frames" --log-jsonl "$OUT/$name.jsonl" "$@"
 }
 
-stage "world"
-world world 0 --num-videos 400 --num-test-videos 20 --num-base 6000 --num-text 3000 --num-clips 3000 \
-  --num-sft 1500 --num-rl 400 --num-test 40
+stage "worlds"
+# The short world has the same scenes and questions with 20 overview frames instead of 60, so the tiny
+# model first learns to read frames and times where few frames compete.
+world world 0 120 --num-videos 100 --num-base 800 --num-sft 400 --num-rl 400 --num-test 60
+world short 100 40 --num-videos 300 --num-test-videos 1 --num-base 6400 --num-text 6400 --num-sft 1600 --num-rl 0 \
+  --num-test 0
 python -c "import vz; print(vz.NO_TOOL_PROMPT)" > "$OUT/no_tool.txt"
-# The base stage reads overviews (base rows) and zoomed frames (clip rows) from one file, shuffled together.
-[ -f "$OUT/world/base_clips.jsonl" ] || cat "$OUT/world/clips.jsonl" "$OUT/world/base.jsonl" > "$OUT/world/base_clips.jsonl"
 
 stage "random tiny model"
 [ -f "$OUT/init/model.safetensors" ] || python - "$OUT" <<'PY'
 import json, sys
 import vz
 out = sys.argv[1]
-rows = [json.loads(line) for name in ("base", "sft", "clips") for line in open(f"{out}/world/{name}.jsonl")]
-rows += [json.loads(line) for line in open(f"{out}/world/text.jsonl")][:200]  # the overview in words
+rows = [json.loads(line) for name in ("base", "sft") for line in open(f"{out}/world/{name}.jsonl")]
+rows += [json.loads(line) for line in open(f"{out}/short/text.jsonl")][:200]  # the overview in words
 corpus = [row["question"] + "\n" + "\n".join(row["options"]) for row in rows]
-corpus += [turn for row in rows for turn in row.get("turns", [])]
-corpus += [message["content"] for row in rows for message in row.get("messages", [])[1:]]
+corpus += [turn for row in rows for turn in row.get("turns", [])] + [row["messages"][1]["content"] for row in rows
+                                                                      if "messages" in row]
 vz.write_tiny_checkpoint(f"{out}/init", corpus, seed=0, hidden_size=128, num_layers=4, vision_hidden_size=64,
                          head_dim=32, rope_theta=10000.0, whole_numbers=True,
                          note="tiny VideoZoomer trained on the synth.py world by train_world.sh")
 PY
 
 # Base model, from nothing: first the base questions with the overview written in words (text only, fast:
-# it learns the answer format and the walks), then on pixels: the overview questions and the clip rows (a
-# zoom's frames read one by one), the vision tower trained too. One turn, no tool.
-train text init world/text.jsonl --min-pixels 3136 --max-pixels 7168 --max-overview-frames 8 --lr 3e-3
-train base text/final world/base_clips.jsonl --system-prompt "$OUT/no_tool.txt" --train-vision --lr 2e-3
+# it learns the answer format), then the same questions on pixels, short videos first, the vision tower
+# trained too. One turn, no tool.
+train text init short/text.jsonl --min-pixels 3136 --max-pixels 7168 --lr 3e-3
+base=(--system-prompt "$OUT/no_tool.txt" --train-vision)
+train base_short text/final short/base.jsonl "${base[@]}" --lr 2e-3
+train base base_short/final world/base.jsonl "${base[@]}" --lr 1e-3
 # Cold-start SFT on the teacher's trajectories (vision tower frozen, as in the paper).
-train sft base/final world/sft.jsonl --lr 1e-3 --epochs 2
+train sft_short base/final short/sft.jsonl --lr 1e-3 --epochs 2
+train sft sft_short/final world/sft.jsonl --lr 1e-3 --epochs 2
 
 stage "train_rl.py: rl"
 [ -d "$OUT/rl/final" ] || python train_rl.py --model "$OUT/sft/final" --data "$OUT/world/rl.jsonl" --out "$OUT/rl" \
-  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps RL_STEPS --lr 1e-4 --tool-bonus 0 --max-new-tokens 192 \
+  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 10 --lr 1e-4 --tool-bonus 0 --max-new-tokens 128 \
   --save-every 5 --resume --log-jsonl "$OUT/rl.jsonl" --episodes-jsonl "$OUT/rl_episodes.jsonl"
 stage "trained: $OUT/rl/final"
 
@@ -93,12 +92,12 @@ fi
 
 if [ $EVAL = 1 ]; then
   stage "held-out world"
-  world test 1 --num-videos 100 --num-test-videos 99 --num-base 0 --num-sft 0 --num-rl 0 --num-test 320
+  world test 1 120 --num-videos 60 --num-test-videos 59 --num-base 0 --num-sft 0 --num-rl 0 --num-test 320
   evaluate() {  # evaluate NAME MODEL [infer.py flags]: OUT/eval_NAME.txt (last line: accuracy) and .json
     local name=$1 model=$2; shift 2
     stage "evaluate $name"
     [ -f "$OUT/eval_$name.json" ] || python infer.py --data "$OUT/test/test.jsonl" --model "$OUT/$model/final" \
-      --max-new-tokens 192 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
+      --max-new-tokens 128 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
     cat "$OUT/eval_$name.txt"
   }
   evaluate rl rl
@@ -110,9 +109,12 @@ if [ $EVAL = 1 ]; then
 
   stage "ablation: cold-start SFT on exemplars only (the same questions, --reflection-frac 0)"
   # sft.jsonl is drawn after test and rl (same counts keep the same questions) and before base and text.
-  world world_exemplar 0 --num-videos 400 --num-test-videos 20 --num-base 0 --num-sft 1500 --num-rl 400 \
-    --num-test 40 --reflection-frac 0
-  train sft_exemplar base/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2
+  world world_exemplar 0 120 --num-videos 100 --num-base 0 --num-sft 400 --num-rl 400 --num-test 60 \
+    --reflection-frac 0
+  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 0 \
+    --num-test 0 --reflection-frac 0
+  train sft_short_exemplar base/final short_exemplar/sft.jsonl --lr 1e-3 --epochs 2
+  train sft_exemplar sft_short_exemplar/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2
   evaluate sft_exemplar sft_exemplar
 fi
 stage "done"
