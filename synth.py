@@ -130,7 +130,7 @@ CLOCK = 16  # height of the clock strip along the bottom: white from the left ed
 SCENE = args.scene_seconds * FPS  # source frames per scene: (10 s scenes) overview frames 0, 2, 4, 6, 8 s into it
 # The teacher's zoom rate, the highest whole fps whose call on a scene's overview span returns at most 16 frames
 # (8 s span: 2 fps, 16 frames 0.53 s apart); its too-sparse reflection zoom is a quarter of it.
-ZOOM_FPS = 16 * FPS // (SCENE - STEP)
+ZOOM_FPS = vz.Limits().max_frames_per_call * FPS // (SCENE - STEP)
 SPARSE_FPS = ZOOM_FPS / 4
 # Flashes are placed in slots of SLOT source frames inside the cells between overview frames, at most one per slot,
 # MARGIN frames clear of the slot's ends: 2 s slots for 10-frame cells; 3 s slots (longer flashes, wider gaps)

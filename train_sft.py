@@ -48,8 +48,10 @@ parser.add_argument("--system-prompt", help="file replacing the built-in system 
 parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
 parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
                     "100352, i.e. 128 visual tokens); 0 = keep")
-parser.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the model's (0.5 unless it was trained otherwise)")
-parser.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless it was trained otherwise)")
+parser.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
+                    "model's (0.5 unless it was trained otherwise)")
+parser.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless "
+                    "it was trained otherwise)")
 parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
 parser.add_argument("--max-frames", type=int, default=128, help="frames per trajectory, overview included")
 parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
@@ -79,8 +81,7 @@ if args.batch_size % world_size:
     vz.fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
 if not os.path.isfile(args.data):
     vz.fail(f"{args.data}: no such data file")
-vz.resolve_overview(args, args.model)  # saved with every checkpoint, so later stages and infer.py keep it
-overview = (args.overview_fps, args.max_overview_frames)
+overview = vz.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, max_total_tokens=args.max_len)
 if master:
     print("args:", json.dumps(vars(args)))

@@ -76,8 +76,8 @@ def load_overview(model_dir):
 
 
 def resolve_overview(args, model_dir):
-    """Fill --overview-fps / --max-overview-frames left at 0 from the model (load_overview); one error line
-    when model_dir is not a model directory, and when a value is negative."""
+    """Fill --overview-fps / --max-overview-frames left at 0 from the model (load_overview) and return them as
+    (fps, max_frames); one error line when model_dir is not a model directory, and when a value is negative."""
     try:
         fps, max_frames = load_overview(model_dir)
     except (OSError, ValueError) as e:
@@ -86,6 +86,7 @@ def resolve_overview(args, model_dir):
         fail("--overview-fps and --max-overview-frames must be positive, or 0 for the model's")
     args.overview_fps = args.overview_fps or fps
     args.max_overview_frames = args.max_overview_frames or max_frames
+    return args.overview_fps, args.max_overview_frames
 
 
 def resize_shape(height, width, vcfg):
@@ -886,12 +887,13 @@ def respond(renderer, video, episode, ids, limits):
     closing = ([] if ended_by_model else [renderer.im_end]) + renderer.encode("\n")
     message, _ = renderer.message("user", reply)
     header, _ = renderer.assistant_header()
-    if len(episode.ids) + len(closing) + len(message) + len(header) + limits.max_new_tokens > limits.max_total_tokens:
+    room = limits.max_total_tokens - len(episode.ids) - len(closing) - len(header)  # for the reply and what follows
+    if len(message) + limits.max_new_tokens > room:
         # The reply would leave no room for another turn: refuse the frames and ask for the answer now.
         episode.last_turn, frames = True, []
         record.update(kind="refused", error="the episode's token budget is used up, so no frames are returned")
         message, _ = renderer.message("user", error_reply_parts(record["error"], True))
-        if len(episode.ids) + len(closing) + len(message) + len(header) > limits.max_total_tokens:
+        if len(message) > room:
             # Not even that reply fits (the turn used its whole cap): the episode ends here, within its budget.
             episode.stop = "length"
             return None
