@@ -25,7 +25,7 @@ for flag in "$@"; do
     *) echo "error: unknown flag $flag (use --eval and/or --install)" >&2; exit 2 ;;
   esac
 done
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"  # per-stage metrics, apart from the worlds' data files
 begin=$SECONDS
 stage() { echo "== $1 ($(( (SECONDS - begin) / 60 ))m$(( (SECONDS - begin) % 60 ))s so far)"; }
 
@@ -40,7 +40,7 @@ train() {
   local name=$1 start=$2 data=$3; shift 3
   stage "train_sft.py: $name"
   [ -d "$OUT/$name/final" ] || python train_sft.py --model "$OUT/$start" --data "$OUT/$data" --out "$OUT/$name" \
-    --batch-size 16 --save-every 100 --resume --frame-cache "$OUT/frames" --log-jsonl "$OUT/$name.jsonl" "$@"
+    --batch-size 16 --save-every 100 --resume --frame-cache "$OUT/frames" --log-jsonl "$OUT/logs/$name.jsonl" "$@"
 }
 
 stage "worlds"
@@ -80,7 +80,7 @@ train sft sft_short/final world/sft.jsonl --lr 1e-3 --epochs 2
 stage "train_rl.py: rl"
 [ -d "$OUT/rl/final" ] || python train_rl.py --model "$OUT/sft/final" --data "$OUT/world/rl.jsonl" --out "$OUT/rl" \
   --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 10 --lr 1e-4 --tool-bonus 0 --max-new-tokens 128 \
-  --save-every 5 --resume --log-jsonl "$OUT/rl.jsonl" --episodes-jsonl "$OUT/rl_episodes.jsonl"
+  --save-every 5 --resume --log-jsonl "$OUT/logs/rl.jsonl" --episodes-jsonl "$OUT/logs/rl_episodes.jsonl"
 stage "trained: $OUT/rl/final"
 
 if [ $INSTALL = 1 ]; then
