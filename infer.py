@@ -48,6 +48,8 @@ parser.add_argument("--options", nargs="*", default=None, help="answer options, 
 parser.add_argument("--model", help=f"local model directory (default: the shipped model in {DEFAULT_MODEL})")
 parser.add_argument("--data", help="JSONL question set (video, question, options, answer[, kind]) to evaluate; "
                     "prints accuracy overall and per kind, last line 'accuracy: X'")
+parser.add_argument("--max-bad-frac", type=float, default=0.1, help="with --data: stop if more than this fraction of "
+                    "rows is unusable (the rest are skipped and counted)")
 parser.add_argument("--no-tool", action="store_true", help="baseline: one turn, no zoom tool, frames spread uniformly")
 parser.add_argument("--no-tool-frames", type=int, default=64, help="frames per question for --no-tool (use the "
                     "agent's mean frames/question for an equal budget)")
@@ -146,18 +148,15 @@ questions = [{"video": args.video, "question": args.question, "options": args.op
               "answer": demo_row["answer"] if demo else None, "kind": demo_row["kind"] if demo else ""}]
 if args.data:
     base_dir = os.path.dirname(os.path.abspath(args.data))
+    rows, reasons = vz.read_rows(args.data)
+    num_rows = len(rows) + len(reasons)
     questions = []
-    with open(args.data) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                video_path = row["video"] if os.path.isabs(row["video"]) else os.path.join(base_dir, row["video"])
-                questions.append({"video": video_path, "question": row["question"], "options": row.get("options"),
-                                  "answer": str(row["answer"]).strip().upper(), "kind": row.get("kind", "")})
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                vz.fail(f"{args.data}: line {number}: not a question row ({vz._one_line(e)})")
+    for where, row in rows:
+        try:
+            questions.append(vz.question_row(row, base_dir, check_video=False))
+        except ValueError as e:
+            reasons.append((where, vz._one_line(e)))
+    vz.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac)
 else:
     try:
         vz.open_video(args.video).close()  # before the model: a typo should not cost a 7B load

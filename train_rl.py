@@ -29,7 +29,6 @@ Deliberate departures from textbook GRPO (PROTOCOL.md):
 import argparse
 import json
 import os
-import re
 import time
 
 import torch
@@ -147,39 +146,16 @@ optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
 # Data
 
 
-def parse_row(row, base_dir):
-    """-> dict(video, question, options, answer, kind) from our layout or the released RL layout."""
-    if "problem" in row:  # released layout: the frames go where <image> was; options are in the text
-        videos = row.get("videos") or []
-        if not videos:
-            raise ValueError("no 'videos' entry")
-        match = re.search(r"<answer>\s*(.*?)\s*</answer>", str(row["solution"]), re.S)
-        solution = vz.parse_answer(match.group(1) if match else str(row["solution"]))
-        row = {"video": videos[0], "question": row["problem"].replace("<image>", "").strip(),
-               "options": [], "answer": solution.letter, "kind": row.get("data_source", "")}
-    for key in ("video", "question", "answer"):
-        if not row.get(key):
-            raise ValueError(f"missing {key!r}")
-    path = row["video"] if os.path.isabs(row["video"]) else os.path.join(base_dir, row["video"])
-    with vz.open_video(path):  # fail early on unreadable videos
-        pass
-    return {"video": path, "question": row["question"], "options": row.get("options") or [],
-            "answer": str(row["answer"]).strip().upper(), "kind": row.get("kind", "")}
-
-
 base_dir = os.path.dirname(os.path.abspath(args.data))
-prompts, reasons = [], []
-with open(args.data) as f:
-    lines = [line for line in f if line.strip()]
-for number, line in enumerate(lines, 1):
+rows, reasons = vz.read_rows(args.data)
+num_rows = len(rows) + len(reasons)
+prompts = []
+for where, row in rows:
     try:
-        row = json.loads(line)
-        if not isinstance(row, dict):
-            raise ValueError("not a JSON object")
-        prompts.append(parse_row(row, base_dir))
-    except (ValueError, KeyError, TypeError, AttributeError, vz.VideoError) as e:
-        reasons.append((number, vz._one_line(e)))
-vz.report_rows(args.data, len(prompts), len(lines), reasons, args.max_bad_frac, master)
+        prompts.append(vz.question_row(row, base_dir))
+    except (ValueError, vz.VideoError) as e:
+        reasons.append((where, vz._one_line(e)))
+vz.report_rows(args.data, len(prompts), num_rows, reasons, args.max_bad_frac, master)
 if len(prompts) < args.prompts_per_step:
     vz.fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")
 

@@ -170,16 +170,12 @@ def render_row(row, base_dir, system_prompt):
 def load_rows(path):
     system_prompt = open(args.system_prompt).read() if args.system_prompt else None
     base_dir = os.path.dirname(os.path.abspath(path))
+    numbered, unread = vz.read_rows(path)
     rows, reasons = [], []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    for number, line in enumerate(lines, 1):
-        if number % world_size != rank:  # each rank validates a share, then all share the results
+    for index, (where, row) in enumerate(numbered):
+        if index % world_size != rank:  # each rank validates a share, then all share the results
             continue
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
             if "messages" in row:
                 episode, source = render_messages(row, base_dir)
             else:
@@ -188,16 +184,17 @@ def load_rows(path):
                 raise ValueError(f"{len(episode.ids)} tokens > --max-len {args.max_len}")
             if not any(episode.mask):
                 raise ValueError("no trainable tokens")
-            rows.append((number, {"ids": episode.ids, "mask": episode.mask, **source}))
+            rows.append((index, {"ids": episode.ids, "mask": episode.mask, **source}))
         except (ValueError, KeyError, TypeError, OSError, vz.VideoError) as e:
-            reasons.append((number, vz._one_line(e)))
+            reasons.append((where, vz._one_line(e)))
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, (rows, reasons))
         rows = [r for part, _ in gathered for r in part]
         reasons = [r for _, part in gathered for r in part]
     rows.sort()
-    return [row for _, row in rows], sorted(reasons), len(lines)
+    reasons = sorted(unread + reasons, key=lambda reason: int(reason[0].split()[1]))  # in file order
+    return [row for _, row in rows], reasons, len(numbered) + len(unread)
 
 
 started = time.time()

@@ -7,7 +7,10 @@
 4. Model: loading from a local directory, and writing a tiny Qwen2.5-VL checkpoint.
 5. Rollout: G trajectories per (video, question); the prompt is prefilled once and its
    KV cache shared, every later turn prefills only its new tokens.
-6. Distributed: torchrun init and cleanup.
+6. Reward and the clipped objective (RL).
+7. Training: log-probs of a batch, checkpoints.
+8. Data files: rows with the file's own line numbers; question rows validated at load time.
+9. Distributed: torchrun init and cleanup.
 
 The agent protocol (tags, keys, budgets) is ../shared/PROTOCOL.md; keep to it.
 """
@@ -1294,7 +1297,94 @@ def latest_checkpoint(out_dir):
 
 
 # -----------------------------------------------------------------------------
-# 8. Distributed
+# 8. Data files: rows located by the file's own line numbers, question rows checked once at load time
+
+
+def read_rows(path):
+    """-> (rows, reasons): [(where, dict)] and [(where, why)] from a JSONL file or a .json list, where is
+    'line N' (the file's own line number) or 'item N'. A UTF-8 BOM is fine; a line that is not UTF-8 or
+    not a JSON object is a reason, never an exception. A missing, unreadable or empty file is fatal."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        fail(f"{path}: cannot read the data file ({e.strerror or _one_line(e)})")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        fail(f"{path}: the data file is empty")
+    if data.lstrip()[:1] == b"[":  # a JSON list (the released RL data ships one): one row per element
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            fail(f"{path}: not a JSON list ({_one_line(e)})")
+        numbered = [(f"item {number}", item) for number, item in enumerate(items, 1)]
+    else:
+        numbered = []
+        for number, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {number}", json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                numbered.append((f"line {number}", ValueError(f"not UTF-8 text (byte {e.start + 1})")))
+            except ValueError as e:
+                numbered.append((f"line {number}", ValueError(f"not JSON ({_one_line(e)})")))
+    rows, reasons = [], []
+    for where, row in numbered:
+        if isinstance(row, Exception):
+            reasons.append((where, str(row)))
+        elif not isinstance(row, dict):
+            reasons.append((where, f"not a JSON object (a {type(row).__name__})"))
+        else:
+            rows.append((where, row))
+    return rows, reasons
+
+
+def _text(row, key, required=True):
+    """row[key] as a string; a missing optional key is ''. ValueError names the key and what it holds."""
+    value = row.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        held = "missing" if value is None else f"{type(value).__name__} {_one_line(repr(value))[:40]}"
+        raise ValueError(f"{key} must be a {'non-empty ' if required else ''}string ({held})")
+    return value
+
+
+def question_row(row, base_dir, check_video=True):
+    """-> dict(video, question, options, answer, kind) from our question layout or the released RL layout
+    (problem, solution, videos, data_source). Raises ValueError naming the problem, or VideoError for a
+    video that does not open (check_video), so a bad row is skipped at load time, never mid-run."""
+    if "problem" in row:  # released layout: the frames go where <image> was; options are in the text
+        videos = row.get("videos")
+        if not videos:
+            raise ValueError("no 'videos' entry")
+        if not isinstance(videos, list) or not all(isinstance(v, str) and v for v in videos):
+            raise ValueError("videos must be a list of paths")
+        solution = _text(row, "solution")
+        match = re.search(r"<answer>\s*(.*?)\s*</answer>", solution, re.S)
+        row = {"video": videos[0], "question": _text(row, "problem").replace("<image>", "").strip(),
+               "options": [], "answer": parse_answer(match.group(1) if match else solution).letter,
+               "kind": _text(row, "data_source", required=False)}
+    video, question = _text(row, "video"), _text(row, "question")
+    options = row.get("options") or []
+    if not isinstance(options, list) or not all(isinstance(option, str) for option in options):
+        raise ValueError("options must be a list of strings"
+                         + ("" if isinstance(options, list) else f" ({type(options).__name__})"))
+    answer = _text(row, "answer").strip().upper()
+    if options and answer not in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(options)]:
+        raise ValueError(f"answer {answer[:20]!r} is not the letter of one of the {len(options)} options")
+    path = video if os.path.isabs(video) else os.path.join(base_dir, video)
+    if check_video:
+        with open_video(path):  # fail early on unreadable videos
+            pass
+    return {"video": path, "question": question, "options": options, "answer": answer,
+            "kind": _text(row, "kind", required=False)}
+
+
+# -----------------------------------------------------------------------------
+# 9. Distributed
 
 
 def compute_init(device_arg="auto"):
@@ -1318,14 +1408,15 @@ def fail(message):
     sys.exit(2)
 
 
-def report_rows(path, num_usable, num_lines, reasons, max_bad_frac, verbose=True):
-    """Print how many data rows are usable and the first reasons; stop if too many are bad."""
+def report_rows(path, num_usable, num_rows, reasons, max_bad_frac, verbose=True):
+    """Print how many data rows are usable and the first reasons; stop if too many are bad.
+    reasons: [(where, why)], where as read_rows gives it ('line 10', 'item 3')."""
     if verbose:
-        print(f"data: {num_usable} usable of {num_lines} rows")
-        for number, reason in reasons[:5]:
-            print(f"  skipped line {number}: {reason}")
-    if num_lines == 0 or len(reasons) > max_bad_frac * num_lines:
-        fail(f"{path}: {len(reasons)} of {num_lines} rows are unusable (more than --max-bad-frac {max_bad_frac})")
+        print(f"data: {num_usable} usable of {num_rows} rows")
+        for where, reason in reasons[:5]:
+            print(f"  skipped {where}: {reason}")
+    if num_rows == 0 or len(reasons) > max_bad_frac * num_rows:
+        fail(f"{path}: {len(reasons)} of {num_rows} rows are unusable (more than --max-bad-frac {max_bad_frac})")
 
 
 def pack_by_tokens(items, length, max_tokens):
