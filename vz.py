@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import struct
 import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -171,6 +172,9 @@ class Video:
         if not self.width or not self.height:
             self.close()
             raise VideoError(f"{path}: video stream has no frame size")
+        self.orientation = self._orientation()
+        if self.orientation[0]:  # a portrait phone video stored landscape: sizes are the upright frame's
+            self.width, self.height = self.height, self.width
         self.start_pts = self.stream.start_time or 0
         # Index entries carry DTS; a keyframe's pts is >= its dts, so a seek planned from them can land
         # one GOP late, which _frames() detects and undoes by seeking further back.
@@ -182,6 +186,23 @@ class Video:
             raise
         # Rollouts of one prompt often ask for the same segment: serve it (and its patches) once.
         self.clips = {}
+
+    def _orientation(self):
+        """(transpose, flip_columns, flip_rows) that turn a decoded frame upright, as a player shows it.
+
+        Phones store the picture as the sensor saw it and a display matrix beside it; PyAV 18 exposes
+        the matrix on decoded frames only, so the first frame is decoded once here. With y pointing
+        down, the matrix maps a stored pixel (x, y) to (a x + c y, b x + d y) on screen: |a| >= |b|
+        keeps the axes (a < 0 mirrors columns, d < 0 rows); otherwise the axes swap (checked against
+        ffmpeg's own autorotation for 0/90/180/270 degrees, each also mirrored either way)."""
+        frame = next(self._decode(), None)
+        matrix = frame.side_data.get("DISPLAYMATRIX") if frame is not None else None
+        if matrix is None:
+            return (False, False, False)
+        a, b, _, c, d = struct.unpack("<9i", bytes(matrix))[:5]
+        if abs(a) >= abs(b):
+            return (False, a < 0, d < 0)
+        return (True, c < 0, b < 0)
 
     def _probe_duration(self):
         """End of the last frame in seconds since the first, read from the last packets.
@@ -282,9 +303,17 @@ class Video:
         return i >= 0 and self.keyframe_dts[i] > pts
 
     def _rgb(self, frame, size):
+        """The frame resized to `size` (upright height, width) in FFmpeg, then turned upright."""
         height, width = size
-        image = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC")
-        return Frame(time=self._time(frame.pts), image=image.to_ndarray())
+        transpose, flip_columns, flip_rows = self.orientation
+        if transpose:
+            height, width = width, height
+        image = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC").to_ndarray()
+        if transpose or flip_columns or flip_rows:
+            image = image.transpose(1, 0, 2) if transpose else image
+            image = image[:, ::-1] if flip_columns else image
+            image = np.ascontiguousarray(image[::-1] if flip_rows else image)
+        return Frame(time=self._time(frame.pts), image=image)
 
     def serve(self, times, vcfg, seek=True):
         """The frames showing at the given times (seconds). Increasing times decode forward and seek
