@@ -453,6 +453,8 @@ def zoom_reply_parts(call, frames, last_turn):
 
 
 def error_reply_parts(error, last_turn):
+    # The error is ours, but may quote the model: keep it one line, bounded, and encodable (no lone surrogate).
+    error = " ".join(error.split())[:300].encode("utf-8", "backslashreplace").decode("utf-8")
     return [f"<tool_response>Error: {error}</tool_response>\n" + (LAST_TURN if last_turn else FIX_CALL)]
 
 
@@ -548,7 +550,8 @@ class Invalid:
 
 
 ZOOM_OPEN, ZOOM_CLOSE = "<video_zoom>", "</video_zoom>"
-TURN_SHAPE = re.compile(r"\s*<think>(?:(?!<think>|</think>).)*</think>\s*"
+# Inside <think> no protocol tag may appear: a turn that "answers" in its reasoning is not well formed.
+TURN_SHAPE = re.compile(r"\s*<think>(?:(?!</?think>|</?answer>|</?video_zoom>).)*</think>\s*"
                         r"(?:<video_zoom>(?:(?!<video_zoom>|</video_zoom>).)*</video_zoom>|"
                         r"<answer>(?:(?!<answer>|</answer>).)*</answer>)\s*", re.S)
 
@@ -558,15 +561,28 @@ class _DuplicateKey(Exception):
 
 
 def _no_duplicate_keys(pairs):
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
+    seen = set()  # a set, not list.count: a call with 25,000 keys must still parse in linear time
+    for key, _ in pairs:
+        if key in seen:
             raise _DuplicateKey(key)
+        seen.add(key)
     return dict(pairs)
+
+
+def _echo(key, max_chars=40):
+    """A model-written key, safe to quote in an error: ASCII-escaped (no lone surrogate the tokenizer
+    cannot encode, no line break), angle brackets escaped (no protocol tag is written back), and cut."""
+    escaped = json.dumps(key)[1:-1].replace("<", "\\u003c").replace(">", "\\u003e")
+    return escaped if len(escaped) <= max_chars else escaped[:max_chars] + "..."
 
 
 def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def frame_count(fps, span):
+    """PROTOCOL.md's n = int(fps * span), with a little slack: 5 fps x (0.3 - 0.1) s is 0.999... in floats."""
+    return int(fps * span + 1e-9)
 
 
 def parse_zoom(body, duration, max_frames):
@@ -577,7 +593,7 @@ def parse_zoom(body, duration, max_frames):
     try:
         args = json.loads(body, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as e:
-        return Invalid(f"the key \"{e}\" appears twice")
+        return Invalid(f"the key \"{_echo(e.args[0])}\" appears twice")
     except (ValueError, RecursionError):  # JSONDecodeError, and ints over Python's digit limit
         return Invalid("the call is not valid JSON; expected {\"segment\": [start_sec, end_sec], \"fps\": n}")
     if not isinstance(args, dict):
@@ -587,7 +603,7 @@ def parse_zoom(body, duration, max_frames):
         return Invalid(f"the call is missing the key \"{missing[0]}\"")
     extra = sorted(set(args) - {"segment", "fps"})
     if extra:
-        return Invalid(f"unexpected key \"{extra[0]}\"; only \"segment\" and \"fps\" are allowed")
+        return Invalid(f"unexpected key \"{_echo(extra[0])}\"; only \"segment\" and \"fps\" are allowed")
     segment, fps = args["segment"], args["fps"]
     if not (isinstance(segment, list) and len(segment) == 2 and all(_number(v) for v in segment)):
         return Invalid("\"segment\" must be a list of two numbers [start_sec, end_sec]")
@@ -611,9 +627,11 @@ def parse_zoom(body, duration, max_frames):
     if not math.isfinite(fps * (clamped_end - start)):
         return Invalid(f"the call asks for too many frames but at most {max_frames} are allowed now; "
                        "lower fps or narrow the segment")
-    num_frames = int(fps * (clamped_end - start))
+    num_frames = frame_count(fps, clamped_end - start)
     if num_frames < 1:
-        return Invalid(f"the call asks for 0 frames (fps x duration = {fps * (clamped_end - start):.2f}); "
+        # Truncated, not rounded, to 2 decimals: 0.999 must not print as "1.00" beside "0 frames".
+        product = math.floor(fps * (clamped_end - start) * 100) / 100
+        return Invalid(f"the call asks for 0 frames (fps x duration = {product:.2f}); "
                        "raise fps or widen the segment")
     if num_frames > max_frames:
         return Invalid(f"the call asks for {num_frames} frames but at most {max_frames} are allowed now; "
@@ -636,7 +654,7 @@ def parse_turn(text, duration, max_frames):
     <think>...</think> followed by one valid call or one answer.
     """
     opens, closes = text.count(ZOOM_OPEN), text.count(ZOOM_CLOSE)
-    has_answer = "<answer>" in text
+    has_answer = "<answer>" in outside_think(text)  # an answer quoted in the reasoning is not an answer
     if opens or closes:
         if opens > 1 or closes > 1:
             action = Invalid("more than one <video_zoom> tag in one turn; make exactly one call per turn")
@@ -648,12 +666,33 @@ def parse_turn(text, duration, max_frames):
             body = text[text.index(ZOOM_OPEN) + len(ZOOM_OPEN):text.index(ZOOM_CLOSE)]
             action = parse_zoom(body, duration, max_frames)
     elif has_answer:
-        match = re.search(r"<answer>(.*?)</answer>", text, re.S)
-        action = parse_answer(match.group(1)) if match else None
+        action = final_answer(outside_think(text))
     else:
         action = None
     format_ok = action is not None and not isinstance(action, Invalid) and TURN_SHAPE.fullmatch(text) is not None
     return action, format_ok
+
+
+def outside_think(text):
+    """The text with every <think>...</think> span cut out; an unclosed <think> hides the rest. One pass
+    of str.find, so linear on any input: a letter written in the reasoning is never read as the answer."""
+    pieces, pos = [], 0
+    while True:
+        start = text.find("<think>", pos)
+        if start < 0:
+            return "".join(pieces + [text[pos:]])
+        pieces.append(text[pos:start])
+        end = text.find("</think>", start)
+        if end < 0:
+            return "".join(pieces)
+        pos = end + len("</think>")
+
+
+def final_answer(text):
+    """Answer of the last <answer>...</answer> in text, or None; rfind keeps it linear ("<answer>" * 25000)."""
+    close = text.rfind("</answer>")
+    open_ = text.rfind("<answer>", 0, close) if close >= 0 else -1
+    return parse_answer(text[open_ + len("<answer>"):close]) if open_ >= 0 else None
 
 
 # -----------------------------------------------------------------------------
