@@ -73,8 +73,7 @@ def load_vision_config(model_dir):
 def load_overview(model_dir):
     """(fps, max_frames) of the overview a model was trained with: preprocessor_config.json's
     `videozoomer_overview`, which our trainers write, else PROTOCOL.md's 0.5 fps and 64 frames."""
-    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
-        overview = json.load(f).get("videozoomer_overview") or {}
+    overview = read_json(os.path.join(model_dir, "preprocessor_config.json")).get("videozoomer_overview") or {}
     return float(overview.get("fps", 0.5)), int(overview.get("max_frames", 64))
 
 
@@ -699,6 +698,18 @@ def final_answer(text):
 # 4. Model: load from a local directory; write a tiny checkpoint
 
 
+def read_json(path):
+    """A JSON object from path; ValueError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
+
+
 def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
     """(model, tokenizer, vision config) from a local Hugging Face directory; safetensors only.
     min_pixels/max_pixels override the checkpoint's frame-size bounds (the base Qwen2.5-VL allows
@@ -709,8 +720,12 @@ def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
     for name in ("config.json", "preprocessor_config.json"):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise FileNotFoundError(f"{model_dir}: not a model directory (no {name})")
-    with open(os.path.join(model_dir, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
+    # transformers' JSON errors do not name the file ("Expecting value: line 1 column 1"): check each first.
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(model_dir, name)):
+            read_json(os.path.join(model_dir, name))
+    model_type = read_json(os.path.join(model_dir, "config.json")).get("model_type")
     if model_type != "qwen2_5_vl":
         raise ValueError(f"{model_dir}: model_type is {model_type!r}, expected 'qwen2_5_vl'")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32

@@ -130,3 +130,19 @@ def test_clip_of_float_span_returns_all_frames(tiny, index_video):
         action, _ = vz.parse_turn(call('{"segment": [0.1, 0.3], "fps": 10}'), video.duration, MAX_FRAMES)
         frames = vz.sample_clip(video, renderer.vcfg, action.start, action.end, action.num_frames)
     assert [round(f.time, 2) for f in frames] == [0.0, 0.2]  # 5 fps source: the frames showing at 0.1 and 0.3
+
+
+# -----------------------------------------------------------------------------
+# 13. A garbage config.json or tokenizer.json is named in the error
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("content", [b"", b"garbage{", b"[1, 2]"])
+def test_garbage_json_in_model_dir_is_named(tiny_dir, tmp_path, name, content):
+    import shutil
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_dir, damaged)
+    (damaged / name).write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        vz.load_model(str(damaged))
+    assert str(damaged / name) in str(error.value) and "\n" not in str(error.value)
