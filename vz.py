@@ -1341,6 +1341,69 @@ def load_training_state(checkpoint_dir, model, optimizer):
     return state
 
 
+def _safetensors_problem(path):
+    """None when a .safetensors file is whole (its header parses and its data reaches the declared end)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or int.from_bytes(head, "little") > size - 8:
+            return f"{os.path.basename(path)} is truncated"
+        try:
+            header = json.loads(f.read(int.from_bytes(head, "little")))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"{os.path.basename(path)} has a damaged header"
+    if 8 + int.from_bytes(head, "little") + end != size:
+        return f"{os.path.basename(path)} is truncated"
+    return None
+
+
+def checkpoint_problem(path, state_keys=("param_groups",)):
+    """Why a step_N checkpoint cannot be resumed from (one line), or None when it loads whole."""
+    try:
+        state = read_json(os.path.join(path, "trainer_state.json"))
+        missing = [key for key in state_keys if key not in state]
+        if missing:
+            return f"trainer_state.json lacks {missing[0]!r}"
+        for name in ("config.json", "preprocessor_config.json"):
+            read_json(os.path.join(path, name))
+        weights = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+        if not any(n.startswith("model") for n in weights):
+            return "no model.safetensors"
+        if "optimizer.safetensors" not in weights:
+            return "no optimizer.safetensors"
+        for name in sorted(weights):
+            problem = _safetensors_problem(os.path.join(path, name))
+            if problem:
+                return problem
+    except (OSError, ValueError) as e:
+        return _one_line(e).replace(path + os.sep, "")
+    return None
+
+
+def resume_checkpoint(out_dir, state_keys=("param_groups",)):
+    """-> (newest step_N in out_dir that loads whole or None, [(skipped step_N, why)]), newest first."""
+    if not os.path.isdir(out_dir):
+        return None, []
+    names = sorted((n for n in os.listdir(out_dir) if re.fullmatch(r"step_\d+", n)), key=lambda n: -int(n[5:]))
+    skipped = []
+    for name in names:
+        problem = checkpoint_problem(os.path.join(out_dir, name), state_keys)
+        if problem is None:
+            return os.path.join(out_dir, name), skipped
+        skipped.append((name, problem))
+    return None, skipped
+
+
+def report_resume(out_dir, resume_dir, skipped):
+    """One line per skipped checkpoint, and one when --resume finds nothing to resume from."""
+    for name, problem in skipped:
+        print(f"resume: skipped {os.path.join(out_dir, name)} ({problem})")
+    if resume_dir is None:
+        print(f"resume: no complete step_N checkpoint in {out_dir}; starting over from --model at step 0"
+              + (" (the damaged ones are overwritten as training reaches their steps)" if skipped else ""))
+
+
 def latest_checkpoint(out_dir):
     """The newest complete step_* directory in out_dir, or None."""
     if not os.path.isdir(out_dir):

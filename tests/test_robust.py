@@ -146,3 +146,54 @@ def test_garbage_json_in_model_dir_is_named(tiny_dir, tmp_path, name, content):
     with pytest.raises(ValueError) as error:
         vz.load_model(str(damaged))
     assert str(damaged / name) in str(error.value) and "\n" not in str(error.value)
+
+
+# -----------------------------------------------------------------------------
+# 11-12. --resume takes the newest checkpoint that loads whole, and says what it skipped
+
+
+def fake_step(tiny_dir, out, step):
+    """A step_N laid out as save_checkpoint writes it: the model files, optimizer and trainer state."""
+    import shutil
+    import torch
+    from safetensors.torch import save_file
+    path = out / f"step_{step}"
+    shutil.copytree(tiny_dir, path)
+    save_file({"rng.torch": torch.get_rng_state()}, str(path / "optimizer.safetensors"))
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": []}))
+    return path
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+# (id, damage done to the newest checkpoint, words of the reason)
+DAMAGE = [
+    ("model_truncated", lambda p: truncate(p / "model.safetensors"), "model.safetensors is truncated"),
+    ("optimizer_truncated", lambda p: truncate(p / "optimizer.safetensors"), "optimizer.safetensors is truncated"),
+    ("state_garbage", lambda p: (p / "trainer_state.json").write_text("garbage{"), "trainer_state.json: not valid"),
+    ("state_empty", lambda p: (p / "trainer_state.json").write_text(""), "trainer_state.json: not valid"),
+    ("state_without_step", lambda p: (p / "trainer_state.json").write_text("{}"), "lacks 'step'"),
+]
+
+
+@pytest.mark.parametrize("damage,reason", [c[1:] for c in DAMAGE], ids=[c[0] for c in DAMAGE])
+def test_resume_skips_a_damaged_newest_checkpoint(tiny_dir, tmp_path, capsys, damage, reason):
+    fake_step(tiny_dir, tmp_path, 2)
+    damage(fake_step(tiny_dir, tmp_path, 10))
+    resume_dir, skipped = vz.resume_checkpoint(str(tmp_path), ("step", "param_groups"))
+    assert resume_dir == str(tmp_path / "step_2")
+    assert [name for name, _ in skipped] == ["step_10"] and reason in skipped[0][1], skipped
+    vz.report_resume(str(tmp_path), resume_dir, skipped)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "skipped" in line and "step_10" in line and reason in line
+    vz.load_model(resume_dir)  # what it picked loads
+
+
+def test_resume_without_a_complete_checkpoint_says_so(tiny_dir, tmp_path, capsys):
+    truncate(fake_step(tiny_dir, tmp_path, 3) / "model.safetensors")
+    resume_dir, skipped = vz.resume_checkpoint(str(tmp_path), ("step", "param_groups"))
+    assert resume_dir is None and skipped[0][0] == "step_3"
+    vz.report_resume(str(tmp_path), resume_dir, skipped)
+    assert "no complete step_N checkpoint" in capsys.readouterr().out
