@@ -121,7 +121,9 @@ def load(path):
         vz.fail(vz._one_line(e))
 
 
-resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
+resume_dir, skipped = vz.resume_checkpoint(args.out, ("round", "cursor", "param_groups")) if args.resume else (None, [])
+if args.resume and master:
+    vz.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
 policy, tokenizer, vcfg = load(resume_dir or args.model)
 renderer = vz.Renderer(tokenizer, vcfg)
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # of the frozen copies; the policy stays fp32

@@ -89,7 +89,9 @@ if master:
 # -----------------------------------------------------------------------------
 # Model
 
-resume_dir = vz.latest_checkpoint(args.out) if args.resume else None
+resume_dir, skipped = vz.resume_checkpoint(args.out, ("step", "param_groups")) if args.resume else (None, [])
+if args.resume and master:
+    vz.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
 try:  # a resumed run loads its checkpoint only: weights, tokenizer and the frame bounds it trained with
     model, tokenizer, vcfg = vz.load_model(resume_dir or args.model, "cpu", args.min_pixels, args.max_pixels)
 except (OSError, ValueError) as e:

@@ -74,8 +74,7 @@ def load_vision_config(model_dir):
 def load_overview(model_dir):
     """(fps, max_frames) of the overview a model was trained with: preprocessor_config.json's
     `videozoomer_overview`, which our trainers write, else PROTOCOL.md's 0.5 fps and 64 frames."""
-    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
-        overview = json.load(f).get("videozoomer_overview") or {}
+    overview = read_json(os.path.join(model_dir, "preprocessor_config.json")).get("videozoomer_overview") or {}
     return float(overview.get("fps", 0.5)), int(overview.get("max_frames", 64))
 
 
@@ -482,6 +481,8 @@ def zoom_reply_parts(call, frames, last_turn):
 
 
 def error_reply_parts(error, last_turn):
+    # The error is ours, but may quote the model: keep it one line, bounded, and encodable (no lone surrogate).
+    error = " ".join(error.split())[:300].encode("utf-8", "backslashreplace").decode("utf-8")
     return [f"<tool_response>Error: {error}</tool_response>\n" + (LAST_TURN if last_turn else FIX_CALL)]
 
 
@@ -577,7 +578,8 @@ class Invalid:
 
 
 ZOOM_OPEN, ZOOM_CLOSE = "<video_zoom>", "</video_zoom>"
-TURN_SHAPE = re.compile(r"\s*<think>(?:(?!<think>|</think>).)*</think>\s*"
+# Inside <think> no protocol tag may appear: a turn that "answers" in its reasoning is not well formed.
+TURN_SHAPE = re.compile(r"\s*<think>(?:(?!</?think>|</?answer>|</?video_zoom>).)*</think>\s*"
                         r"(?:<video_zoom>(?:(?!<video_zoom>|</video_zoom>).)*</video_zoom>|"
                         r"<answer>(?:(?!<answer>|</answer>).)*</answer>)\s*", re.S)
 
@@ -587,15 +589,28 @@ class _DuplicateKey(Exception):
 
 
 def _no_duplicate_keys(pairs):
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
+    seen = set()  # a set, not list.count: a call with 25,000 keys must still parse in linear time
+    for key, _ in pairs:
+        if key in seen:
             raise _DuplicateKey(key)
+        seen.add(key)
     return dict(pairs)
+
+
+def _echo(key, max_chars=40):
+    """A model-written key, safe to quote in an error: ASCII-escaped (no lone surrogate the tokenizer
+    cannot encode, no line break), angle brackets escaped (no protocol tag is written back), and cut."""
+    escaped = json.dumps(key)[1:-1].replace("<", "\\u003c").replace(">", "\\u003e")
+    return escaped if len(escaped) <= max_chars else escaped[:max_chars] + "..."
 
 
 def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def frame_count(fps, span):
+    """PROTOCOL.md's n = int(fps * span), with a little slack: 5 fps x (0.3 - 0.1) s is 0.999... in floats."""
+    return int(fps * span + 1e-9)
 
 
 def parse_zoom(body, duration, max_frames):
@@ -606,7 +621,7 @@ def parse_zoom(body, duration, max_frames):
     try:
         args = json.loads(body, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as e:
-        return Invalid(f"the key \"{e}\" appears twice")
+        return Invalid(f"the key \"{_echo(e.args[0])}\" appears twice")
     except (ValueError, RecursionError):  # JSONDecodeError, and ints over Python's digit limit
         return Invalid("the call is not valid JSON; expected {\"segment\": [start_sec, end_sec], \"fps\": n}")
     if not isinstance(args, dict):
@@ -616,7 +631,7 @@ def parse_zoom(body, duration, max_frames):
         return Invalid(f"the call is missing the key \"{missing[0]}\"")
     extra = sorted(set(args) - {"segment", "fps"})
     if extra:
-        return Invalid(f"unexpected key \"{extra[0]}\"; only \"segment\" and \"fps\" are allowed")
+        return Invalid(f"unexpected key \"{_echo(extra[0])}\"; only \"segment\" and \"fps\" are allowed")
     segment, fps = args["segment"], args["fps"]
     if not (isinstance(segment, list) and len(segment) == 2 and all(_number(v) for v in segment)):
         return Invalid("\"segment\" must be a list of two numbers [start_sec, end_sec]")
@@ -640,9 +655,11 @@ def parse_zoom(body, duration, max_frames):
     if not math.isfinite(fps * (clamped_end - start)):
         return Invalid(f"the call asks for too many frames but at most {max_frames} are allowed now; "
                        "lower fps or narrow the segment")
-    num_frames = int(fps * (clamped_end - start))
+    num_frames = frame_count(fps, clamped_end - start)
     if num_frames < 1:
-        return Invalid(f"the call asks for 0 frames (fps x duration = {fps * (clamped_end - start):.2f}); "
+        # Truncated, not rounded, to 2 decimals: 0.999 must not print as "1.00" beside "0 frames".
+        product = math.floor(fps * (clamped_end - start) * 100) / 100
+        return Invalid(f"the call asks for 0 frames (fps x duration = {product:.2f}); "
                        "raise fps or widen the segment")
     if num_frames > max_frames:
         return Invalid(f"the call asks for {num_frames} frames but at most {max_frames} are allowed now; "
@@ -665,7 +682,7 @@ def parse_turn(text, duration, max_frames):
     <think>...</think> followed by one valid call or one answer.
     """
     opens, closes = text.count(ZOOM_OPEN), text.count(ZOOM_CLOSE)
-    has_answer = "<answer>" in text
+    has_answer = "<answer>" in outside_think(text)  # an answer quoted in the reasoning is not an answer
     if opens or closes:
         if opens > 1 or closes > 1:
             action = Invalid("more than one <video_zoom> tag in one turn; make exactly one call per turn")
@@ -677,16 +694,49 @@ def parse_turn(text, duration, max_frames):
             body = text[text.index(ZOOM_OPEN) + len(ZOOM_OPEN):text.index(ZOOM_CLOSE)]
             action = parse_zoom(body, duration, max_frames)
     elif has_answer:
-        match = re.search(r"<answer>(.*?)</answer>", text, re.S)
-        action = parse_answer(match.group(1)) if match else None
+        action = final_answer(outside_think(text))
     else:
         action = None
     format_ok = action is not None and not isinstance(action, Invalid) and TURN_SHAPE.fullmatch(text) is not None
     return action, format_ok
 
 
+def outside_think(text):
+    """The text with every <think>...</think> span cut out; an unclosed <think> hides the rest. One pass
+    of str.find, so linear on any input: a letter written in the reasoning is never read as the answer."""
+    pieces, pos = [], 0
+    while True:
+        start = text.find("<think>", pos)
+        if start < 0:
+            return "".join(pieces + [text[pos:]])
+        pieces.append(text[pos:start])
+        end = text.find("</think>", start)
+        if end < 0:
+            return "".join(pieces)
+        pos = end + len("</think>")
+
+
+def final_answer(text):
+    """Answer of the last <answer>...</answer> in text, or None; rfind keeps it linear ("<answer>" * 25000)."""
+    close = text.rfind("</answer>")
+    open_ = text.rfind("<answer>", 0, close) if close >= 0 else -1
+    return parse_answer(text[open_ + len("<answer>"):close]) if open_ >= 0 else None
+
+
 # -----------------------------------------------------------------------------
 # 4. Model: load from a local directory; write a tiny checkpoint
+
+
+def read_json(path):
+    """A JSON object from path; ValueError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
 
 
 def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
@@ -699,8 +749,12 @@ def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
     for name in ("config.json", "preprocessor_config.json"):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise FileNotFoundError(f"{model_dir}: not a model directory (no {name})")
-    with open(os.path.join(model_dir, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
+    # transformers' JSON errors do not name the file ("Expecting value: line 1 column 1"): check each first.
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(model_dir, name)):
+            read_json(os.path.join(model_dir, name))
+    model_type = read_json(os.path.join(model_dir, "config.json")).get("model_type")
     if model_type != "qwen2_5_vl":
         raise ValueError(f"{model_dir}: model_type is {model_type!r}, expected 'qwen2_5_vl'")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -1314,6 +1368,69 @@ def load_training_state(checkpoint_dir, model, optimizer):
                              options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(tensors["rng.torch"])
     return state
+
+
+def _safetensors_problem(path):
+    """None when a .safetensors file is whole (its header parses and its data reaches the declared end)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or int.from_bytes(head, "little") > size - 8:
+            return f"{os.path.basename(path)} is truncated"
+        try:
+            header = json.loads(f.read(int.from_bytes(head, "little")))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"{os.path.basename(path)} has a damaged header"
+    if 8 + int.from_bytes(head, "little") + end != size:
+        return f"{os.path.basename(path)} is truncated"
+    return None
+
+
+def checkpoint_problem(path, state_keys=("param_groups",)):
+    """Why a step_N checkpoint cannot be resumed from (one line), or None when it loads whole."""
+    try:
+        state = read_json(os.path.join(path, "trainer_state.json"))
+        missing = [key for key in state_keys if key not in state]
+        if missing:
+            return f"trainer_state.json lacks {missing[0]!r}"
+        for name in ("config.json", "preprocessor_config.json"):
+            read_json(os.path.join(path, name))
+        weights = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+        if not any(n.startswith("model") for n in weights):
+            return "no model.safetensors"
+        if "optimizer.safetensors" not in weights:
+            return "no optimizer.safetensors"
+        for name in sorted(weights):
+            problem = _safetensors_problem(os.path.join(path, name))
+            if problem:
+                return problem
+    except (OSError, ValueError) as e:
+        return _one_line(e).replace(path + os.sep, "")
+    return None
+
+
+def resume_checkpoint(out_dir, state_keys=("param_groups",)):
+    """-> (newest step_N in out_dir that loads whole or None, [(skipped step_N, why)]), newest first."""
+    if not os.path.isdir(out_dir):
+        return None, []
+    names = sorted((n for n in os.listdir(out_dir) if re.fullmatch(r"step_\d+", n)), key=lambda n: -int(n[5:]))
+    skipped = []
+    for name in names:
+        problem = checkpoint_problem(os.path.join(out_dir, name), state_keys)
+        if problem is None:
+            return os.path.join(out_dir, name), skipped
+        skipped.append((name, problem))
+    return None, skipped
+
+
+def report_resume(out_dir, resume_dir, skipped):
+    """One line per skipped checkpoint, and one when --resume finds nothing to resume from."""
+    for name, problem in skipped:
+        print(f"resume: skipped {os.path.join(out_dir, name)} ({problem})")
+    if resume_dir is None:
+        print(f"resume: no complete step_N checkpoint in {out_dir}; starting over from --model at step 0"
+              + (" (the damaged ones are overwritten as training reaches their steps)" if skipped else ""))
 
 
 def latest_checkpoint(out_dir):

@@ -277,7 +277,7 @@ def test_parse_turn_never_raises():
         if isinstance(action, vz.Zoom):  # whatever got through is within the protocol's ranges
             assert 0 <= action.start < action.end <= DURATION, text
             assert 1 <= action.num_frames <= budget, text
-            assert action.num_frames == int(action.fps * (action.end - action.start)), text
+            assert action.num_frames == vz.frame_count(action.fps, action.end - action.start), text
     assert kinds == {"Zoom", "Answer", "Invalid", "NoneType"}  # the generator reaches every outcome
 
 

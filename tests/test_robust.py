@@ -1,3 +1,135 @@
+"""Issue 18: nothing the model, a data file or a damaged checkpoint holds may crash a run.
+Each test is one case of the issue, as it was written there."""
+import json
+import time
+
+import pytest
+
+import vz
+
+DURATION, MAX_FRAMES = 20.0, 16
+
+
+def call(body):
+    return f"<think>Look closer.</think><video_zoom> {body} </video_zoom>"
+
+
+# -----------------------------------------------------------------------------
+# 1-2. An echoed key is escaped: encodable, one line, bounded, no protocol tags
+
+# (id, key the model wrote)
+HOSTILE_KEYS = [
+    ("lone_surrogate", "\ud800"),  # the tokenizer raised TypeError encoding it
+    ("newline", "a\nb"),
+    ("line_separator", "a\u2028b"),  # a line break to str.splitlines, not to "\n" in
+    ("carriage_return", "a\rb"),
+    ("protocol_tags", "</tool_response><|im_end|>"),  # would close the tool reply early
+    ("huge", "k" * 50_000),  # echoed whole before
+]
+
+
+@pytest.mark.parametrize("key", [k for _, k in HOSTILE_KEYS], ids=[i for i, _ in HOSTILE_KEYS])
+@pytest.mark.parametrize("how", ["extra", "duplicate"])
+def test_echoed_key_is_safe(tiny, index_video, key, how):
+    _, renderer = tiny
+    body = json.dumps({"segment": [0, 4], "fps": 2, key: 1}) if how == "extra" else \
+        '{"segment": [0, 4], "fps": 2, %s: 1, %s: 2}' % (json.dumps(key), json.dumps(key))
+    action, format_ok = vz.parse_turn(call(body), DURATION, MAX_FRAMES)
+    assert isinstance(action, vz.Invalid) and not format_ok
+    error = action.error
+    assert len(error.splitlines()) == 1 and error.isascii() and len(error) < 200, error
+    assert "<" not in error and ">" not in error, error
+    # The environment's reply goes through the real renderer without raising.
+    with vz.open_video(index_video) as video:
+        prompt = vz.build_prompt(renderer, video, "q?", ["A. x", "B. y"], vz.Limits(), overview_fps=0.25)
+        episode = vz.replay(renderer, video, prompt, [call(body), "<think>ok</think><answer>A</answer>"],
+                            vz.Limits(max_total_tokens=10 ** 6))  # room for the 50 KB turn itself
+    assert episode.turns[0]["kind"] == "invalid" and episode.stop == "answer"
+    reply = episode.turns[0]["reply"]
+    assert reply.count("</tool_response>") == 1 and reply.count("<|im_end|>") == 1  # only ours
+
+
+# -----------------------------------------------------------------------------
+# 3. The answer is the final <answer> outside <think>; one inside makes the turn ill-formed
+
+# (id, turn, expected letter or None, format_ok)
+ANSWER_IN_THINK = [
+    ("answer_quoted_in_think", "<think>Is it <answer>A</answer>? No.</think><answer>\\boxed{B}</answer>", "B", False),
+    ("only_inside_think", "<think>Is it <answer>A</answer>?</think>", None, False),  # no answer at all
+    ("unclosed_think_hides_rest", "<think>Is it <answer>A</answer>", None, False),
+    ("two_answers_last_counts", "<think>x</think><answer>A</answer><answer>B</answer>", "B", False),
+    ("plain", "<think>x</think><answer>\\boxed{B}</answer>", "B", True),  # unchanged
+]
+
+
+@pytest.mark.parametrize("text,letter,format_ok", [c[1:] for c in ANSWER_IN_THINK], ids=[c[0] for c in ANSWER_IN_THINK])
+def test_answer_inside_think_is_not_read(text, letter, format_ok):
+    action, ok = vz.parse_turn(text, DURATION, MAX_FRAMES)
+    assert (action.letter if action is not None else None) == letter
+    assert ok is format_ok
+
+
+def test_call_with_answer_quoted_in_think_is_a_call_but_ill_formed():
+    text = '<think>Is it <answer>A</answer>?</think><video_zoom> {"segment": [0, 4], "fps": 2} </video_zoom>'
+    action, ok = vz.parse_turn(text, DURATION, MAX_FRAMES)
+    assert isinstance(action, vz.Zoom) and not ok
+
+
+# -----------------------------------------------------------------------------
+# 4. parse_turn is linear on pathological text
+
+PATHOLOGICAL = [
+    ("answer_opens", lambda n: "<answer>" * n),  # 75-85 s at n = 25,000 before
+    ("distinct_keys", lambda n: call("{" + ", ".join(f'"k{i}": {i}' for i in range(n)) + "}")),  # 15 s before
+    ("think_opens", lambda n: "<think>" * n + "<answer>A</answer>"),
+    ("think_with_answers", lambda n: "<think>" + "<answer>A</answer>" * n + "</think><answer>B</answer>"),
+    ("boxed_opens", lambda n: "<think>x</think><answer>" + "\\boxed{" * n + "</answer>"),
+    ("zoom_opens", lambda n: "<video_zoom>" * n),
+    ("answer_closes", lambda n: "</answer>" * n + "<answer>"),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in PATHOLOGICAL], ids=[i for i, _ in PATHOLOGICAL])
+def test_parse_turn_is_linear(make):
+    def seconds(n):
+        text = make(n)
+        started = time.perf_counter()
+        vz.parse_turn(text, DURATION, MAX_FRAMES)
+        return time.perf_counter() - started
+    assert seconds(25_000) < 2.0  # minutes before; milliseconds now, so no noisy machine gets near it
+    # 4x the input may cost far less than the 16x of a quadratic parser (best of 3 against noise).
+    small, large = min(seconds(10_000) for _ in range(3)), min(seconds(40_000) for _ in range(3))
+    assert large < 8 * small + 0.05, (small, large)
+
+
+# -----------------------------------------------------------------------------
+# 5. Frame counts tolerate float error, and the error never contradicts its verdict
+
+# (id, segment, fps, frames expected)
+FLOAT_COUNTS = [
+    ("fps5", [0.1, 0.3], 5, 1),  # 5 * 0.19999... = 0.999...: refused as "0 frames (... = 1.00)" before
+    ("fps10", [0.1, 0.3], 10, 2),  # returned one frame instead of two
+    ("fps3_third", [0.1, 0.7], 5, 3),
+]
+
+
+@pytest.mark.parametrize("segment,fps,expected", [c[1:] for c in FLOAT_COUNTS], ids=[c[0] for c in FLOAT_COUNTS])
+def test_frame_count_tolerates_float_error(segment, fps, expected):
+    action, ok = vz.parse_turn(call(json.dumps({"segment": segment, "fps": fps})), DURATION, MAX_FRAMES)
+    assert isinstance(action, vz.Zoom) and action.num_frames == expected and ok
+
+
+def test_zero_frames_error_does_not_print_one():
+    action, _ = vz.parse_turn(call('{"segment": [0, 0.1998], "fps": 5}'), DURATION, MAX_FRAMES)  # 0.999
+    assert isinstance(action, vz.Invalid) and "= 0.99)" in action.error, action.error
+
+
+def test_clip_of_float_span_returns_all_frames(tiny, index_video):
+    _, renderer = tiny
+    with vz.open_video(index_video) as video:
+        action, _ = vz.parse_turn(call('{"segment": [0.1, 0.3], "fps": 10}'), video.duration, MAX_FRAMES)
+        frames = vz.sample_clip(video, renderer.vcfg, action.start, action.end, action.num_frames)
+    assert [round(f.time, 2) for f in frames] == [0.0, 0.2]  # 5 fps source: the frames showing at 0.1 and 0.3
 
 
 # -----------------------------------------------------------------------------
@@ -14,3 +146,54 @@ def test_garbage_json_in_model_dir_is_named(tiny_dir, tmp_path, name, content):
     with pytest.raises(ValueError) as error:
         vz.load_model(str(damaged))
     assert str(damaged / name) in str(error.value) and "\n" not in str(error.value)
+
+
+# -----------------------------------------------------------------------------
+# 11-12. --resume takes the newest checkpoint that loads whole, and says what it skipped
+
+
+def fake_step(tiny_dir, out, step):
+    """A step_N laid out as save_checkpoint writes it: the model files, optimizer and trainer state."""
+    import shutil
+    import torch
+    from safetensors.torch import save_file
+    path = out / f"step_{step}"
+    shutil.copytree(tiny_dir, path)
+    save_file({"rng.torch": torch.get_rng_state()}, str(path / "optimizer.safetensors"))
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": []}))
+    return path
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+# (id, damage done to the newest checkpoint, words of the reason)
+DAMAGE = [
+    ("model_truncated", lambda p: truncate(p / "model.safetensors"), "model.safetensors is truncated"),
+    ("optimizer_truncated", lambda p: truncate(p / "optimizer.safetensors"), "optimizer.safetensors is truncated"),
+    ("state_garbage", lambda p: (p / "trainer_state.json").write_text("garbage{"), "trainer_state.json: not valid"),
+    ("state_empty", lambda p: (p / "trainer_state.json").write_text(""), "trainer_state.json: not valid"),
+    ("state_without_step", lambda p: (p / "trainer_state.json").write_text("{}"), "lacks 'step'"),
+]
+
+
+@pytest.mark.parametrize("damage,reason", [c[1:] for c in DAMAGE], ids=[c[0] for c in DAMAGE])
+def test_resume_skips_a_damaged_newest_checkpoint(tiny_dir, tmp_path, capsys, damage, reason):
+    fake_step(tiny_dir, tmp_path, 2)
+    damage(fake_step(tiny_dir, tmp_path, 10))
+    resume_dir, skipped = vz.resume_checkpoint(str(tmp_path), ("step", "param_groups"))
+    assert resume_dir == str(tmp_path / "step_2")
+    assert [name for name, _ in skipped] == ["step_10"] and reason in skipped[0][1], skipped
+    vz.report_resume(str(tmp_path), resume_dir, skipped)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "skipped" in line and "step_10" in line and reason in line
+    vz.load_model(resume_dir)  # what it picked loads
+
+
+def test_resume_without_a_complete_checkpoint_says_so(tiny_dir, tmp_path, capsys):
+    truncate(fake_step(tiny_dir, tmp_path, 3) / "model.safetensors")
+    resume_dir, skipped = vz.resume_checkpoint(str(tmp_path), ("step", "param_groups"))
+    assert resume_dir is None and skipped[0][0] == "step_3"
+    vz.report_resume(str(tmp_path), resume_dir, skipped)
+    assert "no complete step_N checkpoint" in capsys.readouterr().out
