@@ -245,36 +245,68 @@ def jpeg(image):
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
-def frame_strip(frames, group):
-    return "".join(f'<figure><img class="{group}" data-time="{f.time:.3f}" src="{jpeg(f.image)}">'
-                   f"<figcaption>{f.time:.2f}s</figcaption></figure>" for f in frames)
+def write_html(path, records, model, data):
+    """A self-contained page: a header (model, data file, accuracy by kind, an index of the questions),
+    then per question its timeline, the overview strip and each zoom's frames, all with their times.
+    Every distinct frame is embedded once, in a JSON table that a few lines of script put into the
+    <img> elements, so an overview shared by many questions about one video costs its bytes once."""
+    table = {}
 
+    def strip(frames, group):
+        figures = []
+        for f in frames:
+            key = hashlib.sha1(f.image.tobytes() + str(f.image.shape).encode()).hexdigest()[:16]
+            if key not in table:
+                table[key] = jpeg(f.image)
+            figures.append(f'<figure class="{group}"><img class="{group}" data-time="{f.time:.3f}" data-frame="{key}" '
+                           f'alt="{f.time:.2f}s"><figcaption>{f.time:.2f}s</figcaption></figure>')
+        return "".join(figures)
 
-def write_html(path, records):
+    def verdict(r):
+        return "" if r["correct"] is None else ('<b class="right">right</b>' if r["correct"] else '<b class="wrong">wrong</b>')
+
     css = ("body{font-family:sans-serif;margin:1em}section{border-top:2px solid #888;margin-top:1.5em}"
-           "figure{display:inline-block;margin:2px;font-size:70%}img{height:72px}"
-           ".timeline{position:relative;height:18px;background:#eee;margin:.5em 0}"
+           "figure{display:inline-block;margin:2px;font-size:70%;text-align:center}"
+           "img.overview{height:72px;display:block}img.zoom{height:144px;display:block}"
+           ".timeline{position:relative;height:18px;background:#eee;margin:.5em 0 1.6em}"
            ".tick{position:absolute;width:1px;height:18px;background:#555}"
-           ".zoom{position:absolute;height:18px;background:rgba(230,120,0,.6)}"
-           "pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}.right{color:green}.wrong{color:#b00}")
-    parts = [f"<!doctype html><meta charset='utf-8'><title>VideoZoomer trajectories</title><style>{css}</style>"]
+           ".second{position:absolute;top:19px;font-size:70%;transform:translateX(-50%)}"
+           ".segment{position:absolute;height:18px;background:rgba(230,120,0,.6)}"
+           "pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}.right{color:green}.wrong{color:#b00}"
+           "table{border-collapse:collapse}td,th{padding:0 .6em;text-align:right}")
+    parts = [f"<!doctype html><meta charset='utf-8'><title>VideoZoomer trajectories</title><style>{css}</style>",
+             f"<h1>VideoZoomer trajectories</h1><p>model: {html.escape(str(model))}"
+             + (f" | data: {html.escape(str(data))}" if data else "") + "</p>"]
+    scored = [r for r in records if r["correct"] is not None]
+    if scored:
+        rows = "".join(f"<tr><td>{html.escape(kind or '-')}</td><td>{len(group)}</td>"
+                       f"<td>{sum(r['correct'] for r in group) / len(group):.3f}</td>"
+                       f"<td>{sum(r['num_zooms'] for r in group) / len(group):.2f}</td></tr>"
+                       for kind in sorted({r["kind"] for r in scored}) + ["all"]
+                       for group in [[r for r in scored if kind in ("all", r["kind"])]])
+        parts.append(f"<table><tr><th>kind</th><th>n</th><th>accuracy</th><th>zooms/q</th></tr>{rows}</table>")
+    if len(records) > 1:
+        parts.append("<ol>" + "".join(f'<li><a href="#q{i}">{html.escape(r["question"][:80])}</a> {verdict(r)}</li>'
+                                      for i, r in enumerate(records)) + "</ol>")
     for index, r in enumerate(records):
-        frames, overview = r["_frames"], r["_num_overview"]
-        verdict = "" if r["correct"] is None else (
-            '<b class="right">right</b>' if r["correct"] else '<b class="wrong">wrong</b>')
-        parts.append(f'<section class="question" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
+        frames, overview, duration = r["_frames"], r["_num_overview"], r["duration"]
+        truth = f" | truth: {html.escape(str(r['truth']))} {verdict(r)}" if r["truth"] is not None else ""
+        parts.append(f'<section class="question" id="q{index}" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
+                     f"<p>video: {html.escape(str(r['video']))} ({duration:.1f}s) | kind: {html.escape(r['kind'] or '-')}</p>"
                      f"<pre>{html.escape(vz.format_question('', r['options']).strip())}</pre>"
-                     f"<p>answer: <b>{html.escape(str(r['answer']))}</b> | truth: {html.escape(str(r['truth']))} "
-                     f"{verdict} | {r['num_zooms']} zooms, {r['num_frames']} frames, stop {r['stop']}</p>")
+                     f"<p>answer: <b>{html.escape(str(r['answer']))}</b>{truth} | {r['num_zooms']} zooms, "
+                     f"{r['num_frames']} frames, stop {r['stop']}</p>")
+        step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if duration / s <= 10), 7200)
         parts.append('<div class="timeline">' + "".join(
-            f'<span class="tick" style="left:{100 * f.time / r["duration"]:.3f}%"></span>' for f in frames[:overview]))
+            f'<span class="tick" style="left:{100 * f.time / duration:.3f}%"></span>' for f in frames[:overview]) + "".join(
+            f'<span class="second" style="left:{100 * s / duration:.3f}%">{s:g}s</span>'
+            for s in range(0, int(duration) + 1, step)))
         for turn in r["turns"]:
             if turn["kind"] == "zoom":
                 start, end = turn["segment"]
-                parts.append(f'<span class="zoom" data-segment="{start:.3f},{end:.3f}" title="{start:.2f}-{end:.2f}s" '
-                             f'style="left:{100 * start / r["duration"]:.3f}%;'
-                             f'width:{100 * (end - start) / r["duration"]:.3f}%"></span>')
-        parts.append(f"</div><h4>overview ({overview} frames)</h4>{frame_strip(frames[:overview], 'overview')}")
+                parts.append(f'<span class="segment" data-segment="{start:.3f},{end:.3f}" title="{start:.2f}-{end:.2f}s" '
+                             f'style="left:{100 * start / duration:.3f}%;width:{100 * (end - start) / duration:.3f}%"></span>')
+        parts.append(f"</div><h4>overview ({overview} frames)</h4>{strip(frames[:overview], 'overview')}")
         used = overview
         for turn in r["turns"]:
             parts.append(f"<h4>turn {turn['turn']}: {turn['kind']}</h4><pre>{html.escape(turn['text'])}</pre>")
@@ -282,10 +314,15 @@ def write_html(path, records):
                 returned = frames[used:used + turn["num_frames"]]
                 used += turn["num_frames"]
                 parts.append(f'<p>zoom {turn["segment"][0]:.2f}-{turn["segment"][1]:.2f}s at {turn["fps"]:g} fps</p>'
-                             f'<div class="zoomframes" data-turn="{turn["turn"]}">{frame_strip(returned, "zoom")}</div>')
+                             f'<div class="zoomframes" data-turn="{turn["turn"]}">{strip(returned, "zoom")}</div>')
             elif turn.get("error"):
                 parts.append(f"<p>tool error: {html.escape(turn['error'])}</p>")
         parts.append("</section>")
+    # Data URLs are base64 and the keys hex, so the JSON cannot close the script element early.
+    parts.append(f'<script type="application/json" id="frames">{json.dumps(table)}</script>'
+                 "<script>const frames = JSON.parse(document.getElementById('frames').textContent);"
+                 "for (const img of document.querySelectorAll('img[data-frame]')) img.src = frames[img.dataset.frame];"
+                 "</script>")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(parts))
@@ -341,7 +378,7 @@ if args.json:
     os.replace(tmp, args.json)
     print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
 if args.html:
-    write_html(args.html, records)
+    write_html(args.html, records, model_dir, args.data)
     print(f"page written to {args.html}")
 if args.data:
     print(f"accuracy: {mean('correct', records):.4f}")  # the last line, for scripts

@@ -1,9 +1,12 @@
 """infer.py --data: accuracy over a question set, per kind; --no-tool: the uniform-frames baseline."""
 
+import html
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import OPTIONS, QUESTION
 
@@ -53,14 +56,19 @@ def test_html_viewer_holds_the_right_frames_and_segments(scripted_dir, index_vid
     class Page(HTMLParser):
         def __init__(self):
             super().__init__()
-            self.images, self.segments = [], []
+            self.images, self.segments, self.table, self.in_table = [], [], None, False
 
         def handle_starttag(self, tag, attrs):
             attrs = dict(attrs)
             if tag == "img":
-                self.images.append((attrs["class"], float(attrs["data-time"]), attrs["src"]))
-            if tag == "span" and attrs.get("class") == "zoom":
+                self.images.append((attrs["class"], float(attrs["data-time"]), attrs["data-frame"]))
+            if tag == "span" and attrs.get("class") == "segment":
                 self.segments.append([float(v) for v in attrs["data-segment"].split(",")])
+            self.in_table = tag == "script" and attrs.get("id") == "frames"
+
+        def handle_data(self, data):
+            if self.in_table:
+                self.table = json.loads(data)  # each distinct frame once, keyed by the <img> elements
 
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"video": index_video, "question": QUESTION, "options": OPTIONS, "answer": "C"}) + "\n")
@@ -72,8 +80,9 @@ def test_html_viewer_holds_the_right_frames_and_segments(scripted_dir, index_vid
     assert [kind for kind, _, _ in page.images] == ["overview"] * 5 + ["zoom"] * 9
     assert [round(t, 3) for _, t, _ in page.images] == trajectory["frame_times"]
     assert page.segments == [[12.0, 15.0]] == [t["segment"] for t in trajectory["turns"] if t["kind"] == "zoom"]
-    for _, time, src in page.images:
-        jpeg = base64.b64decode(src.split(",", 1)[1])
+    assert len(page.table) == len({key for _, _, key in page.images})  # nothing embedded twice or unused
+    for _, time, key in page.images:
+        jpeg = base64.b64decode(page.table[key].split(",", 1)[1])
         with av.open(io.BytesIO(jpeg)) as container:
             image = next(container.decode(video=0)).to_ndarray(format="rgb24")
         assert read_index(image) == round(time * 5)  # the 5 fps index video: frame k shows k
@@ -107,3 +116,40 @@ def test_pixel_bounds_override(scripted_dir, index_video, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     saved = vz.load_vision_config(str(tmp_path / "run" / "final"))
     assert (saved.min_pixels, saved.max_pixels) == (3136, 6272)
+
+
+def test_html_viewer_renders_readable_zoom_frames_in_a_browser(scripted_dir, index_video, tmp_path):
+    # Rendered in headless Chromium: every zoom frame is at least as tall as the overview frames and
+    # shows its time under it (the timeline block once shared the zoom frames' class and made them
+    # 18-pixel slivers). A measuring script added to a copy of the page writes the sizes into the DOM.
+    import re
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium where apt-get can)")
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"video": index_video, "question": QUESTION, "options": OPTIONS, "answer": "C"}) + "\n")
+    run_infer("--data", str(data), "--model", scripted_dir, "--overview-fps", "0.25", "--max-new-tokens", "64",
+              "--html", str(tmp_path / "page.html"))
+    measure = ("<script>window.addEventListener('load', () => { const out = [...document.querySelectorAll('figure')]"
+               ".map(f => { const img = f.querySelector('img'), cap = f.querySelector('figcaption');"
+               " const box = cap.getBoundingClientRect(); return [f.className, img.getBoundingClientRect().height,"
+               " img.naturalWidth, box.height, box.width, cap.textContent]; });"
+               " const pre = document.createElement('pre'); pre.id = 'sizes'; pre.textContent = JSON.stringify(out);"
+               " document.body.appendChild(pre); });</script>")
+    measured = tmp_path / "measured.html"
+    measured.write_text((tmp_path / "page.html").read_text() + measure)
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                             "--disable-component-update", "--disable-sync", "--no-first-run",
+                             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+                             measured.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="sizes">(.*?)</pre>', result.stdout, re.S)
+    assert found, result.stderr[-2000:]
+    figures = json.loads(html.unescape(found.group(1)))
+    overview = [f for f in figures if f[0] == "overview"]
+    zoom = [f for f in figures if f[0] == "zoom"]
+    assert len(overview) == 5 and len(zoom) == 9
+    assert all(f[2] > 0 for f in figures)  # every image decoded from the page's own frame table
+    assert min(f[1] for f in zoom) >= max(f[1] for f in overview) > 20
+    assert all(f[3] > 0 and f[4] > 0 and re.fullmatch(r"\d+\.\d\ds", f[5]) for f in figures)  # times visible
