@@ -129,6 +129,7 @@ def read_done(path):
 
 
 numbered, reasons = vz.read_rows(args.data)
+num_rows = len(numbered) + len(reasons)
 base_dir = os.path.dirname(os.path.abspath(args.data))
 questions = []
 for where, row in numbered:
@@ -136,8 +137,7 @@ for where, row in numbered:
         questions.append(vz.question_row(row, base_dir))
     except (ValueError, vz.VideoError) as e:
         reasons.append((where, vz._one_line(e)))
-vz.report_rows(args.data, len(questions), len(numbered) + len(reasons) - (len(numbered) - len(questions)),
-               reasons, args.max_bad_frac)
+vz.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac)
 done = read_done(args.out) if args.resume else set()
 todo = [q for q in questions if (q["video"], q["question"]) not in done]
 print(f"questions: {len(todo)} to do, {len(questions) - len(todo)} already in {args.out}")
@@ -388,14 +388,17 @@ def work(item):
         progress()
 
 
+pool = ThreadPoolExecutor(args.workers)
 try:
-    with ThreadPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(work, item) for item in enumerate(todo)]
-        for future in futures:
-            future.result()
+    for future in [pool.submit(work, item) for item in enumerate(todo)]:
+        future.result()
 except Fatal as e:
-    out.close()
-    vz.fail(f"{e} (stopping: this does not heal by retrying)")
+    pool.shutdown(wait=False, cancel_futures=True)
+    with lock:
+        out.close()
+    print(f"error: {e} (stopping: retrying does not heal this)", file=sys.stderr)
+    os._exit(2)
+pool.shutdown()
 out.close()
 
 # -----------------------------------------------------------------------------
