@@ -155,7 +155,8 @@ class GaveUp(Exception):
 
 
 counters = Counter()  # requests, tokens
-lock = threading.Lock()
+lock = threading.Lock()  # counters, and the local teacher's one model
+write_lock = threading.Lock()  # rows and the tallies beside them; Ctrl-C waits for it, so no line is cut
 
 
 def jpeg(image):
@@ -343,6 +344,7 @@ def local_attempts(video, question, index):
 
 
 def interrupted(signum, frame):
+    write_lock.acquire()  # a row being written is finished first
     print("\ninterrupted: every row written so far is whole; rerun with --resume to continue", file=sys.stderr)
     os._exit(130)
 
@@ -372,7 +374,7 @@ def work(item):
         kept, reason = [], str(e)
     except vz.VideoError as e:
         kept, reason = [], vz._one_line(e)
-    with lock:  # one write of whole lines, then flush: a kill leaves at most one partial line
+    with write_lock:  # one write of a whole line, then flush: a hard kill leaves at most one partial line
         for teacher, turns, records in kept:
             row = {key: question[key] for key in ("video", "question", "options", "answer", "kind")}
             row.update(turns=turns, teacher=teacher, source=source)
@@ -394,7 +396,7 @@ try:
         future.result()
 except Fatal as e:
     pool.shutdown(wait=False, cancel_futures=True)
-    with lock:
+    with write_lock:
         out.close()
     print(f"error: {e} (stopping: retrying does not heal this)", file=sys.stderr)
     os._exit(2)
