@@ -181,3 +181,21 @@ def test_local_teacher_dir(data, scripted_dir, tmp_path):
     for line in open(tmp_path / "out.jsonl"):
         row = json.loads(line)
         assert row["teacher"] == "exemplar" and vz.parse_answer(row["turns"][-1]).letter in (None, row["answer"])
+
+
+def test_ctrl_c_exits_130_with_whole_rows(data, server, tmp_path):
+    # SIGINT while a request is in flight: one line, exit 130, and the output holds only whole rows.
+    import signal
+    Teacher.faults = ["slow"] * 50
+    cmd = [sys.executable, os.path.join(REPO, "distill.py"), "--data", str(data / "qa.jsonl"), "--out",
+           str(tmp_path / "out.jsonl"), "--teacher-url", server, "--teacher-model", "s", "--timeout", "10"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("questions:"):
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted:")
+    assert all(line.endswith("\n") for line in open(tmp_path / "out.jsonl"))
