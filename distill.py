@@ -1,0 +1,418 @@
+"""Make cold-start SFT data from a teacher model: exemplar and reflection trajectories, each verified by the tool.
+
+    python distill.py --data qa.jsonl --teacher-url http://localhost:8000/v1 --teacher-model Qwen2.5-VL-72B-Instruct \
+        --out cold_start.jsonl [--samples 4] [--workers 8] [--resume]
+    python distill.py --data qa.jsonl --teacher-dir /models/Qwen2.5-VL-72B-Instruct --out cold_start.jsonl
+
+The teacher runs PROTOCOL.md's zoom protocol on every question: our system prompt, the overview, and the
+tool's real replies (vz.sample_clip and the same reply builders as vz.respond). Over HTTP (an
+OpenAI-compatible /chat/completions endpoint; API key from the env var named by --api-key-env, never
+printed or written) every frame is a JPEG data URL preceded by its frame tag as a text part; a turn stops
+at </video_zoom>, and the teacher's text is parsed by vz.parse_turn, so a bad call is an error turn.
+Kept:
+1. Exemplar: right final answer, every turn in the protocol's shape, and for --require-zoom kinds at least
+   one zoom that returned frames. Up to --samples attempts per question, at most --keep distinct ones.
+2. Reflection (HTTP teacher): from an attempt that zoomed and answered wrong, its turns up to its last zoom's
+   reply, then the teacher's next turns after an instruction (not saved) to say first why what it saw was
+   not enough, zoom again and answer. Kept when right and well formed.
+Every row is train_sft.py's layout (plus teacher and source) and is checked with vz.replay against
+--check-model's tokenizer (default --teacher-dir). Output is append-only, one whole line per row, flushed;
+--resume skips questions already in --out and drops a trailing partial line. Teacher output is data only.
+"""
+
+import argparse
+import base64
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+
+import vz
+
+# -----------------------------------------------------------------------------
+# CLI
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# Data
+parser.add_argument("--data", required=True, help="questions: our RL layout or the released RL layout (JSONL or .json list)")
+parser.add_argument("--out", required=True, help="output JSONL of SFT trajectories (appended to)")
+parser.add_argument("--resume", action="store_true", help="skip questions (video + question) already in --out")
+parser.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
+# Teacher
+parser.add_argument("--teacher-url", help="base URL of an OpenAI-compatible server, e.g. http://localhost:8000/v1")
+parser.add_argument("--teacher-model", help="model name sent to --teacher-url (also the rows' source)")
+parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (unset = none)")
+parser.add_argument("--teacher-dir", help="local Qwen2.5-VL directory run through vz.rollout instead of a server")
+parser.add_argument("--check-model", help="model directory whose tokenizer vz.replay checks rows with; default --teacher-dir")
+parser.add_argument("--system-prompt", help="file replacing the built-in system prompt")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the attempts")
+parser.add_argument("--samples", type=int, default=4, help="attempts per question")
+parser.add_argument("--keep", type=int, default=1, help="distinct right exemplars kept per question")
+parser.add_argument("--require-zoom", nargs="*", default=[], metavar="KIND", help="kinds whose exemplars must zoom")
+parser.add_argument("--no-reflection", action="store_true", help="do not ask for reflection trajectories")
+# Job
+parser.add_argument("--workers", type=int, default=8, help="questions in flight at once (threads)")
+parser.add_argument("--timeout", type=float, default=120, help="seconds per request before it is retried")
+parser.add_argument("--max-retries", type=int, default=5, help="retries per request (connection errors, timeouts, 429, 5xx)")
+parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
+# Protocol
+parser.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
+parser.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
+parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
+parser.add_argument("--max-frames", type=int, default=128, help="frames per trajectory, overview included")
+parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
+parser.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn")
+parser.add_argument("--seed", type=int, default=0, help="sampling seed of the local teacher")
+args = parser.parse_args()
+
+if bool(args.teacher_url) == bool(args.teacher_dir):
+    vz.fail("give either --teacher-url (with --teacher-model) or --teacher-dir")
+if args.teacher_url and not args.teacher_model:
+    vz.fail("--teacher-url needs --teacher-model")
+if args.samples < 1 or args.keep < 1 or args.workers < 1 or args.max_retries < 0:
+    vz.fail("--samples, --keep and --workers must be at least 1, --max-retries at least 0")
+limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens)
+system_prompt = None
+if args.system_prompt:
+    try:
+        system_prompt = open(args.system_prompt).read()
+    except OSError as e:
+        vz.fail(f"{args.system_prompt}: cannot read the system prompt ({e.strerror})")
+source = args.teacher_model or os.path.basename(os.path.normpath(args.teacher_dir))
+print("args:", json.dumps(vars(args)))
+
+# -----------------------------------------------------------------------------
+# Checker (and local teacher): the tokenizer that vz.replay renders kept rows with
+
+check_dir = args.check_model or args.teacher_dir
+renderer, model = None, None
+if check_dir or args.teacher_dir:
+    import torch
+    try:
+        loaded = vz.load_model(args.teacher_dir or check_dir)
+    except (OSError, ValueError) as e:
+        vz.fail(vz._one_line(e))
+    model, renderer = loaded[0], vz.Renderer(loaded[1], loaded[2])
+    if args.check_model and args.teacher_dir and args.check_model != args.teacher_dir:
+        tokenizer, vcfg = vz.load_model(args.check_model)[1:]
+        renderer = vz.Renderer(tokenizer, vcfg)
+vcfg = renderer.vcfg if renderer else vz.VisionConfig()
+
+# -----------------------------------------------------------------------------
+# Data: questions, and what --out already holds
+
+
+def read_done(path):
+    """Keys (video, question) of the whole rows in path; a trailing partial line (a kill mid-write) is cut off."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb+") as f:
+        data = f.read()
+        whole = data[:data.rfind(b"\n") + 1]
+        if len(whole) < len(data):
+            f.truncate(len(whole))
+    done = set()
+    for line in whole.splitlines():
+        try:
+            row = json.loads(line)
+            done.add((row["video"], row["question"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return done
+
+
+numbered, reasons = vz.read_rows(args.data)
+num_rows = len(numbered) + len(reasons)
+base_dir = os.path.dirname(os.path.abspath(args.data))
+questions = []
+for where, row in numbered:
+    try:
+        questions.append(vz.question_row(row, base_dir))
+    except (ValueError, vz.VideoError) as e:
+        reasons.append((where, vz._one_line(e)))
+vz.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac)
+done = read_done(args.out) if args.resume else set()
+todo = [q for q in questions if (q["video"], q["question"]) not in done]
+print(f"questions: {len(todo)} to do, {len(questions) - len(todo)} already in {args.out}")
+
+# -----------------------------------------------------------------------------
+# The teacher over HTTP
+
+
+class Fatal(Exception):
+    """A failure that will not heal (401, 404, ...): the run stops with one line."""
+
+
+class GaveUp(Exception):
+    """A request that still failed after --max-retries retries: the question is skipped."""
+
+
+counters = Counter()  # requests, tokens
+lock = threading.Lock()  # counters, and the local teacher's one model
+write_lock = threading.Lock()  # rows and the tallies beside them; Ctrl-C waits for it, so no line is cut
+
+
+def jpeg(image):
+    """(h, w, 3) uint8 RGB -> a base64 JPEG data URL, encoded with PyAV."""
+    import av
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
+    codec.time_base = Fraction(1, 25)
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
+    data = b"".join(bytes(packet) for packet in codec.encode(frame) + codec.encode(None))
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def content(parts):
+    """vz message parts (str and Frame) -> chat-completions content: text parts and image_url parts, in order."""
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            if out and out[-1]["type"] == "text":
+                out[-1]["text"] += part
+            else:
+                out.append({"type": "text", "text": part})
+        else:
+            out.append({"type": "image_url", "image_url": {"url": jpeg(part.image)}})
+    return out
+
+
+def chat(messages, temperature):
+    """One assistant turn from the server; retried with exponential backoff on transient failures."""
+    body = json.dumps({"model": args.teacher_model, "messages": messages, "temperature": temperature,
+                       "max_tokens": args.max_new_tokens, "stop": [vz.ZOOM_CLOSE]}).encode()
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(args.api_key_env)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    url = args.teacher_url.rstrip("/") + "/chat/completions"
+    reason = ""
+    for attempt in range(args.max_retries + 1):
+        if attempt:
+            time.sleep(args.backoff * 2 ** (attempt - 1))
+        with lock:
+            counters["requests"] += 1
+        try:
+            request = urllib.request.Request(url, data=body, headers=headers)
+            with urllib.request.urlopen(request, timeout=args.timeout) as response:
+                reply = json.loads(response.read())
+            choice = reply["choices"][0]
+            text = choice["message"]["content"] or ""
+            with lock:
+                counters["tokens"] += int((reply.get("usage") or {}).get("total_tokens") or 0)
+            # Servers drop the stop string: a turn that stopped inside a call gets it back.
+            if choice.get("finish_reason") == "stop" and vz.ZOOM_OPEN in text and vz.ZOOM_CLOSE not in text:
+                text += vz.ZOOM_CLOSE
+            return text
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:
+                raise Fatal(f"{url}: HTTP {e.code} {e.reason}")
+            reason = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            reason = f"connection: {vz._one_line(getattr(e, 'reason', e))}"
+        except (ValueError, KeyError, IndexError, TypeError):
+            reason = "malformed reply"
+    raise GaveUp(f"{reason} after {args.max_retries} retries")
+
+
+REFLECT = ("Before you go on: your zoom did not show enough to answer for sure. Start your next <think> by "
+           "saying what those frames did not show and why, then zoom again where the answer must be, and answer.")
+
+
+def http_episode(video, question, overview, temperature, prefix=(), instruction=None):
+    """Run the protocol with the server; prefix: recorded turns replayed first (their replies rebuilt by the
+    tool), instruction: text added to the last reply before the teacher continues (not part of the turns)."""
+    messages = [{"role": "system", "content": system_text},
+                {"role": "user", "content": content(vz.tagged(overview) + [vz.format_question(question["question"],
+                                                                                              question["options"])])}]
+    turns, records, num_frames = [], [], len(overview)
+    for turn in range(1, limits.max_turns + 1):
+        if turn <= len(prefix):
+            text = prefix[turn - 1]
+        else:
+            if instruction and turn == len(prefix) + 1:
+                messages[-1]["content"].append({"type": "text", "text": "\n" + instruction})
+            text = chat(messages, temperature)
+        budget = min(limits.max_frames_per_call, limits.max_frames - num_frames)
+        action, format_ok = vz.parse_turn(text, video.duration, budget)
+        turns.append(text)
+        record = {"format_ok": format_ok, "kind": "other", "num_frames": 0}
+        records.append(record)
+        if isinstance(action, vz.Answer):
+            record.update(kind="answer", letter=action.letter)
+            break
+        if action is None or turn == limits.max_turns:
+            break
+        last_turn = turn + 1 == limits.max_turns
+        if isinstance(action, vz.Invalid):
+            reply = vz.error_reply_parts(action.error, last_turn)
+        else:
+            frames = vz.sample_clip(video, vcfg, action.start, action.end, action.num_frames)
+            num_frames += len(frames)
+            record.update(kind="zoom", num_frames=len(frames))
+            reply = vz.zoom_reply_parts(action, frames, last_turn)
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": content(reply)}]
+    return turns, records
+
+
+system_text = vz.system_text(limits, system_prompt)
+
+# -----------------------------------------------------------------------------
+# Judging and writing
+
+
+def judge(question, records):
+    """Why an attempt is not kept, or None: right answer, every turn well formed, a zoom where required."""
+    final = records[-1]
+    if final["kind"] != "answer" or final.get("letter") != question["answer"]:
+        return "wrong"
+    if not all(r["format_ok"] for r in records):
+        return "format"
+    if question["kind"] in args.require_zoom and not any(r["num_frames"] for r in records):
+        return "no_zoom"
+    return None
+
+
+def replays(video, question, turns):
+    """True when vz.replay renders the turns to a finished episode of zooms and one answer (train_sft.py's test)."""
+    if renderer is None:
+        return True
+    prompt = vz.build_prompt(renderer, video, question["question"], question["options"], limits,
+                             args.overview_fps, args.max_overview_frames, system_prompt)
+    try:
+        episode = vz.replay(renderer, video, prompt, turns, limits)
+    except ValueError:
+        return False
+    return episode.stop == "answer" and all(t["kind"] in ("zoom", "answer") for t in episode.turns)
+
+
+def distill(question, index):
+    """All kept rows of one question: [(teacher, turns, records)]."""
+    with vz.open_video(question["video"]) as video:
+        overview = vz.sample_overview(video, vcfg, args.overview_fps, min(args.max_overview_frames, limits.max_frames))
+        if args.teacher_dir:
+            attempts = local_attempts(video, question, index)
+        else:
+            attempts = [http_episode(video, question, overview, args.temperature) for _ in range(args.samples)]
+        kept, seen = [], set()
+        for turns, records in attempts:
+            if len(kept) < args.keep and judge(question, records) is None and tuple(turns) not in seen \
+                    and replays(video, question, turns):
+                seen.add(tuple(turns))
+                kept.append(("exemplar", turns, records))
+        if kept or args.no_reflection or args.teacher_dir:
+            return kept
+        for turns, records in attempts:
+            zooms = [i for i, r in enumerate(records) if r["kind"] == "zoom"]
+            if zooms and judge(question, records) == "wrong" and all(r["format_ok"] for r in records[:zooms[-1] + 1]):
+                prefix = turns[:zooms[-1] + 1]
+                turns, records = http_episode(video, question, overview, args.temperature, prefix, REFLECT)
+                if judge(question, records) is None and len(turns) > len(prefix) and replays(video, question, turns):
+                    return [("reflection", turns, records)]
+                break
+        return []
+
+
+def local_attempts(video, question, index):
+    """--samples rollouts of the local teacher, as (turns, records)."""
+    prompt = vz.build_prompt(renderer, video, question["question"], question["options"], limits,
+                             args.overview_fps, args.max_overview_frames, system_prompt)
+    generator = torch.Generator().manual_seed(args.seed + index)
+    with lock:  # one model: rollouts run one at a time
+        episodes = vz.rollout(model, renderer, video, prompt, args.samples, limits, args.temperature,
+                              generator=generator)
+        counters["requests"] += 1
+        counters["tokens"] += sum(sum(e.mask) for e in episodes)
+    out = []
+    for episode in episodes:
+        records = [{"format_ok": t["format_ok"], "kind": t["kind"] if t["kind"] in ("zoom", "answer") else "other",
+                    "num_frames": t.get("num_frames", 0) if t["kind"] == "zoom" else 0, "letter": t.get("letter")}
+                   for t in episode.turns]
+        out.append(([t["text"] for t in episode.turns], records))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The job: workers, append-only output, progress
+
+
+def interrupted(signum, frame):
+    write_lock.acquire()  # a row being written is finished first
+    print("\ninterrupted: every row written so far is whole; rerun with --resume to continue", file=sys.stderr)
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, interrupted)
+stats = Counter()
+failed = Counter()
+per_kind = defaultdict(Counter)
+kept_sizes = []
+started = time.time()
+out = open(args.out, "a")
+
+
+def progress():
+    elapsed = time.time() - started
+    eta = elapsed / max(1, stats["done"]) * (len(todo) - stats["done"])
+    print(f"done {stats['done']}/{len(todo)} | exemplar {stats['exemplar']} | reflection {stats['reflection']} "
+          f"| failed {sum(failed.values())} | requests {counters['requests']} | tokens {counters['tokens']} "
+          f"| eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+
+
+def work(item):
+    index, question = item
+    try:
+        kept, reason = distill(question, index), None
+    except GaveUp as e:
+        kept, reason = [], str(e)
+    except vz.VideoError as e:
+        kept, reason = [], vz._one_line(e)
+    with write_lock:  # one write of a whole line, then flush: a hard kill leaves at most one partial line
+        for teacher, turns, records in kept:
+            row = {key: question[key] for key in ("video", "question", "options", "answer", "kind")}
+            row.update(turns=turns, teacher=teacher, source=source)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            stats[teacher] += 1
+            kept_sizes.append((sum(r["kind"] == "zoom" for r in records), sum(r["num_frames"] for r in records)))
+        stats["done"] += 1
+        per_kind[question["kind"] or "-"]["questions"] += 1
+        per_kind[question["kind"] or "-"]["kept"] += bool(kept)
+        if reason:
+            failed[reason] += 1
+        progress()
+
+
+pool = ThreadPoolExecutor(args.workers)
+try:
+    for future in [pool.submit(work, item) for item in enumerate(todo)]:
+        future.result()
+except Fatal as e:
+    pool.shutdown(wait=False, cancel_futures=True)
+    with write_lock:
+        out.close()
+    print(f"error: {e} (stopping: retrying does not heal this)", file=sys.stderr)
+    os._exit(2)
+pool.shutdown()
+out.close()
+
+# -----------------------------------------------------------------------------
+# Summary
+
+print(f"kept {stats['exemplar']} exemplar and {stats['reflection']} reflection rows in {args.out} "
+      f"({time.time() - started:.1f} s)")
+for kind, counts in sorted(per_kind.items()):
+    print(f"  kind {kind}: kept for {counts['kept']}/{counts['questions']} questions "
+          f"({counts['kept'] / counts['questions']:.0%})")
+if kept_sizes:
+    print(f"  per kept row: {sum(z for z, _ in kept_sizes) / len(kept_sizes):.2f} zooms, "
+          f"{sum(f for _, f in kept_sizes) / len(kept_sizes):.1f} zoomed frames")
+for reason, count in failed.most_common():
+    print(f"  failed {count}: {reason}")
