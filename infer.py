@@ -40,43 +40,43 @@ DEMO_SEED = 7  # the demo: a held-out synth.py world (train_world.sh trains on s
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-# Input
-parser.add_argument("--video", help="video file to ask about (default: the generated demo video)")
-parser.add_argument("--question", help="the question (required with --video)")
-parser.add_argument("--options", nargs="*", default=None, help="answer options, one per argument, e.g. 'A. red' 'B. blue'")
-parser.add_argument("--model", help=f"local model directory (default: the shipped model in {DEFAULT_MODEL})")
-parser.add_argument("--data", help="JSONL question set (video, question, options, answer[, kind]) to evaluate; "
-                    "prints accuracy overall and per kind, last line 'accuracy: X'")
-parser.add_argument("--max-bad-frac", type=float, default=0.1, help="with --data: stop if more than this fraction of "
-                    "rows is unusable (the rest are skipped and counted)")
-parser.add_argument("--no-tool", action="store_true", help="baseline: one turn, no zoom tool, frames spread uniformly")
-parser.add_argument("--no-tool-frames", type=int, default=64, help="frames per question for --no-tool (use the "
-                    "agent's mean frames/question for an equal budget)")
-parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
-parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
-                    "100352, i.e. 128 visual tokens); 0 = keep")
-parser.add_argument("--system-prompt", help="file whose text replaces the built-in system prompt "
-                    "(may use {max_frames_per_call}, {max_zooms}, {max_frames})")
-# Protocol budgets
-parser.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
-                    "model's (0.5 unless it was trained otherwise)")
-parser.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap, above which frames are "
-                    "spread uniformly; 0 = the model's (64 unless it was trained otherwise)")
-parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode (so max-turns - 1 zooms)")
-parser.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
-parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may ask for")
-parser.add_argument("--max-new-tokens", type=int, default=1024, help="tokens the model may write in one turn")
-parser.add_argument("--max-total-tokens", type=int, default=32768, help="tokens in the whole episode, frames included")
-# Sampling
-parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
-parser.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
-# Output and device
-parser.add_argument("--json", help="write the whole trajectory (turns, frames, tokens) to this JSON file")
-parser.add_argument("--html", help="write a self-contained page: overview strip, zooms on the timeline with their "
-                    "frames, each turn's reasoning, the answer against the truth")
-parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+group = parser.add_argument_group("Input")
+group.add_argument("--video", help="video file to ask about (default: the generated demo video)")
+group.add_argument("--question", help="the question (required with --video)")
+group.add_argument("--options", nargs="*", default=None, help="answer options, one per argument, e.g. 'A. red' 'B. blue'")
+group.add_argument("--model", help=f"local model directory (default: the shipped model in {DEFAULT_MODEL})")
+group.add_argument("--data", help="JSONL question set (video, question, options, answer[, kind]) to evaluate; "
+                   "prints accuracy overall and per kind, last line 'accuracy: X'")
+group.add_argument("--max-bad-frac", type=float, default=0.1, help="with --data: stop if more than this fraction of "
+                   "rows is unusable (the rest are skipped and counted)")
+group.add_argument("--no-tool", action="store_true", help="baseline: one turn, no zoom tool, frames spread uniformly")
+group.add_argument("--no-tool-frames", type=int, default=64, help="frames per question for --no-tool (use the "
+                   "agent's mean frames/question for an equal budget)")
+group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
+group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
+                   "100352, i.e. 128 visual tokens); 0 = keep")
+group.add_argument("--system-prompt", help="file whose text replaces the built-in system prompt "
+                   "(may use {max_frames_per_call}, {max_zooms}, {max_frames})")
+group = parser.add_argument_group("Protocol budgets")
+group.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
+                   "model's (0.5 unless it was trained otherwise)")
+group.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap, above which frames are "
+                   "spread uniformly; 0 = the model's (64 unless it was trained otherwise)")
+group.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode (so max-turns - 1 zooms)")
+group.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
+group.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may ask for")
+group.add_argument("--max-new-tokens", type=int, default=1024, help="tokens the model may write in one turn")
+group.add_argument("--max-total-tokens", type=int, default=32768, help="tokens in the whole episode, frames included")
+group = parser.add_argument_group("Sampling")
+group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+group.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
+group = parser.add_argument_group("Output and device")
+group.add_argument("--json", help="write the whole trajectory (turns, frames, tokens) to this JSON file")
+group.add_argument("--html", help="write a self-contained page: overview strip, zooms on the timeline with their "
+                   "frames, each turn's reasoning, the answer against the truth")
+group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
 args = parser.parse_args()
 
 

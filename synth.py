@@ -55,45 +55,45 @@ import vz
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-# World
-parser.add_argument("--seed", type=int, required=True, help="world seed: the same seed writes the same world")
-parser.add_argument("--out", required=True, help="output directory (videos/ and the JSONL files go here)")
-parser.add_argument("--num-videos", type=int, default=100, help="videos in the world, test videos included (fewer "
-                    "videos than the question counts need makes questions repeat, options reshuffled)")
-parser.add_argument("--num-test-videos", type=int, default=0, help="videos held out for test.jsonl (the last ones); "
-                    "0 = a fifth, at least 1")
-parser.add_argument("--seconds", type=int, default=120, help="length of every video in seconds: 40-120, a "
-                    "multiple of --scene-seconds (each of the 12 colours at most once, at least 2 scenes)")
-parser.add_argument("--scene-seconds", type=int, default=10, help="length of every scene in seconds: a multiple of "
-                    "the overview's spacing, so every scene starts on an overview frame")
-parser.add_argument("--overview-frames", type=int, default=0, help="the overview the agent is trained and run with: "
-                    "N frames spread uniformly (train_sft.py / train_rl.py / infer.py --max-overview-frames N); "
-                    "0 = one frame every 2 s (0.5 fps). Flashes fall between its frames")
-parser.add_argument("--shape-size", type=int, default=64, help="side of a flash's box in source pixels (the video is "
-                    "224x128, and 112x56 after the 8-token resize): even, at most 104")
-# Question sets
-parser.add_argument("--num-base", type=int, default=600, help="rows of base.jsonl (one-turn, no-tool questions)")
-parser.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl: base questions with every "
-                    "overview frame written as words instead of pixels (LLaMA-Factory layout, no images), a cheap "
-                    "warm-up for a model trained from nothing (train_world.sh uses it to teach the answer format)")
-parser.add_argument("--num-shapes", type=int, default=0, help="rows of shapes.jsonl: one still frame with a flash "
-                    "(a PNG under shapes/), \"Which shape is shown?\" (LLaMA-Factory layout): the vision tower's "
-                    "lesson in telling the shapes apart, which the base questions alone teach late or never")
-parser.add_argument("--num-clips", type=int, default=0, help="rows of clips.jsonl: a needle or count question asked "
-                    "of the frames a zoom on its scene returns and nothing else (PNGs under clips/, LLaMA-Factory "
-                    "layout), answered as an sft row's last turn is: the lesson in reading zoomed frames one by one")
-parser.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
-parser.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
-parser.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
-parser.add_argument("--walk", action="store_true", help="write every reasoning as local steps: a question naming a "
-                    "scene reads the overview scene by scene against its colour (\"Find black: 0s red vs black no, "
-                    "10s black vs black yes.\"), the zoomed frames are read one by one (\"0 -, 1 circle.\"), the "
-                    "options are walked against the answer (\"A. red vs blue no, B. blue vs blue yes.\"); base rows "
-                    "add the whole walk, reflection is the sparse kind only (README: what it teaches a model trained "
-                    "from nothing, and what not yet)")
-parser.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
-                    "reflection trajectories (where the turn budget allows one)")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+group = parser.add_argument_group("World")
+group.add_argument("--seed", type=int, required=True, help="world seed: the same seed writes the same world")
+group.add_argument("--out", required=True, help="output directory (videos/ and the JSONL files go here)")
+group.add_argument("--num-videos", type=int, default=100, help="videos in the world, test videos included (fewer "
+                   "videos than the question counts need makes questions repeat, options reshuffled)")
+group.add_argument("--num-test-videos", type=int, default=0, help="videos held out for test.jsonl (the last ones); "
+                   "0 = a fifth, at least 1")
+group.add_argument("--seconds", type=int, default=120, help="length of every video in seconds: 40-120, a "
+                   "multiple of --scene-seconds (each of the 12 colours at most once, at least 2 scenes)")
+group.add_argument("--scene-seconds", type=int, default=10, help="length of every scene in seconds: a multiple of "
+                   "the overview's spacing, so every scene starts on an overview frame")
+group.add_argument("--overview-frames", type=int, default=0, help="the overview the agent is trained and run with: "
+                   "N frames spread uniformly (train_sft.py / train_rl.py / infer.py --max-overview-frames N); "
+                   "0 = one frame every 2 s (0.5 fps). Flashes fall between its frames")
+group.add_argument("--shape-size", type=int, default=64, help="side of a flash's box in source pixels (the video is "
+                   "224x128, and 112x56 after the 8-token resize): even, at most 104")
+group = parser.add_argument_group("Question sets")
+group.add_argument("--num-base", type=int, default=600, help="rows of base.jsonl (one-turn, no-tool questions)")
+group.add_argument("--num-text", type=int, default=0, help="rows of text.jsonl: base questions with every "
+                   "overview frame written as words instead of pixels (LLaMA-Factory layout, no images), a cheap "
+                   "warm-up for a model trained from nothing (train_world.sh uses it to teach the answer format)")
+group.add_argument("--num-shapes", type=int, default=0, help="rows of shapes.jsonl: one still frame with a flash "
+                   "(a PNG under shapes/), \"Which shape is shown?\" (LLaMA-Factory layout): the vision tower's "
+                   "lesson in telling the shapes apart, which the base questions alone teach late or never")
+group.add_argument("--num-clips", type=int, default=0, help="rows of clips.jsonl: a needle or count question asked "
+                   "of the frames a zoom on its scene returns and nothing else (PNGs under clips/, LLaMA-Factory "
+                   "layout), answered as an sft row's last turn is: the lesson in reading zoomed frames one by one")
+group.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
+group.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
+group.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
+group.add_argument("--walk", action="store_true", help="write every reasoning as local steps: a question naming a "
+                   "scene reads the overview scene by scene against its colour (\"Find black: 0s red vs black no, "
+                   "10s black vs black yes.\"), the zoomed frames are read one by one (\"0 -, 1 circle.\"), the "
+                   "options are walked against the answer (\"A. red vs blue no, B. blue vs blue yes.\"); base rows "
+                   "add the whole walk, reflection is the sparse kind only (README: what it teaches a model trained "
+                   "from nothing, and what not yet)")
+group.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
+                   "reflection trajectories (where the turn budget allows one)")
 args = parser.parse_args()
 
 num_test_videos = args.num_test_videos or max(1, args.num_videos // 5)

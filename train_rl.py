@@ -13,7 +13,7 @@ recomputed with the training forward (so the first ratio is exactly 1), and unde
 reference; (5) mini-batch updates of vz.pg_loss; (6) metrics, and every --episodes-every steps a few
 decoded episodes to a JSONL.
 
-Deliberate departures from textbook GRPO (PROTOCOL.md):
+Deliberate departures from textbook GRPO (docs/protocol.md):
 1. Clip-higher: ratio clipped to [1 - 0.2, 1 + 0.27] (DAPO), so rare good tokens can still grow.
 2. KL to the reference by the k3 estimator exp(r) - r - 1 (r = ref - logp), coefficient 0.001, in the loss.
 3. Entropy bonus 0.001.
@@ -36,58 +36,67 @@ import torch.distributed as dist
 
 import vz
 
+vz.stop_on_ctrl_c("interrupted: --resume continues from the newest step_N in --out")
+
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-# Data
-parser.add_argument("--model", required=True, help="local model directory to start from (usually the SFT result)")
-parser.add_argument("--ref-model", help="frozen reference for the KL term (default: --model)")
-parser.add_argument("--data", required=True, help="JSONL: ours (video, question, options, answer[, kind]) or the released "
-                    "RL layout (problem, videos, solution[, data_source])")
-parser.add_argument("--out", required=True, help="output directory for step_N/ and final/ checkpoints")
-parser.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
-parser.add_argument("--system-prompt", help="file replacing the built-in system prompt")
-# Rollout
-parser.add_argument("--prompts-per-step", type=int, default=8, help="prompt groups per optimizer step, all ranks together")
-parser.add_argument("--rollouts", type=int, default=16, help="trajectories per prompt (G)")
-parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
-parser.add_argument("--max-resample", type=int, default=4, help="extra prompt rounds to refill dropped groups; 0 = no refill")
-parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
-parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
-                    "100352, i.e. 128 visual tokens); 0 = keep")
-parser.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
-                    "model's (0.5 unless it was trained otherwise)")
-parser.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless "
-                    "it was trained otherwise)")
-parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode")
-parser.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
-parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
-parser.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn")
-parser.add_argument("--max-total-tokens", type=int, default=32768, help="tokens per episode, frames included")
-# Objective
-parser.add_argument("--tool-bonus", type=float, default=0.5, help="reward bonus when correct after a zoom; 0 = off")
-parser.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip_low")
-parser.add_argument("--clip-high", type=float, default=0.27, help="ratio clipped above at 1 + clip_high")
-parser.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL coefficient; 0 = off (no reference model)")
-parser.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus; 0 = off")
-# Optimization
-parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the run (rollout rounds x mini-batches)")
-parser.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round")
-parser.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded tokens per forward/backward")
-parser.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
-parser.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
-parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-parser.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
-parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-# Checkpointing and logging
-parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N rollout rounds; 0 = only the final one")
-parser.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
-parser.add_argument("--log-jsonl", help="append one JSON line of metrics per rollout round")
-parser.add_argument("--episodes-jsonl", help="append a few decoded episodes here every --episodes-every rounds")
-parser.add_argument("--episodes-every", type=int, default=10, help="rounds between episode dumps")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+group = parser.add_argument_group("Data")
+group.add_argument("--model", required=True, help="local model directory to start from (usually the SFT result)")
+group.add_argument("--ref-model", help="frozen reference for the KL term (default: --model)")
+group.add_argument("--data", required=True, help="JSONL: ours (video, question, options, answer[, kind]) or the released "
+                   "RL layout (problem, videos, solution[, data_source])")
+group.add_argument("--out", required=True, help="output directory for step_N/ and final/ checkpoints")
+group.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
+group.add_argument("--system-prompt", help="file replacing the built-in system prompt")
+group = parser.add_argument_group("Rollout")
+group.add_argument("--prompts-per-step", type=int, default=8, help="prompt groups per optimizer step, all ranks together")
+group.add_argument("--rollouts", type=int, default=16, help="trajectories per prompt (G)")
+group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+group.add_argument("--max-resample", type=int, default=4, help="extra prompt rounds to refill dropped groups; 0 = no refill")
+group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
+group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
+                   "100352, i.e. 128 visual tokens); 0 = keep")
+group.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
+                   "model's (0.5 unless it was trained otherwise)")
+group.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless "
+                   "it was trained otherwise)")
+group.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode")
+group.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
+group.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
+group.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn")
+group.add_argument("--max-total-tokens", type=int, default=32768, help="tokens per episode, frames included")
+group = parser.add_argument_group("Objective")
+group.add_argument("--tool-bonus", type=float, default=0.5, help="reward bonus when correct after a zoom; 0 = off")
+group.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip_low")
+group.add_argument("--clip-high", type=float, default=0.27, help="ratio clipped above at 1 + clip_high")
+group.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL coefficient; 0 = off (no reference model)")
+group.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus; 0 = off")
+group = parser.add_argument_group("Optimization")
+group.add_argument("--steps", type=int, default=100, help="optimizer steps of the run (rollout rounds x mini-batches)")
+group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
+                   "(the data order stays that of the whole run); 0 = all")
+group.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round")
+group.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded tokens per forward/backward")
+group.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
+group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
+group.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
+group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+group.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+group.add_argument("--device", default="auto", help="cpu, cuda or auto")
+group = parser.add_argument_group("Checkpointing and logging")
+group.add_argument("--save-every", type=int, default=0, help="checkpoint step_N every N optimizer steps (a multiple "
+                   "of --mini-batches); 0 = off")
+group.add_argument("--save-every-minutes", type=float, default=10, help="checkpoint step_N when this many minutes "
+                   "have passed since the last one, so a crash leaves something to --resume; 0 = off")
+group.add_argument("--keep-checkpoints", type=int, default=2, help="step_N directories kept, the newest; older ones "
+                   "are deleted once a new one is written (final/ is never deleted); 0 = keep all")
+group.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
+group.add_argument("--log-jsonl", help="append one JSON line of metrics per rollout round")
+group.add_argument("--episodes-jsonl", help="append a few decoded episodes here every --episodes-every rounds")
+group.add_argument("--episodes-every", type=int, default=10, help="rollout rounds between episode dumps")
 args = parser.parse_args()
 
 
@@ -97,13 +106,17 @@ if args.prompts_per_step % world_size:
     vz.fail(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of processes ({world_size})")
 if args.rollouts < 2:
     vz.fail("--rollouts must be at least 2: advantages are normalised within each group")
-if args.steps % args.mini_batches:
-    vz.fail(f"--steps {args.steps} must be a multiple of --mini-batches {args.mini_batches}")
+if min(args.save_every, args.keep_checkpoints, args.max_steps) < 0 or args.save_every_minutes < 0:
+    vz.fail("--save-every, --save-every-minutes, --keep-checkpoints and --max-steps must be >= 0")
+for flag in ("steps", "max_steps", "save_every"):  # checkpoints and stops fall between rollout rounds
+    if getattr(args, flag) % args.mini_batches:
+        vz.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a multiple of --mini-batches {args.mini_batches}")
 if not os.path.isfile(args.data):
     vz.fail(f"{args.data}: no such data file")
 overview = vz.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens, args.max_total_tokens)
 num_rounds = args.steps // args.mini_batches
+last_round = min(args.steps, args.max_steps or args.steps) // args.mini_batches  # where --max-steps stops the run
 groups_per_rank = args.prompts_per_step // world_size
 if master:
     print("args:", json.dumps(vars(args)))
@@ -238,13 +251,14 @@ DUMMY_ROWS = [(_ids, [0] * (len(_ids) - 1) + [1], [_black])]
 first_round, cursor = 0, 0
 if resume_dir:
     state = vz.load_training_state(resume_dir, policy, optimizer)
-    first_round, cursor = state["round"], state["cursor"]
+    resumed_step = state.get("step", state.get("round", 0) * args.mini_batches)  # older checkpoints count rounds
+    first_round, cursor = resumed_step // args.mini_batches, state["cursor"]
     if master:
-        print(f"resumed from {resume_dir} at round {first_round}")
+        print(f"resumed from {resume_dir} at step {resumed_step}")
 log = open(args.log_jsonl, "a") if master and args.log_jsonl else None
 episodes_log = open(args.episodes_jsonl, "a") if master and args.episodes_jsonl else None
-run_started = time.time()
-for round_index in range(first_round, num_rounds):
+run_started = last_saved = time.time()
+for round_index in range(first_round, last_round):
     timings = {}
     # 1-3. Rollouts with the current policy; rewards; advantages within each group.
     started = time.time()
@@ -319,8 +333,8 @@ for round_index in range(first_round, num_rounds):
     }
     if master:
         elapsed = time.time() - run_started
-        eta = elapsed / (round_index + 1 - first_round) * (num_rounds - round_index - 1)
-        print(f"step {metrics['step']}/{args.steps} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} "
+        eta = elapsed / (round_index + 1 - first_round) * (last_round - round_index - 1)
+        print(f"step {metrics['step']}/{last_round * args.mini_batches} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} "
               f"| format {metrics['format']:.2f} | zooms/ep {metrics['zooms_per_ep']:.2f} | kl {metrics['kl']:.4f} "
               f"| clipfrac {metrics['clipfrac_low'] + metrics['clipfrac_high']:.3f} | dropped {metrics['dropped_groups']:.2f} "
               f"| rollout {timings['rollout_s']:.1f}s logp {timings['logprob_s']:.1f}s update {timings['update_s']:.1f}s "
@@ -338,19 +352,25 @@ for round_index in range(first_round, num_rounds):
                         "turns": [{k: t.get(k) for k in ("text", "kind", "segment", "fps", "num_frames", "error")}
                                   for t in episode.turns]}) + "\n")
             episodes_log.flush()
-    if args.save_every and (round_index + 1) % args.save_every == 0 and round_index + 1 < num_rounds:
-        path = os.path.join(args.out, f"step_{(round_index + 1) * args.mini_batches}")
+    step = metrics["step"]  # optimizer steps so far: the unit of --steps, --max-steps and --save-every
+    if round_index + 1 < last_round and vz.checkpoint_due(step, args.save_every, args.save_every_minutes, last_saved,
+                                                          device):
+        path = os.path.join(args.out, f"step_{step}")
         vz.save_checkpoint(path, policy, tokenizer, args.model, optimizer,
-                           {"round": round_index + 1, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview)
+                           {"step": step, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview)
+        vz.prune_checkpoints(args.out, args.keep_checkpoints, rank)  # only now: the new one is whole
+        last_saved = time.time()
         if master:
             print(f"saved {path}", flush=True)
 
 # -----------------------------------------------------------------------------
 # Final checkpoint and cleanup
 
-final = os.path.join(args.out, "final")
+last_step = last_round * args.mini_batches
+final = os.path.join(args.out, "final" if last_round == num_rounds else f"step_{last_step}")
 vz.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
-                   {"round": num_rounds, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview)
+                   {"step": last_step, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview)
+vz.prune_checkpoints(args.out, args.keep_checkpoints, rank)
 if master:
     print(f"saved {final} ({time.time() - run_started:.1f} s)")
 vz.compute_cleanup()

@@ -32,46 +32,53 @@ import torch.distributed as dist
 
 import vz
 
+vz.stop_on_ctrl_c("interrupted: --resume continues from the newest step_N in --out")
+
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-# Data
-parser.add_argument("--model", required=True, help="local Hugging Face directory to start from")
-parser.add_argument("--data", required=True, help="JSONL of trajectories (our layout or LLaMA-Factory 'messages'+'images'; see README)")
-parser.add_argument("--out", required=True, help="output directory for step_N/ and final/ checkpoints")
-parser.add_argument("--max-len", type=int, default=32768, help="trajectories longer than this many tokens are skipped")
-parser.add_argument("--frame-cache", help="directory caching decoded frames (.npy, keyed by video, times and size), "
-                    "so later epochs and runs do not decode again; off when unset")
-parser.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
-parser.add_argument("--system-prompt", help="file replacing the built-in system prompt (our layout only)")
-parser.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
-parser.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
-                    "100352, i.e. 128 visual tokens); 0 = keep")
-parser.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
-                    "model's (0.5 unless it was trained otherwise)")
-parser.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless "
-                    "it was trained otherwise)")
-parser.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
-parser.add_argument("--max-frames", type=int, default=128, help="frames per trajectory, overview included")
-parser.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
-# Optimization
-parser.add_argument("--epochs", type=int, default=1, help="passes over the data")
-parser.add_argument("--batch-size", type=int, default=8, help="trajectories per optimizer step, all ranks together")
-parser.add_argument("--micro-batch-tokens", type=int, default=16384, help="padded tokens per forward/backward")
-parser.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (cosine decay to 0)")
-parser.add_argument("--warmup-frac", type=float, default=0.1, help="fraction of steps with linear warm-up")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
-parser.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
-parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-parser.add_argument("--seed", type=int, default=0, help="seed for data order")
-parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-# Checkpointing and logging
-parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only the final one")
-parser.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
-parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (schedule unchanged); 0 = all")
-parser.add_argument("--log-jsonl", help="append one JSON line of metrics per step to this file")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+group = parser.add_argument_group("Data")
+group.add_argument("--model", required=True, help="local Hugging Face directory to start from")
+group.add_argument("--data", required=True, help="JSONL of trajectories (our layout or LLaMA-Factory 'messages'+'images'; see README)")
+group.add_argument("--out", required=True, help="output directory for step_N/ and final/ checkpoints")
+group.add_argument("--max-len", type=int, default=32768, help="trajectories longer than this many tokens are skipped")
+group.add_argument("--frame-cache", help="directory caching decoded frames (.npy, keyed by video, times and size), "
+                   "so later epochs and runs do not decode again; off when unset")
+group.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
+group.add_argument("--system-prompt", help="file replacing the built-in system prompt (our layout only)")
+group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
+group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
+                   "100352, i.e. 128 visual tokens); 0 = keep")
+group.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
+                   "model's (0.5 unless it was trained otherwise)")
+group.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless "
+                   "it was trained otherwise)")
+group.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
+group.add_argument("--max-frames", type=int, default=128, help="frames per trajectory, overview included")
+group.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
+group = parser.add_argument_group("Optimization")
+group.add_argument("--epochs", type=int, default=1, help="passes over the data")
+group.add_argument("--batch-size", type=int, default=8, help="trajectories per optimizer step, all ranks together")
+group.add_argument("--micro-batch-tokens", type=int, default=16384, help="padded tokens per forward/backward")
+group.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (cosine decay to 0)")
+group.add_argument("--warmup-frac", type=float, default=0.1, help="fraction of steps with linear warm-up")
+group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
+group.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
+group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+group.add_argument("--seed", type=int, default=0, help="seed for data order")
+group.add_argument("--device", default="auto", help="cpu, cuda or auto")
+group = parser.add_argument_group("Checkpointing and logging")
+group.add_argument("--save-every", type=int, default=0, help="checkpoint step_N every N optimizer steps; 0 = off")
+group.add_argument("--save-every-minutes", type=float, default=10, help="checkpoint step_N when this many minutes "
+                   "have passed since the last one, so a crash leaves something to --resume; 0 = off")
+group.add_argument("--keep-checkpoints", type=int, default=2, help="step_N directories kept, the newest; older ones "
+                   "are deleted once a new one is written (final/ is never deleted); 0 = keep all")
+group.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
+group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
+                   "(the learning-rate schedule stays that of the whole run); 0 = all")
+group.add_argument("--log-jsonl", help="append one JSON line of metrics per step to this file")
 args = parser.parse_args()
 
 
@@ -79,6 +86,8 @@ rank, local_rank, world_size, device = vz.compute_init(args.device)
 master = rank == 0
 if args.batch_size % world_size:
     vz.fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+if min(args.save_every, args.keep_checkpoints, args.max_steps) < 0 or args.save_every_minutes < 0:
+    vz.fail("--save-every, --save-every-minutes, --keep-checkpoints and --max-steps must be >= 0")
 if not os.path.isfile(args.data):
     vz.fail(f"{args.data}: no such data file")
 overview = vz.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
@@ -272,6 +281,7 @@ if resume_dir:
 last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 log = open(args.log_jsonl, "a") if master and args.log_jsonl else None
 run_started, tokens_seen = time.time(), 0
+last_saved = run_started
 for step in range(first_step, last_step):
     step_started = time.time()
     batch = step_rows(step)[rank::world_size]
@@ -304,11 +314,15 @@ for step in range(first_step, last_step):
         if log:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
-    if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < last_step:
-        vz.save_checkpoint(os.path.join(args.out, f"step_{step + 1}"), model, tokenizer, args.model, optimizer,
-                           {"step": step + 1, "args": vars(args)}, rank, vcfg, overview)
+    if step + 1 < last_step and vz.checkpoint_due(step + 1, args.save_every, args.save_every_minutes, last_saved,
+                                                  device):
+        path = os.path.join(args.out, f"step_{step + 1}")
+        vz.save_checkpoint(path, model, tokenizer, args.model, optimizer, {"step": step + 1, "args": vars(args)},
+                           rank, vcfg, overview)
+        vz.prune_checkpoints(args.out, args.keep_checkpoints, rank)  # only now: the new one is whole
+        last_saved = time.time()
         if master:
-            print(f"saved {os.path.join(args.out, f'step_{step + 1}')}", flush=True)
+            print(f"saved {path}", flush=True)
 
 # -----------------------------------------------------------------------------
 # Final checkpoint and cleanup
@@ -316,6 +330,7 @@ for step in range(first_step, last_step):
 final = os.path.join(args.out, "final" if last_step == total_steps else f"step_{last_step}")
 vz.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank,
                    vcfg, overview)
+vz.prune_checkpoints(args.out, args.keep_checkpoints, rank)
 if master:
     print(f"saved {final} ({time.time() - run_started:.1f} s)")
     if log:

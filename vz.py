@@ -12,9 +12,10 @@
 8. Data files: rows with the file's own line numbers; question rows validated at load time.
 9. Distributed: torchrun init and cleanup.
 
-The agent protocol (tags, keys, budgets) is ../shared/PROTOCOL.md; keep to it.
+The agent protocol (tags, keys, number formats, budgets, reward, loss mask) is docs/protocol.md; keep to it.
 """
 
+import argparse
 import itertools
 import json
 import math
@@ -22,6 +23,7 @@ import os
 import re
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -73,7 +75,7 @@ def load_vision_config(model_dir):
 
 def load_overview(model_dir):
     """(fps, max_frames) of the overview a model was trained with: preprocessor_config.json's
-    `videozoomer_overview`, which our trainers write, else PROTOCOL.md's 0.5 fps and 64 frames."""
+    `videozoomer_overview`, which our trainers write, else docs/protocol.md's 0.5 fps and 64 frames."""
     overview = read_json(os.path.join(model_dir, "preprocessor_config.json")).get("videozoomer_overview") or {}
     return float(overview.get("fps", 0.5)), int(overview.get("max_frames", 64))
 
@@ -415,7 +417,7 @@ def _decode_clip(video, vcfg, size, start, end, num_frames):
 
 @dataclass(frozen=True)
 class Limits:
-    """The episode budgets of PROTOCOL.md."""
+    """The episode budgets of docs/protocol.md."""
     max_turns: int = 5  # assistant turns, so at most max_turns - 1 zooms
     max_frames: int = 128  # overview included
     max_frames_per_call: int = 16
@@ -1177,7 +1179,7 @@ def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), tem
 
 
 def reward(episode, answer, tool_bonus=0.5):
-    """PROTOCOL.md's reward: 0.9 * accuracy + 0.1 * format, + tool_bonus when correct and at least
+    """docs/protocol.md's reward: 0.9 * accuracy + 0.1 * format, + tool_bonus when correct and at least
     one zoom returned frames. Returns (reward, accuracy, format). Accuracy reads only the final
     <answer> (its \\boxed{} when present); an episode without one scores 0. Format: every turn has the
     protocol's shape and every call passed the tool's validator (the parser's format_ok)."""
@@ -1433,6 +1435,31 @@ def report_resume(out_dir, resume_dir, skipped):
               + (" (the damaged ones are overwritten as training reaches their steps)" if skipped else ""))
 
 
+def checkpoint_due(step, save_every, save_every_minutes, last_saved, device):
+    """Save after this optimizer step? Every save_every steps, or once save_every_minutes have passed since
+    last_saved (a time.time()); 0 turns either off. Rank 0's clock decides for all: saving is collective."""
+    due = bool(save_every) and step % save_every == 0
+    if save_every_minutes and not due:
+        import torch.distributed as dist
+        late = torch.tensor(float(time.time() - last_saved >= 60 * save_every_minutes), device=device)
+        if dist.is_initialized():
+            dist.broadcast(late, 0)
+        due = bool(late.item())
+    return due
+
+
+def prune_checkpoints(out_dir, keep, rank):
+    """Keep the newest `keep` complete step_N directories of out_dir, delete the older ones (rank 0; call it
+    only after the newest is completely written, so a crash in between still leaves one). 0 = keep all."""
+    import shutil
+    if rank != 0 or keep <= 0 or not os.path.isdir(out_dir):
+        return
+    steps = sorted((int(name[5:]), name) for name in os.listdir(out_dir)
+                   if re.fullmatch(r"step_\d+", name) and os.path.isfile(os.path.join(out_dir, name, "trainer_state.json")))
+    for _, name in steps[:-keep]:
+        shutil.rmtree(os.path.join(out_dir, name))
+
+
 def latest_checkpoint(out_dir):
     """The newest complete step_* directory in out_dir, or None."""
     if not os.path.isdir(out_dir):
@@ -1552,6 +1579,45 @@ def fail(message):
     """A user's mistake: one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help as the scripts want it: the module docstring as written (usage examples included), and every
+    flag's default after its help, except where there is none to show (None, or off for a switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def stop_on_ctrl_c(message="interrupted"):
+    """Ctrl-C (SIGINT) anywhere in the script: one line on stderr, exit code 130 (128 + SIGINT, as a shell
+    reports it), no traceback. Under torchrun every rank gets it; rank 0 prints, and none waits for the others
+    (os._exit skips compute_cleanup's barrier, which would hang). Files the scripts write go through a
+    temporary name and os.replace, so an interrupted script leaves each one whole or not there."""
+    import signal
+    default_hook, interrupted = sys.excepthook, []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    def hook(kind, value, traceback):
+        # After a Ctrl-C, an error is its echo too: a collective whose peer rank has just exited fails.
+        if not (issubclass(kind, KeyboardInterrupt) or interrupted):
+            return default_hook(kind, value, traceback)
+        if os.environ.get("RANK", "0") == "0":
+            print(message, file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more to say
+                pass
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.excepthook = hook
 
 
 def report_rows(path, num_usable, num_rows, reasons, max_bad_frac, verbose=True):
