@@ -1093,10 +1093,9 @@ def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, to
     batch, logits = None, None
     waiting = next(groups, None)
     while waiting is not None or owner:
-        # Admit: each waiting group is prefilled alone and joins, while the cap allows. Prefilling prompts
-        # one by one and joining their caches costs the same as one left-padded prefill of all of them
-        # (measured: 4 prompts of ~1,900 tokens, tiny model, 2 CPU cores), and a lone prefill gives
-        # exactly the logits of the one-prompt rollout.
+        # Admit: each waiting group is prefilled alone and joins, while the cap allows. A lone prefill gives
+        # exactly the logits of the one-prompt rollout, and lets a group join a batch already decoding.
+        # (Not yet measured against one left-padded prefill of all prompts: see issue 19.)
         while waiting is not None and (not max_batch_rows or len(owner) + waiting[2] <= max_batch_rows):
             video, prompt, num_rows, generator = waiting
             if max_batch_rows and num_rows > max_batch_rows:
