@@ -4,7 +4,7 @@
         --out cold_start.jsonl [--samples 4] [--workers 8] [--resume]
     python distill.py --data qa.jsonl --teacher-dir /models/Qwen2.5-VL-72B-Instruct --out cold_start.jsonl
 
-The teacher runs PROTOCOL.md's zoom protocol on every question: our system prompt, the overview, and the
+The teacher runs docs/protocol.md's zoom protocol on every question: our system prompt, the overview, and the
 tool's real replies (vz.sample_clip and the same reply builders as vz.respond). Over HTTP (an
 OpenAI-compatible /chat/completions endpoint; API key from the env var named by --api-key-env, never
 printed or written) every frame is a JPEG data URL preceded by its frame tag as a text part; a turn stops

@@ -5,8 +5,8 @@
    (ids, trainable) in lockstep for SFT, RL and inference alike.
 3. Parser: one assistant turn -> a zoom call, an answer, or a one-line error. Never raises.
 4. Model: loading from a local directory, and writing a tiny Qwen2.5-VL checkpoint.
-5. Rollout: G trajectories per (video, question); the prompt is prefilled once and its
-   KV cache shared, every later turn prefills only its new tokens.
+5. Rollout: G trajectories per (video, question), the rows of many prompts in one KV batch;
+   each prompt is prefilled once and its KV cache shared, every later turn prefills only its new tokens.
 6. Reward and the clipped objective (RL).
 7. Training: log-probs of a batch, checkpoints.
 8. Data files: rows with the file's own line numbers; question rows validated at load time.
@@ -611,7 +611,7 @@ def _number(value):
 
 
 def frame_count(fps, span):
-    """PROTOCOL.md's n = int(fps * span), with a little slack: 5 fps x (0.3 - 0.1) s is 0.999... in floats."""
+    """docs/protocol.md's n = int(fps * span), with a little slack: 5 fps x (0.3 - 0.1) s is 0.999... in floats."""
     return int(fps * span + 1e-9)
 
 
@@ -1018,7 +1018,9 @@ class KVBatch:
         self.model, self.renderer = model, renderer
         self.cache, self.attention = None, None  # attention: (rows, past) long
         self.next_pos = []  # per row: the text position the next token takes
-        self.embeds = {}  # id(frame) -> vision-tower output: rows sharing a clip encode it once
+        # id(frame) -> (frame, vision-tower output): rows sharing a clip encode it once. The entry holds
+        # the frame itself, so its id cannot be reused by another frame while the entry lives.
+        self.embeds = {}
 
     def encode_frames(self, frames):
         """Vision-tower outputs for frames, each distinct Frame encoded once per batch."""
@@ -1027,8 +1029,13 @@ class KVBatch:
             pixels, grids = zip(*[frame.patches(self.renderer.vcfg) for frame in new])
             device = self.model.device
             out = self.model.model.get_image_features(torch.cat(pixels).to(device), torch.stack(grids).to(device))
-            self.embeds.update((id(frame), embeds) for frame, embeds in zip(new, out.pooler_output))
-        return [self.embeds[id(frame)] for frame in frames]
+            self.embeds.update((id(frame), (frame, embeds)) for frame, embeds in zip(new, out.pooler_output))
+        return [self.embeds[id(frame)][1] for frame in frames]
+
+    def forget(self, frames):
+        """Drop the vision outputs of frames no row needs any more (a finished prompt's clips)."""
+        for frame in frames:
+            self.embeds.pop(id(frame), None)
 
     @torch.no_grad()
     def extend(self, chunks, all_logits=False):
@@ -1095,6 +1102,26 @@ class KVBatch:
         self.attention = self.attention[rows]
         self.next_pos = [self.next_pos[row] for row in rows]
 
+    def join(self, other):
+        """Append the rows of `other` (a batch started on another prompt) after this batch's rows.
+
+        The two pasts differ in length: the shorter is left-padded with zero keys and values that its
+        attention row marks 0, the same padding extend() writes, so no row ever attends to it.
+        """
+        width = max(self.attention.shape[1], other.attention.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, width, 2), left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([left_pad(mine.values, width, 2), left_pad(theirs.values, width, 2)])
+        self.attention = torch.cat([left_pad(self.attention, width, 1), left_pad(other.attention, width, 1)])
+        self.next_pos = self.next_pos + other.next_pos  # other's embeds are its prompt's: never fed again
+
+
+def left_pad(tensor, width, dim):
+    """Zeros in front of `tensor` along `dim` up to `width`."""
+    shape = list(tensor.shape)
+    shape[dim] = width - tensor.shape[dim]
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
 
 def sample_tokens(logits, temperature, top_p, generator):
     """(rows, vocab) -> (rows,) token ids; greedy at temperature 0."""
@@ -1112,38 +1139,91 @@ def sample_tokens(logits, temperature, top_p, generator):
 
 def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), temperature=1.0, top_p=1.0,
             generator=None, on_turn=None):
-    """Run num_rollouts trajectories of the zoom protocol from one prompt.
+    """Run num_rollouts trajectories of the zoom protocol from one prompt (rollout_groups, one group).
 
-    The prompt (system + overview + question) goes through the vision tower and prefill once; its
-    cache is copied to every row. Each turn the rows decode together until each one stops at
-    </video_zoom>, <|im_end|> or its token cap; then respond() answers every row, and only the new
-    tokens (the stop token, the reply with its frames, the next header) are prefilled.
+    on_turn: optional callback(row, episode, turn_record) as each turn finishes.
+    Returns a list of Episode, one per row.
+    """
+    callback = None if on_turn is None else lambda group, row, episode, record: on_turn(row, episode, record)
+    return rollout_groups(model, renderer, [(video, prompt, num_rollouts, generator)], limits, temperature, top_p,
+                          on_turn=callback)[0]
+
+
+def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, top_p=1.0, max_batch_rows=0,
+                   on_turn=None, on_done=None):
+    """Run the zoom protocol for several prompts at once: the rows of all of them decode in one KV batch.
+
+    A group's prompt (system + overview + question) goes through the vision tower and prefill alone,
+    its cache is copied to the group's rows, and those rows join the running batch (KVBatch.join).
+    Each turn all rows decode together until each one stops at </video_zoom>, <|im_end|> or its token
+    cap; then respond() answers every row with its own group's video, and only the new tokens (the stop
+    token, the reply with its frames, the next header) are prefilled. Finished rows leave the batch;
+    between turns, waiting groups join while the batch has room for all their rows.
+
+    Sampling is per group: one sample_tokens call on the group's rows with the group's generator, on
+    every step where one of its rows is still writing: the same calls, in the same order, as when the
+    group runs alone. So a seeded group gets the same episodes whichever groups share its batch.
 
     Args:
-        prompt: Episode from build_prompt (copied for each row).
-        generator: torch.Generator for sampling (seeded by the caller); unused when greedy.
-        on_turn: optional callback(index, episode, turn_record) as each turn finishes.
+        groups: iterable of (video, prompt, num_rows, generator); prompt from build_prompt (copied for
+            each row), generator a seeded torch.Generator (unused when greedy). Taken lazily: the next
+            group is read only when the batch may have room for it, so a long question set can stream.
+        max_batch_rows: most rows decoding at once (bounds the cache's memory); 0 = no cap.
+        on_turn: optional callback(group index, row, episode, turn_record) as each turn finishes.
+        on_done: optional callback(group index, episodes) when the group's last row has finished.
     Returns:
-        list of Episode, one per row: ids, mask (1 exactly on model-generated tokens), frames, turns,
-        answer, stop.
+        per group, a list of Episode (one per row): ids, mask (1 exactly on model-generated tokens),
+        frames, turns, answer, stop.
     """
-    if len(prompt.ids) + limits.max_new_tokens > limits.max_total_tokens:
-        raise ValueError(f"the prompt takes {len(prompt.ids)} tokens, which leaves less than max_new_tokens="
-                         f"{limits.max_new_tokens} of max_total_tokens={limits.max_total_tokens}")
-    episodes = [Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames), last_turn=prompt.last_turn)
-                for _ in range(num_rollouts)]
-    batch = KVBatch(model, renderer)
-    logits = batch.start(prompt.ids, prompt.frames, num_rollouts)
-    active = list(range(num_rollouts))  # episode index of each batch row
-    while active:
+    groups = iter(groups)
+    results, videos, generators, remaining = [], [], [], []  # per group
+    owner = []  # per batch row: (group index, row within the group)
+    batch, logits = None, None
+    waiting = next(groups, None)
+    while waiting is not None or owner:
+        # Admit: each waiting group is prefilled alone and joins, while the cap allows. A lone prefill gives
+        # exactly the logits of the one-prompt rollout, and lets a group join a batch already decoding.
+        # (Not yet measured against one left-padded prefill of all prompts: see issue 19.)
+        while waiting is not None and (not max_batch_rows or len(owner) + waiting[2] <= max_batch_rows):
+            video, prompt, num_rows, generator = waiting
+            if max_batch_rows and num_rows > max_batch_rows:
+                raise ValueError(f"a prompt with {num_rows} rows does not fit max_batch_rows={max_batch_rows}")
+            if len(prompt.ids) + limits.max_new_tokens > limits.max_total_tokens:
+                raise ValueError(f"the prompt takes {len(prompt.ids)} tokens, which leaves less than max_new_tokens="
+                                 f"{limits.max_new_tokens} of max_total_tokens={limits.max_total_tokens}")
+            group = len(results)
+            results.append([Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames),
+                                    last_turn=prompt.last_turn) for _ in range(num_rows)])
+            videos.append(video)
+            generators.append(generator)
+            remaining.append(num_rows)
+            part = KVBatch(model, renderer)
+            part_logits = part.start(prompt.ids, prompt.frames, num_rows)
+            if batch is None:
+                batch, logits = part, part_logits
+            else:
+                batch.join(part)
+                logits = torch.cat([logits, part_logits])
+            owner += [(group, row) for row in range(num_rows)]
+            waiting = next(groups, None)
+        members = {}  # group -> its batch rows, in order
+        for row, (group, _) in enumerate(owner):
+            members.setdefault(group, []).append(row)
+        episodes = [results[group][row] for group, row in owner]
         # Decode: rows sample together; a stopped row feeds padding that nobody attends to.
-        caps = [min(limits.max_new_tokens, limits.max_total_tokens - len(episodes[e].ids)) for e in active]
-        generated = [[] for _ in active]
+        caps = [min(limits.max_new_tokens, limits.max_total_tokens - len(episode.ids)) for episode in episodes]
+        generated = [[] for _ in owner]
         stopped = [cap <= 0 for cap in caps]
         while not all(stopped):
             # Vision placeholders are the environment's to write: a sampled one would claim image features.
             logits[:, renderer.banned] = -math.inf
-            tokens = sample_tokens(logits, temperature, top_p, generator).tolist()
+            tokens = [None] * len(owner)
+            for group, rows in members.items():
+                if all(stopped[row] for row in rows):
+                    continue  # alone, this group's turn would be over: its generator is not touched
+                sampled = sample_tokens(logits[rows], temperature, top_p, generators[group]).tolist()
+                for row, token in zip(rows, sampled):
+                    tokens[row] = token
             feed = []
             for row, token in enumerate(tokens):
                 if not stopped[row]:
@@ -1157,21 +1237,29 @@ def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), tem
                 feed.append(([], []))
             if not all(stopped):
                 logits = batch.extend(feed)
-        # Environment: every row's turn is answered; rows that go on prefill their reply.
+        # Environment: every row's turn is answered with its own video; rows that go on prefill their reply.
         chunks, keep = [], []
-        for row, e in enumerate(active):
-            reply = respond(renderer, video, episodes[e], generated[row], limits)
+        for row, (group, index) in enumerate(owner):
+            reply = respond(renderer, videos[group], episodes[row], generated[row], limits)
             if on_turn is not None:
-                on_turn(e, episodes[e], episodes[e].turns[-1])
+                on_turn(group, index, episodes[row], episodes[row].turns[-1])
             if reply is not None:
                 # The turn's last token was sampled but never fed; it leads the chunk.
                 chunks.append(([generated[row][-1]] + reply[0], reply[1]))
                 keep.append(row)
+                continue
+            remaining[group] -= 1
+            if remaining[group] == 0:
+                batch.forget([frame for episode in results[group] for frame in episode.frames])
+                if on_done is not None:
+                    on_done(group, results[group])
+        owner = [owner[row] for row in keep]
         if keep:
             batch.select(keep)
             logits = batch.extend(chunks)
-        active = [active[row] for row in keep]
-    return episodes
+        else:
+            batch = None  # every row has finished: the next group starts a fresh batch
+    return results
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The turn parser (PROTOCOL.md "Assistant turns", "The zoom tool"), and what the episode does with
+"""The turn parser (docs/protocol.md "Assistant turns", "The zoom tool"), and what the episode does with
 a rejected call: the parser picks the right one-line error, never raises, and the episode goes on.
 
 Parser cases run against a 20 s video and the default budget of 16 frames per call, unless a case

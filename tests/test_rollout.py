@@ -155,3 +155,32 @@ def test_a_refusal_that_does_not_fit_ends_the_episode_within_its_budget(tiny, in
             episode = vz.replay(renderer, video, prompt, SCRIPTS[1][:4 if stop == "length" else 5], limits)
             assert episode.stop == stop and episode.turns[3]["kind"] == "refused", [t["kind"] for t in episode.turns]
             assert len(episode.ids) <= total
+
+
+@pytest.mark.parametrize("temperature,max_batch_rows", [(0.0, 0), (1.0, 0), (1.0, 6)])
+def test_prompts_batched_together_give_their_episodes_alone(scripted, temperature, max_batch_rows):
+    # vz.rollout_groups: the rows of several prompts (different lengths, different row counts, each its
+    # own seeded generator, each its own open video) decode in one KV batch, or under a row cap that
+    # makes later prompts queue and join as rows finish. Every prompt's episodes (tokens, mask, frames,
+    # turns) equal the ones it gets alone: rows never see another prompt's tokens or frames, and the
+    # sampling of one prompt does not depend on who shares its batch.
+    from conftest import OPTIONS, QUESTION
+    model, renderer, video, prompt, limits = scripted
+    with vz.open_video(video.path) as other_video:
+        long_prompt = vz.build_prompt(renderer, other_video, QUESTION + " Look carefully.", OPTIONS, limits, 0.5)
+        specs = [(video, prompt, 3, 11), (other_video, long_prompt, 2, 12), (video, prompt, 4, 13)]
+
+        def groups():
+            return [(v, p, rows, torch.Generator().manual_seed(seed)) for v, p, rows, seed in specs]
+
+        def summary(episodes):
+            return [(e.ids, e.mask, [f.time for f in e.frames], [t["kind"] for t in e.turns], e.stop) for e in episodes]
+
+        done = []
+        batched = vz.rollout_groups(model, renderer, groups(), limits, temperature, 1.0, max_batch_rows,
+                                    on_done=lambda group, episodes: done.append(group))
+        alone = [vz.rollout(model, renderer, v, p, rows, limits, temperature, 1.0, g) for v, p, rows, g in groups()]
+    assert [summary(e) for e in batched] == [summary(e) for e in alone]
+    assert sorted(done) == [0, 1, 2] and [len(e) for e in batched] == [3, 2, 4]
+    kinds = [t["kind"] for group in batched for e in group for t in e.turns]
+    assert "zoom" in kinds  # the rows really went through the tool, not only a first turn

@@ -73,7 +73,7 @@ def test_two_processes_match_one(data_dir, tiny_dir, tmp_path):
     model, _, _ = vz.load_model(str(tmp_path / "run2" / "final"))
     assert model.config.model_type == "qwen2_5_vl"
     # It records the overview it trained on (0.25 fps, the default cap), which the next stage and infer.py take
-    # for flags left at 0; a model without the record gets PROTOCOL.md's 0.5 fps and 64 frames.
+    # for flags left at 0; a model without the record gets docs/protocol.md's 0.5 fps and 64 frames.
     assert vz.load_overview(str(tmp_path / "run2" / "final")) == (0.25, 64)
     assert vz.load_overview(tiny_dir) == (0.5, 64)
     flags = argparse.Namespace(overview_fps=0, max_overview_frames=16)
