@@ -21,7 +21,6 @@ Every row is train_sft.py's layout (plus teacher and source) and is checked with
 """
 
 import argparse
-import base64
 import json
 import os
 import signal
@@ -32,7 +31,6 @@ import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 
 import vz
 
@@ -159,17 +157,6 @@ lock = threading.Lock()  # counters, and the local teacher's one model
 write_lock = threading.Lock()  # rows and the tallies beside them; Ctrl-C waits for it, so no line is cut
 
 
-def jpeg(image):
-    """(h, w, 3) uint8 RGB -> a base64 JPEG data URL, encoded with PyAV."""
-    import av
-    codec = av.CodecContext.create("mjpeg", "w")
-    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
-    codec.time_base = Fraction(1, 25)
-    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
-    data = b"".join(bytes(packet) for packet in codec.encode(frame) + codec.encode(None))
-    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
-
-
 def content(parts):
     """vz message parts (str and Frame) -> chat-completions content: text parts and image_url parts, in order."""
     out = []
@@ -180,7 +167,7 @@ def content(parts):
             else:
                 out.append({"type": "text", "text": part})
         else:
-            out.append({"type": "image_url", "image_url": {"url": jpeg(part.image)}})
+            out.append({"type": "image_url", "image_url": {"url": vz.jpeg_data_url(part.image)}})
     return out
 
 

@@ -18,7 +18,6 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 """
 
 import argparse
-import base64
 import html
 import hashlib
 import json
@@ -27,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import time
-from fractions import Fraction
 
 import torch
 
@@ -235,16 +233,6 @@ def answer_one(item, verbose):
 # The trajectory viewer (--html): frames embedded as JPEG, encoded with PyAV
 
 
-def jpeg(image):
-    import av
-    codec = av.CodecContext.create("mjpeg", "w")
-    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
-    codec.time_base = Fraction(1, 25)
-    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
-    data = b"".join(bytes(packet) for packet in codec.encode(frame) + codec.encode(None))
-    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
-
-
 def write_html(path, records, model, data):
     """A self-contained page: a header (model, data file, accuracy by kind, an index of the questions),
     then per question its timeline, the overview strip and each zoom's frames, all with their times.
@@ -257,7 +245,7 @@ def write_html(path, records, model, data):
         for f in frames:
             key = hashlib.sha1(f.image.tobytes() + str(f.image.shape).encode()).hexdigest()[:16]
             if key not in table:
-                table[key] = jpeg(f.image)
+                table[key] = vz.jpeg_data_url(f.image)
             figures.append(f'<figure class="{group}"><img class="{group}" data-time="{f.time:.3f}" data-frame="{key}" '
                            f'alt="{f.time:.2f}s"><figcaption>{f.time:.2f}s</figcaption></figure>')
         return "".join(figures)

@@ -344,6 +344,17 @@ class Video:
         self.close()
 
 
+def jpeg_data_url(image):
+    """(h, w, 3) uint8 RGB -> a base64 JPEG data URL, encoded with PyAV (the viewer's pages, teacher requests)."""
+    import base64
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
+    codec.time_base = Fraction(1, 25)
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
+    data = b"".join(bytes(packet) for packet in codec.encode(frame) + codec.encode(None))
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
 def _one_line(error):
     """A user-facing one-line reason; FFmpeg errors without their errno and file name."""
     if isinstance(error, av.FFmpegError) and error.strerror:
