@@ -76,6 +76,7 @@ group.add_argument("--html", help="write a self-contained page: overview strip, 
                    "frames, each turn's reasoning, the answer against the truth")
 group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
 args = parser.parse_args()
+vz.stop_on_ctrl_c()  # Ctrl-C: one line, exit 130; files are written through a temporary name, so none is half-written
 
 
 for flag in ("max_turns", "max_frames", "max_frames_per_call",

@@ -261,3 +261,22 @@ def test_help_mentions_every_flag(cli_env):
     assert result.returncode == 0 and not result.stderr, result.stderr
     for flag in flags:
         assert re.search(rf"{flag}(?![\w-])", result.stdout), flag  # --max-frames is not --max-frames-per-call
+
+
+@pytest.mark.parametrize("script", ["infer.py", "train_sft.py", "train_rl.py", "synth.py", "distill.py"])
+def test_help_shows_groups_defaults_and_usage_examples(script, cli_env):
+    # Every script's --help: the flags under the groups the code names, each default shown, and the
+    # module docstring's command lines whole (they were once cut off after the first paragraph).
+    path = os.path.join(os.path.dirname(INFER), script)
+    source = open(path).read()
+    groups = re.findall(r'add_argument_group\(\s*"([^"]+)"', source)
+    import ast
+    docstring = ast.get_docstring(ast.parse(source), clean=False)  # as Python reads it: escapes resolved
+    examples = [line.strip() for line in docstring.splitlines() if line.strip().startswith("python ")]
+    result = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, env=cli_env, timeout=120)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert groups, script
+    for title in groups:
+        assert f"\n{title}:\n" in result.stdout, title
+    assert "(default: " in result.stdout
+    assert examples and all(example in result.stdout for example in examples), examples
