@@ -157,7 +157,7 @@ def test_a_refusal_that_does_not_fit_ends_the_episode_within_its_budget(tiny, in
             assert len(episode.ids) <= total
 
 
-@pytest.mark.parametrize("temperature,max_batch_rows", [(0.0, 0), (1.0, 0), (1.0, 6)])
+@pytest.mark.parametrize("temperature,max_batch_rows", [(0.0, 0), (0.7, 0), (0.7, 6)])
 def test_prompts_batched_together_give_their_episodes_alone(scripted, temperature, max_batch_rows):
     # vz.rollout_groups: the rows of several prompts (different lengths, different row counts, each its
     # own seeded generator, each its own open video) decode in one KV batch, or under a row cap that
@@ -182,5 +182,8 @@ def test_prompts_batched_together_give_their_episodes_alone(scripted, temperatur
         alone = [vz.rollout(model, renderer, v, p, rows, limits, temperature, 1.0, g) for v, p, rows, g in groups()]
     assert [summary(e) for e in batched] == [summary(e) for e in alone]
     assert sorted(done) == [0, 1, 2] and [len(e) for e in batched] == [3, 2, 4]
-    kinds = [t["kind"] for group in batched for e in group for t in e.turns]
-    assert "zoom" in kinds  # the rows really went through the tool, not only a first turn
+    # The rows really went through the environment (tool replies prefilled mid-batch), not only a first turn.
+    assert any(len(e.turns) > 1 for group in batched for e in group)
+    if temperature == 0:
+        assert all(t["kind"] == "zoom" and t["num_frames"] == 9 for group in batched for e in group
+                   for t in e.turns[1:2])  # greedy follows the script: its zoom returns frames
