@@ -134,7 +134,7 @@ def load(path):
         vz.fail(vz._one_line(e))
 
 
-resume_dir, skipped = vz.resume_checkpoint(args.out, ("round", "cursor", "param_groups")) if args.resume else (None, [])
+resume_dir, skipped = vz.resume_checkpoint(args.out, ("cursor", "param_groups")) if args.resume else (None, [])
 if args.resume and master:
     vz.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
 policy, tokenizer, vcfg = load(resume_dir or args.model)
