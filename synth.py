@@ -70,6 +70,10 @@ group.add_argument("--scene-seconds", type=int, default=10, help="length of ever
 group.add_argument("--overview-frames", type=int, default=0, help="the overview the agent is trained and run with: "
                    "N frames spread uniformly (train_sft.py / train_rl.py / infer.py --max-overview-frames N); "
                    "0 = one frame every 2 s (0.5 fps). Flashes fall between its frames")
+group.add_argument("--events", choices=["shapes", "colours"], default="shapes", help="what flashes inside a scene: "
+                   "a shape in a box (circle, square, triangle, diamond), or the whole picture in a flash colour "
+                   "(white, black, grey, brown; the scenes then take the other 8 colours), which a model trained from "
+                   "nothing reads in a few hundred steps where the shapes take thousands (docs/synthetic-world.md)")
 group.add_argument("--shape-size", type=int, default=64, help="side of a flash's box in source pixels (the video is "
                    "224x128, and 112x56 after the 8-token resize): even, at most 104")
 group = parser.add_argument_group("Question sets")
@@ -109,6 +113,8 @@ if args.scene_seconds - spacing > 16:
             "one zoom of at most 16 frames at 1 fps or more covers it")
 if args.shape_size % 2 or not 16 <= args.shape_size <= 104:
     vz.fail("--shape-size must be even, from 16 to 104")
+if args.num_shapes and args.events == "colours":
+    vz.fail("--num-shapes draws shape cards; with --events colours there are no shapes to tell apart")
 if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
     vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
 counts = (args.num_base, args.num_text, args.num_shapes, args.num_clips, args.num_sft, args.num_rl, args.num_test)
@@ -125,6 +131,10 @@ PALETTE = {"red": (220, 30, 30), "green": (30, 150, 50), "blue": (30, 60, 220), 
            "purple": (130, 40, 170), "orange": (250, 140, 20), "cyan": (40, 200, 220), "pink": (250, 140, 200),
            "brown": (120, 70, 30), "grey": (128, 128, 128), "white": (245, 245, 245), "black": (15, 15, 15)}
 SHAPES = ["circle", "square", "triangle", "diamond"]
+COLOURS = args.events == "colours"  # events are whole-picture flashes of a colour no scene has
+if COLOURS:
+    FLASHES = {name: PALETTE.pop(name) for name in ("white", "black", "grey", "brown")}
+    SHAPES = list(FLASHES)  # an event's "shape" is then its flash colour
 SIZE = args.shape_size  # shape box side in pixels (64: half the height); even, so it lines up with the chroma planes
 CLOCK = 16  # height of the clock strip along the bottom: white from the left edge to t / 120 s of the width
 SCENE = args.scene_seconds * FPS  # source frames per scene: (10 s scenes) overview frames 0, 2, 4, 6, 8 s into it
@@ -164,7 +174,7 @@ def plan_video(rng, num_frames):
         scene = {"colour": colour, "rgb": list(PALETTE[colour]), "start": seconds(start),
                  "end": seconds(start + SCENE), "first_seen": seconds(first), "last_seen": seconds(last),
                  "frames": [start, start + SCENE], "events": [], "glimpse": None}
-        if rng.random() < 0.2 and len(cells) > 1:  # a shape an overview frame inside the scene shows: it
+        if not COLOURS and rng.random() < 0.2 and len(cells) > 1:  # a shape an overview frame inside the scene shows: it
             # straddles overview frame k, one frame either side
             k, length = rng.choice(cells[1:]), rng.randint(3, 5)
             scene["glimpse"] = event(rng, rng.choice(SHAPES), k * STEP - rng.randint(1, length - 2), length, colour)
@@ -207,7 +217,10 @@ def draw(background, frame_index, ev=None):
     for k, plane, (black, white) in zip(scales, planes, zip(yuv((0, 0, 0)), yuv((255, 255, 255)))):
         plane[(HEIGHT - CLOCK) // k:, :] = round(black)
         plane[(HEIGHT - CLOCK) // k:, :filled // k] = round(white)
-    if ev is not None:
+    if ev is not None and COLOURS:  # the picture above the clock strip, in the flash colour
+        for k, plane, value in zip(scales, planes, yuv(FLASHES[ev["shape"]])):
+            plane[:(HEIGHT - CLOCK) // k, :] = round(value)
+    elif ev is not None:
         full = MASKS[ev["shape"]]
         half = full.reshape(SIZE // 2, 2, SIZE // 2, 2).mean(axis=(1, 3)) >= 0.5
         x0, y0 = ev["box"][:2]
@@ -308,10 +321,11 @@ def ask(rng, kind, video, scenes, target):
     meta = {"scene": {k: scene[k] for k in ("colour", "rgb", "start", "end", "first_seen", "last_seen")},
             "events": scene["events"], "glimpse": scene["glimpse"]}
     if kind == "needle":
-        return choice_row(rng, video, f"Which shape appears during the {colour} scene?", scene["events"][0]["shape"],
-                          SHAPES, kind, meta), None
+        question = f"Which {'colour flashes' if COLOURS else 'shape appears'} during the {colour} scene?"
+        return choice_row(rng, video, question, scene["events"][0]["shape"], SHAPES, kind, meta), None
     if kind == "count":
-        return choice_row(rng, video, f"How many times does a shape flash during the {colour} scene?",
+        return choice_row(rng, video, f"How many times does {'the picture' if COLOURS else 'a shape'} flash during "
+                          f"the {colour} scene?",
                           str(len(scene["events"])), ["1", "2", "3", "4"], kind, meta), None
     asks = (["start", "end", "after", "before"] if kind == "glance"
             else ["colour_at", "shape_at", "first_seen", "last_seen", "after", "span", "span"]
@@ -440,17 +454,19 @@ def read_zoom(row, scene):
             ev = event_at(scene["events"], frame)
             new, last_event = ev is not None and ev is not last_event, ev
             flashes += new
-            entries.append(f"{j} {ev['shape'] if ev else '-'}" + (f" #{flashes}" if new and row["kind"] == "count"
-                                                                   else ""))
+            plain = scene["colour"] if COLOURS else "-"  # a frame without a flash: its colour, or a dash
+            entries.append(f"{j} {ev['shape'] if ev else plain}" + (f" #{flashes}" if new and row["kind"] == "count"
+                                                                     else ""))
             if ev is not None and row["kind"] == "needle":  # one flash: the walk stops at it
                 break
         return answer_turn(row, f"{', '.join(entries)}.")
     if row["kind"] == "needle":
         (ev, j, t), = hits
-        return (f"<think>Frame {j} ({t:.2f}s) shows a {ev['colour']} {ev['shape']}.</think>"
+        shown = f"a {ev['shape']} flash" if COLOURS else f"a {ev['colour']} {ev['shape']}"
+        return (f"<think>Frame {j} ({t:.2f}s) shows {shown}.</think>"
                 f"<answer>{row['answer']}</answer>")
     said = ", ".join(f"frame {j} ({t:.2f}s)" for _, j, t in hits)
-    return (f"<think>A shape shows in {said}, with plain frames between: {answer} "
+    return (f"<think>{'A flash' if COLOURS else 'A shape'} shows in {said}, with plain frames between: {answer} "
             f"time{'s' * (answer != '1')}.</think><answer>{row['answer']}</answer>")
 
 

@@ -79,6 +79,12 @@ group.add_argument("--resume", action="store_true", help="continue from the newe
 group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
                    "(the learning-rate schedule stays that of the whole run); 0 = all")
 group.add_argument("--log-jsonl", help="append one JSON line of metrics per step to this file")
+group = parser.add_argument_group("Held-out evaluation")
+group.add_argument("--eval-data", help="JSONL of held-out rows (either layout): every --eval-every steps and at the "
+                   "end, their loss and the share of rows whose every trained token has p > 0.5 (so greedy decoding "
+                   "writes the whole answer), per row kind (and per meta.ask where rows carry one)")
+group.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-data every N optimizer steps; 0 = at "
+                   "the end only")
 args = parser.parse_args()
 
 
@@ -88,8 +94,11 @@ if args.batch_size % world_size:
     vz.fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
 if min(args.save_every, args.keep_checkpoints, args.max_steps) < 0 or args.save_every_minutes < 0:
     vz.fail("--save-every, --save-every-minutes, --keep-checkpoints and --max-steps must be >= 0")
-if not os.path.isfile(args.data):
-    vz.fail(f"{args.data}: no such data file")
+for path in (args.data, args.eval_data):
+    if path is not None and not os.path.isfile(path):
+        vz.fail(f"{path}: no such data file")
+if args.eval_every < 0:
+    vz.fail("--eval-every must be >= 0")
 overview = vz.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, max_total_tokens=args.max_len)
 if master:
@@ -178,6 +187,13 @@ def render_row(row, base_dir, system_prompt):
     return episode, {"video": path, "times": [f.time for f in episode.frames]}
 
 
+def lesson(row):
+    """The group a held-out row is scored in: its kind, and meta.ask when it has one (synth.py's base rows)."""
+    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    kind = row.get("kind") if isinstance(row.get("kind"), str) else "all"
+    return kind + (f"/{meta['ask']}" if isinstance(meta.get("ask"), str) else "")
+
+
 def load_rows(path):
     system_prompt = open(args.system_prompt).read() if args.system_prompt else None
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -195,7 +211,7 @@ def load_rows(path):
                 raise ValueError(f"{len(episode.ids)} tokens > --max-len {args.max_len}")
             if not any(episode.mask):
                 raise ValueError("no trainable tokens")
-            rows.append((index, {"ids": episode.ids, "mask": episode.mask, **source}))
+            rows.append((index, {"ids": episode.ids, "mask": episode.mask, "lesson": lesson(row), **source}))
         except (ValueError, KeyError, TypeError, OSError, vz.VideoError) as e:
             reasons.append((where, vz._one_line(e)))
     if world_size > 1:
@@ -211,6 +227,10 @@ def load_rows(path):
 started = time.time()
 rows, reasons, num_lines = load_rows(args.data)
 vz.report_rows(args.data, len(rows), num_lines, reasons, args.max_bad_frac, master)
+eval_rows = []
+if args.eval_data:
+    eval_rows, eval_reasons, eval_lines = load_rows(args.eval_data)
+    vz.report_rows(args.eval_data, len(eval_rows), eval_lines, eval_reasons, args.max_bad_frac, master)
 if master:
     print(f"rendered in {time.time() - started:.1f} s")
 
@@ -262,6 +282,34 @@ def lr_at(step):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def evaluate(step):
+    """Held-out loss and sure-answer share per lesson, printed and logged. Every rank runs every row (FSDP needs
+    the same forwards on all ranks); the rows are few."""
+    model.eval()
+    totals = {}  # lesson -> [rows, rows sure, loss sum, tokens]
+    for group in vz.pack_by_tokens(eval_rows, lambda row: len(row["ids"]), args.micro_batch_tokens):
+        with vz.autocast(device):
+            logp, mask, _ = vz.token_logprobs(model, renderer, [(r["ids"], r["mask"], frames_of(r)) for r in group])
+        for row, row_logp, row_mask in zip(group, logp, mask):
+            trained = row_mask.bool()
+            total = totals.setdefault(row["lesson"], [0, 0, 0.0, 0])
+            total[0] += 1
+            total[1] += bool((row_logp[trained] > math.log(0.5)).all())
+            total[2] -= row_logp[trained].sum().item()
+            total[3] += int(trained.sum())
+    model.train()
+    lessons = {name: {"rows": n, "sure": sure / n, "loss": loss / max(1, tokens)}
+               for name, (n, sure, loss, tokens) in sorted(totals.items())}
+    if master:
+        print(f"eval step {step} | " + " | ".join(f"{name} {m['sure']:.3f} ({m['rows']}) loss {m['loss']:.3f}"
+                                                 for name, m in lessons.items()), flush=True)
+        if log:
+            log.write(json.dumps({"step": step, "eval": lessons}) + "\n")
+            log.flush()
+    return lessons
+
+
 def all_reduce(value):
     tensor = torch.tensor(float(value), device=device)
     if world_size > 1:
@@ -306,7 +354,8 @@ for step in range(first_step, last_step):
     elapsed = time.time() - run_started
     eta = elapsed / (step + 1 - first_step) * (last_step - step - 1)
     metrics = {"step": step + 1, "loss": loss_value, "lr": lr_at(step), "grad_norm": float(grad_norm),
-               "trained_tokens": num_tokens, "tok_s": step_tokens / (time.time() - step_started)}
+               "trained_tokens": num_tokens, "tok_s": step_tokens / (time.time() - step_started),
+               "step_s": time.time() - step_started}
     if master:
         print(f"step {step + 1}/{last_step} | loss {loss_value:.4f} | lr {lr_at(step):.2e} | grad {float(grad_norm):.3f} "
               f"| tok/s {metrics['tok_s']:.0f} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s",
@@ -314,6 +363,8 @@ for step in range(first_step, last_step):
         if log:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
+    if eval_rows and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < last_step:
+        evaluate(step + 1)
     if step + 1 < last_step and vz.checkpoint_due(step + 1, args.save_every, args.save_every_minutes, last_saved,
                                                   device):
         path = os.path.join(args.out, f"step_{step + 1}")
@@ -327,6 +378,8 @@ for step in range(first_step, last_step):
 # -----------------------------------------------------------------------------
 # Final checkpoint and cleanup
 
+if eval_rows:
+    evaluate(last_step)
 final = os.path.join(args.out, "final" if last_step == total_steps else f"step_{last_step}")
 vz.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank,
                    vcfg, overview)

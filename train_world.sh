@@ -15,6 +15,68 @@
 # so rerunning after a crash goes on where it stopped. Frames are 112x56 (8 visual tokens each).
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# ---------------------------------------------------------------------------------------------------------------
+# bash train_world.sh base OUT: the base model alone, our stand-in for a pretrained VLM, from random weights
+# (about 6 hours on 2 cores; resumable: rerun the same command). The world is 40-second videos of four 10 s scenes
+# whose whole picture flashes white, black, grey or brown between the 0.5 fps overview frames (synth.py --events
+# colours --walk). The base sees one-turn, no-tool lessons only, never the agent protocol: the overview read scene
+# by scene ("Find red: 0s blue vs red no, 10s red vs red yes.") and a scene's dense 2 fps clip read frame by frame
+# ("0 red, 1 red, 2 white."). Frames are 56x28 (2 visual tokens). Held-out lessons (another seed) are scored every
+# 500 steps; OUT/base/final is the base, and --install copies it with metrics.json to assets/base.
+if [ "${1:-}" = base ]; then
+  OUT=${2:?usage: bash train_world.sh base OUT [--install]}
+  THREADS=${THREADS:-1}  # torch threads: 1 leaves a core of a 2-core machine free
+  mkdir -p "$OUT/logs"
+  begin=$SECONDS
+  walk=(--seconds 40 --events colours --walk)
+  [ -f "$OUT/world/text.jsonl" ] || python synth.py --seed 10 --out "$OUT/world" "${walk[@]}" --num-videos 2000 \
+    --num-test-videos 1 --num-base 10000 --num-clips 6000 --num-sft 400 --num-rl 0 --num-test 0
+  [ -f "$OUT/heldout/text.jsonl" ] || python synth.py --seed 11 --out "$OUT/heldout" "${walk[@]}" --num-videos 41 \
+    --num-test-videos 1 --num-base 240 --num-clips 120 --num-sft 0 --num-rl 0 --num-test 0
+  cat "$OUT/world/base.jsonl" "$OUT/world/clips.jsonl" > "$OUT/world/lessons.jsonl"
+  cat "$OUT/heldout/base.jsonl" "$OUT/heldout/clips.jsonl" > "$OUT/heldout/lessons.jsonl"
+  python -c "import vz; print(vz.NO_TOOL_PROMPT)" > "$OUT/no_tool.txt"
+  # A random tiny Qwen2.5-VL (width 256, 2 layers: the shape that learned to locate a scene fastest in a probe),
+  # its tokenizer fitted to the world's text, the cold-start trajectories' included, so the method needs no new one.
+  [ -f "$OUT/init/model.safetensors" ] || python - "$OUT" <<'PY'
+import json, sys
+import vz
+out = sys.argv[1]
+rows = [json.loads(line) for name in ("lessons", "sft") for line in open(f"{out}/world/{name}.jsonl")]
+corpus = [row["question"] + "\n" + "\n".join(row["options"]) for row in rows]
+corpus += [turn for row in rows for turn in row.get("turns", [])]
+corpus += [message["content"] for row in rows for message in row.get("messages", [])]
+vz.write_tiny_checkpoint(f"{out}/init", corpus, seed=0, hidden_size=256, num_layers=2, vision_hidden_size=64,
+                         head_dim=32, rope_theta=10000.0, whole_numbers=True,
+                         note="tiny VideoZoomer base model: train_world.sh base (synth.py --events colours --walk world)")
+PY
+  command=(python train_sft.py --model "$OUT/init" --data "$OUT/world/lessons.jsonl" --out "$OUT/base"
+           --eval-data "$OUT/heldout/lessons.jsonl" --eval-every 500 --system-prompt "$OUT/no_tool.txt"
+           --min-pixels 784 --max-pixels 1792 --train-vision --batch-size 16 --epochs 7 --lr 2e-3 --warmup-frac 0.02
+           --frame-cache "$OUT/frames" --log-jsonl "$OUT/logs/base.jsonl" --resume)
+  [ -d "$OUT/base/final" ] || OMP_NUM_THREADS=$THREADS "${command[@]}"
+  echo "== base: $OUT/base/final ($(( (SECONDS - begin) / 60 )) minutes this run)"
+  if [ "${3:-}" = --install ]; then
+    rm -rf assets/base && mkdir -p assets/base
+    cp "$OUT"/base/final/{config.json,generation_config.json,model.safetensors,preprocessor_config.json} assets/base/
+    cp "$OUT"/base/final/{tokenizer.json,tokenizer_config.json} assets/base/
+    python - "$OUT" "${command[*]}" <<'PY'
+import json, sys
+out, command = sys.argv[1], sys.argv[2]
+log = [json.loads(line) for line in open(f"{out}/logs/base.jsonl")]
+steps = [m for m in log if "loss" in m]
+evals = [m for m in log if "eval" in m]
+metrics = {"command": "bash train_world.sh base " + out, "train_sft": command, "steps": steps[-1]["step"],
+           "wall_s": round(sum(m.get("step_s", 0) for m in steps)), "final_loss": steps[-1]["loss"],
+           "heldout": evals[-1]["eval"], "heldout_by_step": {m["step"]: {k: v["sure"] for k, v in m["eval"].items()}
+                                                             for m in evals}}
+json.dump(metrics, open("assets/base/metrics.json", "w"), indent=1)
+print("installed assets/base with metrics.json")
+PY
+  fi
+  exit 0
+fi
 OUT=${1:?usage: bash train_world.sh OUT [--eval] [--install]}
 shift
 EVAL=0 INSTALL=0

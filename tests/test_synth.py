@@ -507,3 +507,65 @@ def test_bad_geometry_flags_give_one_error_line(tmp_path):
         result = synth(tmp_path, 0, "--seconds", "120", *extra)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and says in result.stderr, extra
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+FLASH_RGB = {"white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128), "brown": (120, 70, 30)}
+
+
+def picture_colour(image, palette):
+    """The colour nearest the mean of the picture above the clock strip (its bottom eighth)."""
+    mean = image[:image.shape[0] * 7 // 8].reshape(-1, 3).mean(0)
+    return min(palette, key=lambda name: np.abs(mean - np.array(palette[name])).sum())
+
+
+def test_colour_events_flash_the_whole_picture_between_overview_frames_and_the_walks_read_them(tmp_path):
+    # --events colours: scenes take 8 colours, flashes fill the picture with white, black, grey or brown. Checked on
+    # the frames the agent gets at 56x28 (2 visual tokens): the overview shows scene colours only, in the order the
+    # whole-walk rows give; each entry of a zoom's frame walk names the colour its frame shows.
+    result = synth(tmp_path, 3, "--seconds", "40", "--events", "colours", "--walk", "--num-clips", "12")
+    assert result.returncode == 0, result.stderr
+    rows = load(tmp_path)
+    clips = [json.loads(line) for line in open(tmp_path / "clips.jsonl")]
+    small = vz.VisionConfig(min_pixels=784, max_pixels=1792)
+    scene_rgb = {s["colour"]: s["rgb"] for row in sum(rows.values(), [])
+                 for s in row["meta"].get("scenes", []) + [row["meta"]["scene"]]}
+    assert len(scene_rgb) > 4 and not set(scene_rgb) & set(FLASH_RGB)  # no scene takes a flash colour
+    palette = dict(FLASH_RGB, **scene_rgb)
+    checked = Counter()
+    for row in rows["base"] + rows["sft"]:
+        with vz.open_video(str(tmp_path / row["video"])) as video:
+            overview = vz.sample_overview(video, small)
+            assert overview[0].image.shape == (28, 56, 3)
+            seen = [picture_colour(f.image, palette) for f in overview]
+            scenes = row["meta"].get("scenes")
+            if scenes:  # never a flash in the overview: each scene's colour at its five frames
+                assert seen == [s["colour"] for s in scenes for _ in range(5)], (row["video"], seen)
+            if row["question"].startswith("Which colour does each scene show"):
+                assert row["answer"] == ", ".join(seen[::5])
+                checked["walk"] += 1
+            if row["kind"] not in ("needle", "count"):
+                continue
+            scene = row["meta"]["scene"]
+            zoom, ok = vz.parse_turn(row["turns"][-2], video.duration, 16)
+            assert ok and (zoom.start, zoom.end, zoom.fps) == (scene["start"], scene["start"] + 8, 2), row["turns"]
+            frames = vz.sample_clip(video, small, zoom.start, zoom.end, zoom.num_frames)
+        last = row["turns"][-1]
+        entries = re.findall(r"(\d+) (\w+)(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
+        assert [int(j) for j, *_ in entries] == list(range(len(entries))), last
+        assert [c for _, c, _ in entries] == [picture_colour(f.image, palette) for f in frames[:len(entries)]], last
+        answer = row["options"]["ABCD".index(row["answer"])][3:]
+        flashes = [c for _, c, _ in entries if c in FLASH_RGB]
+        if row["kind"] == "needle":  # the walk stops at the one flash, whose colour is the answer
+            assert flashes == [entries[-1][1]] == [answer] and "Which colour flashes" in row["question"]
+        else:
+            marks = [int(n) for *_, n in entries if n]
+            assert len(entries) == 16 and marks == list(range(1, len(marks) + 1)) and str(len(marks)) == answer
+        checked[row["kind"]] += 1
+    assert {"walk", "needle", "count"} <= set(checked), checked
+    for row in clips:  # the same walk, asked of the clip's PNGs alone
+        images = [read_png(tmp_path / path) for path in row["images"]]
+        last = row["messages"][-1]["content"]
+        entries = re.findall(r"(\d+) (\w+)(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
+        assert [c for _, c, _ in entries] == [picture_colour(i, palette) for i in images[:len(entries)]], last
+    result = synth(tmp_path / "x", 3, "--events", "colours", "--num-shapes", "4")
+    assert result.returncode == 2 and result.stderr.startswith("error: --num-shapes"), result.stderr

@@ -193,3 +193,32 @@ def test_frame_cache_gives_the_same_training(data_dir, tiny_dir, tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 3 and all(n.endswith(".npy") and ".tmp" not in n
                                                             for n in os.listdir(tmp_path / "cache"))
     assert losses(tmp_path / "plain.jsonl") == losses(tmp_path / "cached.jsonl")
+
+
+def test_eval_data_scores_held_out_rows_per_lesson(data_dir, tiny_dir, tmp_path):
+    # --eval-data: held-out loss and the share of rows whose every trained token has p > 0.5, per kind (and
+    # meta.ask). With --lr 0 and one batch of all four rows, the eval loss over them is the training loss of the
+    # same forward; the lessons are the rows' kinds; a learning run lowers the held-out loss between evaluations.
+    rows = [json.loads(line) for line in open(data_dir / "good.jsonl")]
+    labelled = [dict(rows[0], kind="needle"), dict(rows[1], kind="needle"),
+                dict(rows[2], kind="base", meta={"ask": "span"}), rows[3]]
+    (data_dir / "held.jsonl").write_text("".join(json.dumps(row) + "\n" for row in labelled))
+    train(data_dir / "good.jsonl", tmp_path / "frozen", "--model", tiny_dir, "--lr", "0", "--batch-size", "4",
+          "--eval-data", str(data_dir / "good.jsonl"), "--log-jsonl", str(tmp_path / "frozen.jsonl"))
+    log = [json.loads(line) for line in open(tmp_path / "frozen.jsonl")]
+    assert [m["step"] for m in log] == [1, 1] and "eval" in log[1]
+    (name, lesson), = log[1]["eval"].items()
+    assert name == "all" and lesson["rows"] == 4 and lesson["loss"] == pytest.approx(log[0]["loss"], rel=1e-5)
+    result = train(data_dir / "good.jsonl", tmp_path / "learn", "--model", tiny_dir, "--lr", "3e-3", "--epochs", "6",
+                   "--eval-data", str(data_dir / "held.jsonl"), "--eval-every", "4",
+                   "--log-jsonl", str(tmp_path / "learn.jsonl"))
+    evals = [m for m in map(json.loads, open(tmp_path / "learn.jsonl")) if "eval" in m]
+    assert [m["step"] for m in evals] == [4, 8, 12], evals
+    assert all(m["eval"].keys() == {"needle", "base/span", "all"} for m in evals)
+    assert [m["eval"]["needle"]["rows"] for m in evals] == [2, 2, 2]
+    assert all(lesson["sure"] in (0, 0.5, 1) for m in evals for lesson in m["eval"].values())
+    assert evals[-1]["eval"]["needle"]["loss"] < evals[0]["eval"]["needle"]["loss"]
+    assert "eval step 12 | all " in result.stdout, result.stdout[-1500:]
+    bad = train(data_dir / "good.jsonl", tmp_path / "bad", "--model", tiny_dir, "--eval-data", str(tmp_path / "no.jsonl"),
+                check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("no.jsonl: no such data file"), bad.stderr
