@@ -6,8 +6,8 @@ its better-than-average trajectories.
     torchrun --standalone --nproc_per_node 2 train_rl.py --model <dir> --data rl.jsonl --out runs/rl --device cpu
     torchrun --standalone --nproc_per_node 8 train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl
 
-Each step: (1) G rollouts per prompt with vz.rollout (shared prefix, cached continuation),
-temperature 1; (2) reward per trajectory (vz.reward); (3) group-normalised advantages, groups with
+Each step: (1) G rollouts per prompt, a rank's prompts decoding together in one KV batch
+(vz.rollout_groups: each prompt prefilled once, its cache copied to its G rows), temperature 1; (2) reward per trajectory (vz.reward); (3) group-normalised advantages, groups with
 all-equal rewards dropped and refilled from the next prompts; (4) log-probs under the rollout policy,
 recomputed with the training forward (so the first ratio is exactly 1), and under the frozen
 reference; (5) mini-batch updates of vz.pg_loss; (6) metrics, and every --episodes-every steps a few
@@ -27,6 +27,7 @@ Deliberate departures from textbook GRPO (docs/protocol.md):
 """
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -55,6 +56,9 @@ group.add_argument("--prompts-per-step", type=int, default=8, help="prompt group
 group.add_argument("--rollouts", type=int, default=16, help="trajectories per prompt (G)")
 group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+group.add_argument("--max-batch-rows", type=int, default=0, help="most rollout rows decoding at once: a rank's groups "
+                   "of a round decode together in one KV batch, and groups beyond the cap wait for rows to finish "
+                   "(bounds the cache's memory); 0 = no cap")
 group.add_argument("--max-resample", type=int, default=4, help="extra prompt rounds to refill dropped groups; 0 = no refill")
 group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
 group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
@@ -104,6 +108,8 @@ rank, local_rank, world_size, device = vz.compute_init(args.device)
 master = rank == 0
 if args.prompts_per_step % world_size:
     vz.fail(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of processes ({world_size})")
+if args.max_batch_rows < 0:
+    vz.fail("--max-batch-rows must be >= 0")
 if args.rollouts < 2:
     vz.fail("--rollouts must be at least 2: advantages are normalised within each group")
 if min(args.save_every, args.keep_checkpoints, args.max_steps) < 0 or args.save_every_minutes < 0:
@@ -203,23 +209,29 @@ def sample_groups(cursor):
     for attempt in range(1 + args.max_resample):
         share = [cursor + i for i in range(rank, args.prompts_per_step, world_size)]
         cursor += args.prompts_per_step
-        for index in share:
-            if len(kept) >= groups_per_rank:
-                break
-            item = prompt_at(index)
-            # Seeded per prompt, not per rank: one process and several sample the same episodes.
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
-            with vz.open_video(item["video"]) as video:
-                prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
-                                         args.overview_fps, args.max_overview_frames, system_prompt)
+        while share and len(kept) < groups_per_rank:
+            # As many of the share's next prompts as groups are still missing, rolled out in one KV batch: the
+            # prompts a one-at-a-time loop would have sampled before it had enough, with the same episodes.
+            batch, share = share[:groups_per_rank - len(kept)], share[groups_per_rank - len(kept):]
+            items = [prompt_at(index) for index in batch]
+            with contextlib.ExitStack() as stack:
+                groups = []
+                for index, item in zip(batch, items):
+                    video = stack.enter_context(vz.open_video(item["video"]))
+                    prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
+                                             args.overview_fps, args.max_overview_frames, system_prompt)
+                    # Seeded per prompt, not per rank: one process and several sample the same episodes.
+                    groups.append((video, prompt, args.rollouts,
+                                   torch.Generator().manual_seed(args.seed * 1_000_003 + index)))
                 with vz.autocast(device):
-                    episodes = vz.rollout(rollout_model, renderer, video, prompt, args.rollouts, limits,
-                                          args.temperature, args.top_p, generator)
-            scores = [vz.reward(e, item["answer"], args.tool_bonus) for e in episodes]
-            group = {"item": item, "episodes": episodes, "scores": scores}
-            sampled.append(group)
-            if len({score[0] for score in scores}) > 1:
-                kept.append(group)
+                    rolled = vz.rollout_groups(rollout_model, renderer, groups, limits, args.temperature,
+                                               args.top_p, args.max_batch_rows)
+            for item, episodes in zip(items, rolled):
+                scores = [vz.reward(e, item["answer"], args.tool_bonus) for e in episodes]
+                group = {"item": item, "episodes": episodes, "scores": scores}
+                sampled.append(group)
+                if len({score[0] for score in scores}) > 1:
+                    kept.append(group)
         need = all_reduce([max(0, groups_per_rank - len(kept))])[0]
         if need == 0:
             break

@@ -150,7 +150,8 @@ def test_grpo_learns_the_rewarded_behaviour(scripted):
 
 def test_train_rl_two_processes_match_one(scripted_dir, index_video, tmp_path):
     # train_rl.py end to end: 2 gloo processes (FSDP2 policy and reference, a rollout copy per rank)
-    # sample the same episodes as 1 process (sampling is seeded per prompt) and log the same metrics.
+    # sample the same episodes as 1 process (sampling is seeded per prompt) and log the same metrics. One
+    # process decodes both prompts' rows in one KV batch, or with --max-batch-rows 4 one group at a time: the same.
     data = tmp_path / "rl.jsonl"
     rows = [{"video": index_video, "question": QUESTION, "options": OPTIONS, "answer": "A", "kind": "needle"},
             {"video": index_video, "question": QUESTION, "options": OPTIONS, "answer": "C", "kind": "needle"}]
@@ -159,23 +160,26 @@ def test_train_rl_two_processes_match_one(scripted_dir, index_video, tmp_path):
               "--steps", "2", "--overview-fps", "0.25", "--max-new-tokens", "64", "--max-total-tokens", "4096",
               "--temperature", "0.7", "--lr", "1e-4", "--max-resample", "0"]
     logs = {}
-    for nproc in (1, 2):
+    for name, nproc, extra in ((1, 1, []), (2, 2, []), ("capped", 1, ["--max-batch-rows", "4"])):
         launcher = [sys.executable] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        log = tmp_path / f"log{nproc}.jsonl"
-        result = subprocess.run(launcher + [os.path.join(REPO, "train_rl.py"), *common, "--device", "cpu",
-                                            "--out", str(tmp_path / f"out{nproc}"), "--log-jsonl", str(log)],
+        log = tmp_path / f"log{name}.jsonl"
+        result = subprocess.run(launcher + [os.path.join(REPO, "train_rl.py"), *common, "--device", "cpu", *extra,
+                                            "--out", str(tmp_path / f"out{name}"), "--log-jsonl", str(log)],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        logs[nproc] = [json.loads(line) for line in open(log)]
-        assert os.path.isfile(tmp_path / f"out{nproc}" / "final" / "model.safetensors")
-    assert len(logs[1]) == len(logs[2]) == 2
+        logs[name] = [json.loads(line) for line in open(log)]
+        assert os.path.isfile(tmp_path / f"out{name}" / "final" / "model.safetensors")
+    assert len(logs[1]) == len(logs[2]) == len(logs["capped"]) == 2
     for one, two in zip(logs[1], logs[2]):
         for key in ("reward", "accuracy", "format", "zooms_per_ep", "frames_per_ep", "response_tokens", "episodes",
                     "dropped_groups"):
             assert one[key] == pytest.approx(two[key], rel=1e-6), key
         for key in ("kl", "entropy", "ratio", "clipfrac_low", "clipfrac_high"):
             assert one[key] == pytest.approx(two[key], rel=1e-4, abs=1e-6), key
+    for one, capped in zip(logs[1], logs["capped"]):
+        assert {k: v for k, v in one.items() if not k.endswith("_s")} == pytest.approx(
+            {k: v for k, v in capped.items() if not k.endswith("_s")}, rel=1e-5, abs=1e-6)
     assert logs[1][0]["ratio"] == pytest.approx(1.0, abs=1e-6)  # first mini-batch: the policy is unchanged
     assert logs[1][0]["dropped_groups"] < 1.0  # the run really trained on something
 
