@@ -18,8 +18,9 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 """
 
 import argparse
-import html
 import hashlib
+import html
+import itertools
 import json
 import os
 import shutil
@@ -46,6 +47,9 @@ group.add_argument("--options", nargs="*", default=None, help="answer options, o
 group.add_argument("--model", help=f"local model directory (default: the shipped model in {DEFAULT_MODEL})")
 group.add_argument("--data", help="JSONL question set (video, question, options, answer[, kind]) to evaluate; "
                    "prints accuracy overall and per kind, last line 'accuracy: X'")
+group.add_argument("--batch-size", type=int, default=8, help="with --data: questions decoding together in one KV "
+                   "batch (a question's answer does not depend on it; a few times more questions per second than 1 on "
+                   "this project's CPU measurement, docs/benchmarks.md)")
 group.add_argument("--max-bad-frac", type=float, default=0.1, help="with --data: stop if more than this fraction of "
                    "rows is unusable (the rest are skipped and counted)")
 group.add_argument("--no-tool", action="store_true", help="baseline: one turn, no zoom tool, frames spread uniformly")
@@ -91,6 +95,8 @@ if args.data and args.video:
     vz.fail("give either --data or --video, not both")
 if args.data and not os.path.isfile(args.data):
     vz.fail(f"{args.data}: no such data file")
+if args.batch_size <= 0:
+    vz.fail("--batch-size must be positive")
 if args.no_tool_frames <= 0:
     vz.fail("--no-tool-frames must be positive")
 system_prompt = None
@@ -195,28 +201,75 @@ def show_turn(row, episode, record):
         print(">> called the tool on its last turn; the episode ends without an answer")
 
 
-def answer_one(item, verbose):
-    """Run the agent (or the no-tool baseline) on one question; returns its trajectory record."""
+def question_prompt(item, video):
+    """The question's prompt: the overview (or, with --no-tool, uniform frames), the system text, the question."""
+    frames = None
+    if args.no_tool:
+        frames = video.serve([k * video.duration / args.no_tool_frames for k in range(args.no_tool_frames)], vcfg)
+    try:
+        return vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
+                               args.max_overview_frames, system_prompt, frames)
+    except (KeyError, IndexError, ValueError) as e:
+        vz.fail(f"--system-prompt: bad placeholder ({vz._one_line(e)}); write literal braces as {{{{ }}}}")
+
+
+def answer_one(item):
+    """Run the agent (or the no-tool baseline) on the one question, printed turn by turn; its record."""
     started = time.time()
     with vz.open_video(item["video"]) as video:
-        frames = None
-        if args.no_tool:
-            frames = video.serve([k * video.duration / args.no_tool_frames for k in range(args.no_tool_frames)], vcfg)
-        try:
-            prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
-                                     args.max_overview_frames, system_prompt, frames)
-        except (KeyError, IndexError, ValueError) as e:
-            vz.fail(f"--system-prompt: bad placeholder ({vz._one_line(e)}); write literal braces as {{{{ }}}}")
-        if verbose:
-            print(f"video: {item['video']} ({video.duration:.1f}s, {video.width}x{video.height}); "
-                  f"{'uniform' if args.no_tool else 'overview'}: {len(prompt.frames)} frames; prompt: {len(prompt.ids)} tokens")
-            print(f"question: {vz.format_question(item['question'], item['options'])}")
+        prompt = question_prompt(item, video)
+        print(f"video: {item['video']} ({video.duration:.1f}s, {video.width}x{video.height}); "
+              f"{'uniform' if args.no_tool else 'overview'}: {len(prompt.frames)} frames; prompt: {len(prompt.ids)} tokens")
+        print(f"question: {vz.format_question(item['question'], item['options'])}")
         generator = torch.Generator().manual_seed(args.seed)
         try:
             (episode,) = vz.rollout(model, renderer, video, prompt, 1, limits, args.temperature, args.top_p,
-                                    generator, on_turn=show_turn if verbose else None)
+                                    generator, on_turn=show_turn)
         except ValueError as e:
             vz.fail(vz._one_line(e))
+    return trajectory_record(item, video, prompt, episode, time.time() - started)
+
+
+def answer_all(items, batch_size, report):
+    """Run the agent on a question set, batch_size questions decoding together in one KV batch, each with its own
+    video and a generator seeded --seed, so a question's episode does not depend on what shares its batch.
+    report(index, record, why) is called as each question ends: record None and why said for one skipped."""
+    admitted, numbers = {}, itertools.count()  # group number -> (question index, open video, prompt, start time)
+
+    def groups():  # read lazily, as the batch makes room; a video that cannot be read skips its question
+        for index, item in enumerate(items):
+            try:
+                video = vz.open_video(item["video"])
+            except vz.VideoError as e:
+                report(index, None, str(e))
+                continue
+            try:
+                prompt = question_prompt(item, video)
+            except vz.VideoError as e:
+                prompt, why = None, str(e)
+            else:
+                why = vz.too_long(prompt, limits)
+            if why:
+                video.close()
+                report(index, None, why)
+                continue
+            admitted[next(numbers)] = (index, video, prompt, time.time())
+            yield video, prompt, 1, torch.Generator().manual_seed(args.seed)
+
+    def finished(group, episodes):
+        index, video, prompt, started = admitted.pop(group)
+        video.close()
+        report(index, trajectory_record(items[index], video, prompt, episodes[0], time.time() - started), None)
+
+    try:
+        vz.rollout_groups(model, renderer, groups(), limits, args.temperature, args.top_p, batch_size,
+                          on_done=finished)
+    finally:
+        for _, video, _, _ in admitted.values():
+            video.close()
+
+
+def trajectory_record(item, video, prompt, episode, seconds):
     correct = None if item["answer"] is None else vz.reward(episode, item["answer"])[1] == 1.0
     return {
         "video": item["video"], "question": item["question"], "options": item["options"], "kind": item["kind"],
@@ -225,7 +278,7 @@ def answer_one(item, verbose):
         "num_turns": len(episode.turns), "num_zooms": episode.num_zooms, "num_frames": len(episode.frames),
         "frame_times": [round(f.time, 3) for f in episode.frames], "num_tokens": len(episode.ids),
         "num_trained_tokens": sum(episode.mask),
-        "seconds": round(time.time() - started, 3), "turns": episode.turns,
+        "seconds": round(seconds, 3), "turns": episode.turns,
         "duration": video.duration, "_frames": episode.frames, "_num_overview": len(prompt.frames),
     }
 
@@ -322,20 +375,24 @@ def write_html(path, records, model, data):
 # Run: one video, or a question set
 
 
-records = []
-for index, item in enumerate(questions):
-    try:
-        record = answer_one(item, verbose=not args.data)
-    except vz.VideoError as e:
-        if not args.data:
-            vz.fail(str(e))
-        print(f"[{index + 1}/{len(questions)}] skipped: {e}")
-        continue
-    records.append(record)
-    if args.data:
-        print(f"[{index + 1}/{len(questions)}] {record['kind'] or '-'}: {'right' if record['correct'] else 'wrong'} "
-              f"(answer {record['letter']}, truth {record['truth']}) | {record['num_zooms']} zooms | "
-              f"{record['num_frames']} frames | {record['seconds']:.1f} s", flush=True)
+if args.data:
+    ended = {}
+
+    def report(index, record, why):
+        ended[index] = record
+        if record is None:
+            print(f"[{index + 1}/{len(questions)}] skipped: {why}", flush=True)
+        else:
+            print(f"[{index + 1}/{len(questions)}] {record['kind'] or '-'}: {'right' if record['correct'] else 'wrong'} "
+                  f"(answer {record['letter']}, truth {record['truth']}) | {record['num_zooms']} zooms | "
+                  f"{record['num_frames']} frames | {record['seconds']:.1f} s", flush=True)
+
+    data_started = time.time()
+    answer_all(questions, args.batch_size, report)
+    records = [ended[i] for i in sorted(ended) if ended[i] is not None]  # in file order, whatever order they ended
+    data_seconds = time.time() - data_started
+else:
+    records = [answer_one(questions[0])]
 
 if not args.data:
     (record,) = records
@@ -357,6 +414,8 @@ else:
         print(f"{kind or '-':<10} {len(rows):>4} {mean('correct', rows):>9.3f} {mean('num_zooms', rows):>8.2f} "
               f"{mean('num_frames', rows):>9.1f} {mean('num_turns', rows):>8.2f} {mean('seconds', rows):>6.1f}")
     print(f"mean frames per question: {mean('num_frames', records):.1f} (pass it to --no-tool-frames for an equal budget)")
+    print(f"{len(records)} questions in {data_seconds:.1f} s ({len(records) / data_seconds:.2f} questions/s, "
+          f"--batch-size {args.batch_size})")
 
 if args.json:
     tmp = args.json + ".tmp"

@@ -1160,6 +1160,14 @@ def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), tem
                           on_turn=callback)[0]
 
 
+def too_long(prompt, limits):
+    """Why a prompt leaves no room for one turn within the episode's token budget, or None when it fits."""
+    if len(prompt.ids) + limits.max_new_tokens > limits.max_total_tokens:
+        return (f"the prompt takes {len(prompt.ids)} tokens, which leaves less than max_new_tokens="
+                f"{limits.max_new_tokens} of max_total_tokens={limits.max_total_tokens}")
+    return None
+
+
 def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, top_p=1.0, max_batch_rows=0,
                    on_turn=None, on_done=None):
     """Run the zoom protocol for several prompts at once: the rows of all of them decode in one KV batch.
@@ -1199,9 +1207,8 @@ def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, to
             video, prompt, num_rows, generator = waiting
             if max_batch_rows and num_rows > max_batch_rows:
                 raise ValueError(f"a prompt with {num_rows} rows does not fit max_batch_rows={max_batch_rows}")
-            if len(prompt.ids) + limits.max_new_tokens > limits.max_total_tokens:
-                raise ValueError(f"the prompt takes {len(prompt.ids)} tokens, which leaves less than max_new_tokens="
-                                 f"{limits.max_new_tokens} of max_total_tokens={limits.max_total_tokens}")
+            if too_long(prompt, limits):
+                raise ValueError(too_long(prompt, limits))
             group = len(results)
             results.append([Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames),
                                     last_turn=prompt.last_turn) for _ in range(num_rows)])

@@ -153,3 +153,28 @@ def test_html_viewer_renders_readable_zoom_frames_in_a_browser(scripted_dir, ind
     assert all(f[2] > 0 for f in figures)  # every image decoded from the page's own frame table
     assert min(f[1] for f in zoom) >= max(f[1] for f in overview) > 20
     assert all(f[3] > 0 and f[4] > 0 and re.fullmatch(r"\d+\.\d\ds", f[5]) for f in figures)  # times visible
+
+
+def test_batch_size_gives_each_question_the_same_episode(scripted_dir, index_video, tmp_path):
+    # --batch-size: questions decode together in one KV batch, each with its own generator seeded --seed, so the
+    # trajectories (greedy and sampled) are those of one question at a time; a missing video is skipped and
+    # counted wherever it falls in the batch; the JSON keeps the file's order whatever order questions ended in.
+    data = tmp_path / "test.jsonl"
+    video = os.path.relpath(index_video, tmp_path)
+    rows = [{"video": video, "question": QUESTION, "options": OPTIONS, "answer": truth, "kind": "needle"}
+            for truth in "CABD"]
+    rows.insert(2, dict(rows[0], video="missing.mp4"))
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for sampling in ([], ["--temperature", "0.8", "--seed", "5"]):
+        runs = {}
+        for batch in ("1", "3"):
+            out = run_infer("--data", str(data), "--model", scripted_dir, "--overview-fps", "0.25",
+                            "--max-new-tokens", "64", "--batch-size", batch, "--json", str(tmp_path / f"b{batch}.json"),
+                            *sampling)
+            assert "[3/5] skipped: missing.mp4" in out or "[3/5] skipped:" in out, out
+            assert f"4 questions in" in out and f"--batch-size {batch})" in out, out
+            runs[batch] = [{k: v for k, v in t.items() if k != "seconds"}
+                           for t in json.load(open(tmp_path / f"b{batch}.json"))["trajectories"]]
+        assert [t["truth"] for t in runs["1"]] == list("CABD")
+        assert runs["1"] == runs["3"]
+    assert len({json.dumps(t["turns"]) for t in runs["1"]}) == 1  # same question, same seed: the same episode
