@@ -2,7 +2,7 @@
 
     python bench/bench_rl.py [--rollouts 8] [--prompts 2] [--rounds 3]
 
-The tiny model is first trained for a few seconds to follow two zoom scripts (tests/conftest.py), so
+The tiny model is first trained for a few seconds to follow two zoom scripts (tests/scripted.py), so
 its rollouts really call the tool and its groups have reward variance; then train_rl.py runs for
 --rounds steps as a subprocess, and the last step's timings (from its --log-jsonl) are printed.
 Last line: `step_s: X` (rollout + log-probs + update of the last step).
@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import vz  # noqa: E402
-from conftest import OPTIONS, QUESTION, train_scripted  # noqa: E402
+from scripted import OPTIONS, QUESTION, train_scripted  # noqa: E402
 from videos import write_index_video  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

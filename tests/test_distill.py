@@ -16,7 +16,7 @@ import av
 import pytest
 
 import vz
-from conftest import OPTIONS, QUESTION
+from scripted import OPTIONS, QUESTION
 from videos import read_index, write_index_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

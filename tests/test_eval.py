@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import OPTIONS, QUESTION
+from scripted import OPTIONS, QUESTION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -280,3 +280,15 @@ def test_help_shows_groups_defaults_and_usage_examples(script, cli_env):
         assert f"\n{title}:\n" in result.stdout, title
     assert "(default: " in result.stdout
     assert examples and all(example in result.stdout for example in examples), examples
+
+
+@pytest.mark.parametrize("bench", sorted(n for n in os.listdir(os.path.join(REPO, "bench")) if n.endswith(".py")))
+def test_benchmarks_start_with_the_run_time_requirements_alone(bench, cli_env, tmp_path):
+    # A benchmark's imports and --help, with pytest made unimportable (a `pytest` package that raises), as after
+    # `pip install -r requirements.txt`: what benchmarks share with the tests lives outside conftest.py.
+    (tmp_path / "pytest").mkdir()
+    (tmp_path / "pytest" / "__init__.py").write_text("raise ImportError('pytest is a test requirement')\n")
+    env = dict(cli_env, PYTHONPATH=os.pathsep.join([str(tmp_path), cli_env.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", bench), "--help"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]

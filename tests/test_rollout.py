@@ -144,9 +144,9 @@ def test_limits_and_mask(scripted, limits):
 
 
 def test_a_refusal_that_does_not_fit_ends_the_episode_within_its_budget(tiny, index_video):
-    # conftest's second script zooms until its fourth zoom is refused for the token budget. With 64 fewer tokens
+    # scripted.py's second script zooms until its fourth zoom is refused for the token budget. With 64 fewer tokens
     # in the budget not even the refusal fits: the episode ends there ("length"), never past its budget.
-    from conftest import OPTIONS, QUESTION, SCRIPTS
+    from scripted import OPTIONS, QUESTION, SCRIPTS
     _, renderer = tiny
     with vz.open_video(index_video) as video:
         for total, stop in ((4160, "answer"), (4096, "length")):
@@ -164,7 +164,7 @@ def test_prompts_batched_together_give_their_episodes_alone(scripted, temperatur
     # makes later prompts queue and join as rows finish. Every prompt's episodes (tokens, mask, frames,
     # turns) equal the ones it gets alone: rows never see another prompt's tokens or frames, and the
     # sampling of one prompt does not depend on who shares its batch.
-    from conftest import OPTIONS, QUESTION
+    from scripted import OPTIONS, QUESTION
     model, renderer, video, prompt, limits = scripted
     with vz.open_video(video.path) as other_video:
         long_prompt = vz.build_prompt(renderer, other_video, QUESTION + " Look carefully.", OPTIONS, limits, 0.5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vz
-from conftest import OPTIONS, QUESTION
+from scripted import OPTIONS, QUESTION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

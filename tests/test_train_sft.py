@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import vz
-from conftest import OPTIONS, QUESTION, SCRIPTS
+from scripted import OPTIONS, QUESTION, SCRIPTS
 from videos import write_index_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
