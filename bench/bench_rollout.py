@@ -10,6 +10,9 @@ conversation so far (all frames through the vision tower again), then decode the
 So that both do the same work token for token, the model's choices are forced to one script (3 zoom
 calls of 16 frames, then an answer) by replacing vz.sample_tokens; the model, the frames, the tool
 replies and every forward pass are real. The tiny untrained model would otherwise never zoom.
+Before it, `batch_ratio: X`: P prompts (different questions, so prompts of different lengths) rolled out
+one after another with vz.rollout / the same P x G rows in one KV batch with vz.rollout_groups (each
+prompt prefilled once; every row decodes together); same script per prompt, episodes checked equal.
 Last line: `ratio: X` = baseline time / ours (target >= 3).
 """
 
@@ -28,6 +31,7 @@ from videos import write_index_video  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--rollouts", type=int, default=8, help="trajectories per prompt (G)")
+parser.add_argument("--prompts", type=int, default=4, help="prompts for batch_ratio (P), each with G rows")
 parser.add_argument("--zooms", type=int, default=3, help="zoom turns before the answer")
 parser.add_argument("--seconds", type=int, default=300, help="length of the generated test video")
 parser.add_argument("--repeats", type=int, default=2, help="timed repeats of each scheme (median kept)")
@@ -93,6 +97,41 @@ def baseline(reference):
             turn_start = next_start
 
 
+def forced_per_prompt():
+    """The script's next token for every row of a prompt, each prompt (its own generator) at its own place: one
+    sample_tokens call per prompt and step, alone or batched."""
+    positions = {}
+
+    def sample(logits, temperature, top_p, generator):
+        position = positions.get(id(generator), 0)
+        positions[id(generator)] = position + 1
+        return torch.full((logits.shape[0],), flat[position], dtype=torch.long)
+    return sample
+
+
+prompts = [vz.build_prompt(renderer, video, "What happens after the first minute?" + " Look closely." * p,
+                           ["A. x", "B. y", "C. z"], limits) for p in range(args.prompts)]
+
+
+def one_after_another():
+    original, vz.sample_tokens = vz.sample_tokens, forced_per_prompt()
+    try:
+        generators = [torch.Generator() for _ in prompts]  # kept alive: the sampler tells prompts apart by id
+        return [vz.rollout(model, renderer, video, p, args.rollouts, limits, generator=g)
+                for p, g in zip(prompts, generators)]
+    finally:
+        vz.sample_tokens = original
+
+
+def batched():
+    original, vz.sample_tokens = vz.sample_tokens, forced_per_prompt()
+    try:
+        return vz.rollout_groups(model, renderer, [(video, p, args.rollouts, torch.Generator()) for p in prompts],
+                                 limits)
+    finally:
+        vz.sample_tokens = original
+
+
 def timed(fn, *fn_args):
     times = []
     for _ in range(args.repeats):
@@ -106,9 +145,18 @@ ours_s, episodes = timed(ours)
 kinds = [t["kind"] for t in episodes[0].turns]
 assert kinds == ["zoom"] * args.zooms + ["answer"], kinds
 baseline_s, _ = timed(baseline, episodes)
+alone_s, alone = timed(one_after_another)
+together_s, together = timed(batched)
+for alone_group, together_group in zip(alone, together, strict=True):
+    for a, b in zip(alone_group, together_group, strict=True):
+        assert a.ids == b.ids and a.mask == b.mask and [f.time for f in a.frames] == [f.time for f in b.frames]
+        assert [t["kind"] for t in a.turns] == ["zoom"] * args.zooms + ["answer"]
 video.close()
 print(f"hidden={args.hidden_size} layers={args.layers} G={args.rollouts} zooms={args.zooms} overview_frames={len(prompt.frames)} prompt_tokens={len(prompt.ids)} "
       f"episode_tokens={len(episodes[0].ids)} frames/episode={len(episodes[0].frames)}")
+print(f"prompts one after another ({args.prompts} x {args.rollouts} rows)_s: {alone_s:.2f}")
+print(f"prompts in one batch_s: {together_s:.2f}")
+print(f"batch_ratio: {alone_s / together_s:.2f}")
 print(f"ours_s: {ours_s:.2f}")
 print(f"baseline_s: {baseline_s:.2f}")
 print(f"ratio: {baseline_s / ours_s:.2f}")
