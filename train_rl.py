@@ -167,15 +167,33 @@ optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
 # Data
 
 
+system_prompt = open(args.system_prompt).read() if args.system_prompt else None
 base_dir = os.path.dirname(os.path.abspath(args.data))
 rows, reasons = vz.read_rows(args.data)
 num_rows = len(rows) + len(reasons)
 prompts = []
-for where, row in rows:
+for number, (where, row) in enumerate(rows):
+    if number % world_size != rank:  # each rank checks a share, then all share the results
+        continue
     try:
-        prompts.append(vz.question_row(row, base_dir))
+        item = vz.question_row(row, base_dir)
+        # The prompt is rendered once here, so one that leaves no room for a turn is a skipped row now, not a
+        # crash hours into the run when it is first sampled.
+        with vz.open_video(item["video"]) as video:
+            prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
+                                     args.max_overview_frames, system_prompt)
+        if vz.too_long(prompt, limits):
+            raise ValueError(vz.too_long(prompt, limits) + " (raise --max-total-tokens or lower the overview)")
+        prompts.append((number, item))
     except (ValueError, vz.VideoError) as e:
         reasons.append((where, vz._one_line(e)))
+if world_size > 1:
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, (prompts, reasons))
+    prompts = [p for part, _ in gathered for p in part]
+    reasons = [r for _, part in gathered for r in part]
+prompts = [item for _, item in sorted(prompts, key=lambda p: p[0])]
+reasons.sort(key=lambda reason: int(reason[0].split()[1]))  # in file order
 vz.report_rows(args.data, len(prompts), num_rows, reasons, args.max_bad_frac, master)
 if len(prompts) < args.prompts_per_step:
     vz.fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")
@@ -238,7 +256,6 @@ def sample_groups(cursor):
     return kept, sampled, cursor
 
 
-system_prompt = open(args.system_prompt).read() if args.system_prompt else None
 
 
 def forward_batches(batches):

@@ -216,14 +216,17 @@ def test_released_rl_layout_and_bad_rows(scripted_dir, index_video, tmp_path):
     rows = [{"problem": problem, "videos": [index_video], "solution": f"<answer>{a}</answer>", "data_source": "synth"}
             for a in "AC"]
     rows += [{"problem": problem, "videos": [], "solution": "A"},  # no video
-             {"problem": problem, "videos": [str(tmp_path / "gone.mp4")], "solution": "A"}]  # missing file
+             {"problem": problem, "videos": [str(tmp_path / "gone.mp4")], "solution": "A"},  # missing file
+             # a question too long for --max-total-tokens: its prompt is rendered at load, so it is a skipped row
+             {"problem": problem + " why" * 4000, "videos": [index_video], "solution": "A"}]
     data = tmp_path / "released.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = subprocess.run([sys.executable, os.path.join(REPO, "train_rl.py"), "--model", scripted_dir, "--data",
                              str(data), "--out", str(tmp_path / "out"), "--prompts-per-step", "2", "--rollouts", "2",
                              "--steps", "1", "--overview-fps", "0.25", "--max-new-tokens", "64", "--max-total-tokens",
-                             "4096", "--max-bad-frac", "0.5", "--max-resample", "0"],
+                             "4096", "--max-bad-frac", "0.6", "--max-resample", "0"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "data: 2 usable of 4 rows" in result.stdout
+    assert "data: 2 usable of 5 rows" in result.stdout
     assert "skipped line 3: no 'videos' entry" in result.stdout and "gone.mp4: no such file" in result.stdout
+    assert "skipped line 5: the prompt takes" in result.stdout and "--max-total-tokens" in result.stdout
