@@ -193,7 +193,6 @@ if world_size > 1:
     prompts = [p for part, _ in gathered for p in part]
     reasons = [r for _, part in gathered for r in part]
 prompts = [item for _, item in sorted(prompts, key=lambda p: p[0])]
-reasons.sort(key=lambda reason: int(reason[0].split()[1]))  # in file order
 vz.report_rows(args.data, len(prompts), num_rows, reasons, args.max_bad_frac, master)
 if len(prompts) < args.prompts_per_step:
     vz.fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")

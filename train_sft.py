@@ -142,11 +142,22 @@ def load_image(path):
 
 def render_messages(row, base_dir):
     """LLaMA-Factory layout: messages with <image> placeholders, tool replies as user turns."""
-    images = [p if os.path.isabs(p) else os.path.join(base_dir, p) for p in row.get("images", [])]
+    messages, images = row["messages"], row.get("images") or []
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    for number, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"message {number} must be an object whose role is system, user, assistant or tool")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"message {number}: content must be a string "
+                             f"({type(message.get('content')).__name__})")
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise ValueError("images must be a list of paths")
+    images = [p if os.path.isabs(p) else os.path.join(base_dir, p) for p in images]
     frames = [load_image(path) for path in images]
     episode = vz.Episode(ids=[], mask=[], frames=list(frames))
     queue = iter(frames)
-    for message in row["messages"]:
+    for message in messages:
         role, content = message["role"], message["content"]
         if role == "assistant":
             if vz.ZOOM_OPEN in content:
@@ -171,14 +182,16 @@ def render_messages(row, base_dir):
 
 def render_row(row, base_dir, system_prompt):
     """Our layout: video, question, options, answer, turns (assistant texts)."""
-    for key in ("video", "question", "turns"):
-        if key not in row:
-            raise ValueError(f"missing key {key!r}")
-    path = row["video"] if os.path.isabs(row["video"]) else os.path.join(base_dir, row["video"])
+    item = vz.question_row(row, base_dir, check_video=False, need_answer=False)
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
+        raise ValueError("turns must be a non-empty list of strings"
+                         + ("" if isinstance(turns, list) else f" ({type(turns).__name__})"))
+    path = item["video"]
     with vz.open_video(path) as video:
-        prompt = vz.build_prompt(renderer, video, row["question"], row.get("options"), limits,
+        prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
                                  args.overview_fps, args.max_overview_frames, system_prompt)
-        episode = vz.replay(renderer, video, prompt, row["turns"], limits)
+        episode = vz.replay(renderer, video, prompt, turns, limits)
     bad = [t for t in episode.turns if t["kind"] not in ("zoom", "answer")]
     if bad:
         raise ValueError(f"turn {bad[0]['turn']} is {bad[0]['kind']}: {bad[0].get('error', '')}".rstrip(": "))
@@ -220,7 +233,7 @@ def load_rows(path):
         rows = [r for part, _ in gathered for r in part]
         reasons = [r for _, part in gathered for r in part]
     rows.sort()
-    reasons = sorted(unread + reasons, key=lambda reason: int(reason[0].split()[1]))  # in file order
+    reasons = unread + reasons
     return [row for _, row in rows], reasons, len(numbered) + len(unread)
 
 

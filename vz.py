@@ -1631,10 +1631,11 @@ def _text(row, key, required=True):
     return value
 
 
-def question_row(row, base_dir, check_video=True):
+def question_row(row, base_dir, check_video=True, need_answer=True):
     """-> dict(video, question, options, answer, kind) from our question layout or the released RL layout
     (problem, solution, videos, data_source). Raises ValueError naming the problem, or VideoError for a
-    video that does not open (check_video), so a bad row is skipped at load time, never mid-run."""
+    video that does not open (check_video), so a bad row is skipped at load time, never mid-run. Without
+    need_answer (an SFT row, whose turns hold the answer) a missing answer is '', a present one is checked."""
     if "problem" in row:  # released layout: the frames go where <image> was; options are in the text
         videos = row.get("videos")
         if not videos:
@@ -1651,8 +1652,8 @@ def question_row(row, base_dir, check_video=True):
     if not isinstance(options, list) or not all(isinstance(option, str) for option in options):
         raise ValueError("options must be a list of strings"
                          + ("" if isinstance(options, list) else f" ({type(options).__name__})"))
-    answer = _text(row, "answer").strip().upper()
-    if options and answer not in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(options)]:
+    answer = _text(row, "answer", need_answer).strip().upper()
+    if options and answer and answer not in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(options)]:
         raise ValueError(f"answer {answer[:20]!r} is not the letter of one of the {len(options)} options")
     path = video if os.path.isabs(video) else os.path.join(base_dir, video)
     if check_video:
@@ -1727,12 +1728,15 @@ def stop_on_ctrl_c(message="interrupted"):
 
 
 def report_rows(path, num_usable, num_rows, reasons, max_bad_frac, verbose=True):
-    """Print how many data rows are usable and the first reasons; stop if too many are bad.
+    """Print how many data rows are usable and the first 20 reasons; stop if too many are bad.
     reasons: [(where, why)], where as read_rows gives it ('line 10', 'item 3')."""
+    reasons = sorted(reasons, key=lambda reason: int(reason[0].split()[1]))  # in file order
     if verbose:
         print(f"data: {num_usable} usable of {num_rows} rows")
-        for where, reason in reasons[:5]:
+        for where, reason in reasons[:20]:
             print(f"  skipped {where}: {reason}")
+        if len(reasons) > 20:
+            print(f"  ... and {len(reasons) - 20} more skipped rows")
     if num_rows == 0 or len(reasons) > max_bad_frac * num_rows:
         fail(f"{path}: {len(reasons)} of {num_rows} rows are unusable (more than --max-bad-frac {max_bad_frac})")
 

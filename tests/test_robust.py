@@ -197,3 +197,86 @@ def test_resume_without_a_complete_checkpoint_says_so(tiny_dir, tmp_path, capsys
     assert resume_dir is None and skipped[0][0] == "step_3"
     vz.report_resume(str(tmp_path), resume_dir, skipped)
     assert "no complete step_N checkpoint" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# 6-10. Bad data rows, through the real scripts: skipped at load with the file's line number and the reason
+
+GOOD = {"question": "Which index flashes?", "options": ["A. one", "B. two", "C. three", "D. four"], "answer": "B"}
+ANSWER_TURN = "<think>Done.</think><answer>B</answer>"
+# (row changes, reason) for our layout; every script reads these fields the same way
+BAD_FIELDS = [
+    ({"question": 5}, "question must be a non-empty string (int 5)"),
+    ({"question": None}, "question must be a non-empty string (missing)"),
+    ({"question": ["a"]}, "question must be a non-empty string (list"),
+    ({"options": "ABCD"}, "options must be a list of strings (str)"),
+    ({"options": {"A": 1}}, "options must be a list of strings (dict)"),
+    ({"options": [1, 2]}, "options must be a list of strings"),
+    ({"answer": 1}, "answer must be a"),
+    ({"answer": ["A"]}, "answer must be a"),
+    ({"answer": "E"}, "is not the letter of one of the 4 options"),
+]
+BAD_SFT = [  # train_sft.py only: the turns, and LLaMA-Factory messages
+    ({"turns": ANSWER_TURN}, "turns must be a non-empty list of strings (str)"),
+    ({"turns": [1]}, "turns must be a non-empty list of strings"),
+    ({"turns": None}, "turns must be a non-empty list of strings (NoneType)"),
+    ({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": ANSWER_TURN}]},
+     "message 1: content must be a string (list)"),
+    ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": ANSWER_TURN}]},
+     "message 1: content must be a string (NoneType)"),
+    ({"messages": [{"content": "hi"}]}, "message 1 must be an object whose role is"),
+    ({"messages": "x"}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ANSWER_TURN}], "images": "x"},
+     "images must be a list of paths"),
+]
+
+
+def write_bad_file(path, video, cases, extra):
+    """A BOM, then a good row, then each bad case after a blank line (so line numbers are the file's, not the
+    rows'), then a row with a latin-1 byte. Returns {file line: expected reason}."""
+    good = dict(GOOD, video=video, **extra)
+    lines, expected = [json.dumps(good), json.dumps(good)], {}
+    for changes, reason in cases:
+        row = dict(changes) if "messages" in changes else dict(good, **changes)
+        lines += ["", json.dumps(row)]
+        expected[len(lines)] = reason
+    data = ("\ufeff" + "\n".join(lines) + "\n").encode() + b'{"video": "v.mp4", "question": "caf\xe9"}\n'
+    path.write_bytes(data)
+    expected[len(lines) + 1] = "not UTF-8 text"
+    return expected
+
+
+def check_skips(result, expected, num_rows):
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"data: 2 usable of {num_rows} rows" in result.stdout, result.stdout[-3000:]
+    skipped = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("skipped line")]
+    assert [int(line.split()[2].rstrip(":")) for line in skipped] == sorted(expected), skipped  # file order
+    for line in skipped:
+        assert expected[int(line.split()[2].rstrip(":"))] in line, line
+
+
+def run_script(script, *args):
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(repo, script), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_bad_rows_are_skipped_with_their_line_and_reason_in_every_script(scripted_dir, index_video, tmp_path):
+    common = ["--model", scripted_dir, "--overview-fps", "0.25", "--max-bad-frac", "0.95"]
+    sft = tmp_path / "sft.jsonl"
+    expected = write_bad_file(sft, index_video, BAD_FIELDS + BAD_SFT, {"turns": [ANSWER_TURN]})
+    result = run_script("train_sft.py", *common, "--data", str(sft), "--out", str(tmp_path / "sft"),
+                        "--batch-size", "2", "--max-steps", "1")
+    check_skips(result, expected, len(expected) + 2)
+    questions = tmp_path / "questions.jsonl"
+    expected = write_bad_file(questions, index_video, BAD_FIELDS, {})
+    result = run_script("infer.py", *common, "--data", str(questions), "--max-new-tokens", "16")
+    check_skips(result, expected, len(expected) + 2)
+    assert result.stdout.strip().splitlines()[-1].startswith("accuracy: ")
+    result = run_script("train_rl.py", *common, "--data", str(questions), "--out", str(tmp_path / "rl"),
+                        "--prompts-per-step", "2", "--rollouts", "2", "--steps", "1", "--max-new-tokens", "16",
+                        "--max-total-tokens", "4096", "--max-resample", "0")
+    check_skips(result, expected, len(expected) + 2)
