@@ -219,7 +219,8 @@ def answer_one(item):
     with vz.open_video(item["video"]) as video:
         prompt = question_prompt(item, video)
         print(f"video: {item['video']} ({video.duration:.1f}s, {video.width}x{video.height}); "
-              f"{'uniform' if args.no_tool else 'overview'}: {len(prompt.frames)} frames; prompt: {len(prompt.ids)} tokens")
+              f"{'uniform' if args.no_tool else 'overview'}: {len(prompt.frames)} frame{'s' * (len(prompt.frames) != 1)}; "
+              f"prompt: {len(prompt.ids)} tokens")
         print(f"question: {vz.format_question(item['question'], item['options'])}")
         generator = torch.Generator().manual_seed(args.seed)
         try:

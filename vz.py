@@ -177,6 +177,7 @@ class Video:
         if self.orientation[0]:  # a portrait phone video stored landscape: sizes are the upright frame's
             self.width, self.height = self.height, self.width
         self.start_pts = self.stream.start_time or 0
+        self.num_frames = self.stream.frames or None  # as the container states it (None: not stated)
         # Index entries carry DTS; a keyframe's pts is >= its dts, so a seek planned from them can land
         # one GOP late, which _frames() detects and undoes by seeking further back.
         self.keyframe_dts = [e.timestamp for e in self.stream.index_entries if e.is_keyframe]
@@ -626,8 +627,9 @@ def frame_count(fps, span):
     return int(fps * span + 1e-9)
 
 
-def parse_zoom(body, duration, max_frames):
-    """Validate the JSON inside one <video_zoom> tag; returns Zoom or Invalid."""
+def parse_zoom(body, duration, max_frames, video_frames=None):
+    """Validate the JSON inside one <video_zoom> tag; returns Zoom or Invalid. video_frames: how many frames
+    the video holds, when its container says (a one-frame video is told so, not to widen the segment)."""
     body = body.strip()
     if not body:
         return Invalid("the call is empty; expected a JSON object with \"segment\" and \"fps\"")
@@ -670,10 +672,14 @@ def parse_zoom(body, duration, max_frames):
                        "lower fps or narrow the segment")
     num_frames = frame_count(fps, clamped_end - start)
     if num_frames < 1:
+        if video_frames == 1:
+            return Invalid(f"the video is a single frame ({duration:.2f}s), which the overview already shows; "
+                           "no zoom can show more: give your answer")
         # Truncated, not rounded, to 2 decimals: 0.999 must not print as "1.00" beside "0 frames".
         product = math.floor(fps * (clamped_end - start) * 100) / 100
-        return Invalid(f"the call asks for 0 frames (fps x duration = {product:.2f}); "
-                       "raise fps or widen the segment")
+        widen = "" if start == 0 and end >= duration else " or widen the segment"
+        return Invalid(f"the call asks for 0 frames (fps x duration = {product:.2f}"
+                       + (f"; the whole video is {duration:.2f}s" if not widen else "") + f"); raise fps{widen}")
     if num_frames > max_frames:
         return Invalid(f"the call asks for {num_frames} frames but at most {max_frames} are allowed now; "
                        "lower fps or narrow the segment")
@@ -687,7 +693,7 @@ def parse_answer(content):
     return Answer(text, letter.group(1) if letter else None)
 
 
-def parse_turn(text, duration, max_frames):
+def parse_turn(text, duration, max_frames, video_frames=None):
     """Classify one assistant turn (text without the closing <|im_end|>).
 
     Returns (action, format_ok): action is Zoom, Answer, Invalid (a call the tool rejects) or None
@@ -705,7 +711,7 @@ def parse_turn(text, duration, max_frames):
             action = Invalid("a turn must either call the tool or answer, not both")
         else:
             body = text[text.index(ZOOM_OPEN) + len(ZOOM_OPEN):text.index(ZOOM_CLOSE)]
-            action = parse_zoom(body, duration, max_frames)
+            action = parse_zoom(body, duration, max_frames, video_frames)
     elif has_answer:
         action = final_answer(outside_think(text))
     else:
@@ -956,7 +962,7 @@ def respond(renderer, video, episode, ids, limits):
     ended_by_model = bool(ids) and ids[-1] == renderer.im_end
     text = renderer.decode(ids[:-1] if ended_by_model else ids)
     budget = min(limits.max_frames_per_call, limits.max_frames - len(episode.frames))
-    action, format_ok = parse_turn(text, video.duration, budget)
+    action, format_ok = parse_turn(text, video.duration, budget, video.num_frames)
     record = {"turn": turn, "text": text, "format_ok": format_ok, "num_tokens": len(ids), "kind": None}
     episode.turns.append(record)
     frames = []

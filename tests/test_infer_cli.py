@@ -207,7 +207,7 @@ def test_huge_video_fits_the_pixel_bounds(runs, tiny_dir):
         max_pixels = json.load(f)["size"]["longest_edge"]
 
     def prompt_tokens(result):
-        return int(re.search(r"overview: 1 frames; prompt: (\d+) tokens", result.stdout).group(1))
+        return int(re.search(r"overview: 1 frame; prompt: (\d+) tokens", result.stdout).group(1))
 
     assert prompt_tokens(small) < prompt_tokens(huge) <= prompt_tokens(small) + max_pixels // 28 ** 2
 

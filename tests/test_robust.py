@@ -1,6 +1,7 @@
 """Issue 18: nothing the model, a data file or a damaged checkpoint holds may crash a run.
 Each test is one case of the issue, as it was written there."""
 import json
+import os
 import time
 
 import pytest
@@ -280,3 +281,31 @@ def test_bad_rows_are_skipped_with_their_line_and_reason_in_every_script(scripte
                         "--prompts-per-step", "2", "--rollouts", "2", "--steps", "1", "--max-new-tokens", "16",
                         "--max-total-tokens", "4096", "--max-resample", "0")
     check_skips(result, expected, len(expected) + 2)
+
+
+# -----------------------------------------------------------------------------
+# Issue 22, item 2: a one-frame video is told as such; a whole-video call is not told to widen its segment
+
+def test_one_frame_video_zoom_error_says_what_the_video_is(tiny, tmp_path):
+    import subprocess
+    import sys
+    from videos import write_index_video
+    model, renderer = tiny
+    path = str(tmp_path / "one.mp4")
+    write_index_video(path, num_frames=1, fps=5, gop=25)
+    with vz.open_video(path) as video:
+        assert video.num_frames == 1 and video.duration == pytest.approx(0.2)
+        prompt = vz.build_prompt(renderer, video, "What is shown?", [], vz.Limits())
+        episode = vz.Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames))
+        vz.respond(renderer, video, episode, renderer.encode(call('{"segment": [0, 1], "fps": 2}')), vz.Limits())
+    (turn,) = episode.turns
+    assert turn["kind"] == "invalid" and "single frame (0.20s)" in turn["error"] and "widen" not in turn["error"]
+    # Without a frame count: a call already over the whole video is told to raise fps only.
+    whole, _ = vz.parse_turn(call('{"segment": [0, 5], "fps": 2}'), 0.2, 16)
+    part, _ = vz.parse_turn(call('{"segment": [3, 3.2], "fps": 2}'), 20.0, 16)
+    assert whole.error == "the call asks for 0 frames (fps x duration = 0.40; the whole video is 0.20s); raise fps"
+    assert part.error.endswith("raise fps or widen the segment")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(repo, "infer.py"), "--video", path, "--question", "What?",
+                             "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "(0.2s, 320x180); overview: 1 frame; prompt:" in result.stdout, result.stdout
