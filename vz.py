@@ -1572,19 +1572,6 @@ def prune_checkpoints(out_dir, keep, rank):
         shutil.rmtree(os.path.join(out_dir, name))
 
 
-def latest_checkpoint(out_dir):
-    """The newest complete step_* directory in out_dir, or None."""
-    if not os.path.isdir(out_dir):
-        return None
-    steps = [name for name in os.listdir(out_dir)
-             if re.fullmatch(r"step_\d+", name) and os.path.isfile(os.path.join(out_dir, name, "trainer_state.json"))]
-    return os.path.join(out_dir, max(steps, key=lambda name: int(name[5:]))) if steps else None
-
-
-# -----------------------------------------------------------------------------
-# 8. Data files: rows located by the file's own line numbers, question rows checked once at load time
-
-
 def read_rows(path):
     """-> (rows, reasons): [(where, dict)] and [(where, why)] from a JSONL file or a .json list, where is
     'line N' (the file's own line number) or 'item N'. A UTF-8 BOM is fine; a line that is not UTF-8 or

@@ -172,14 +172,28 @@ def test_training_tokens_equal_rollout_tokens(scripted):
     assert [f.time for f in rolled.frames] == [f.time for f in replayed.frames]
 
 
-def test_latest_checkpoint_orders_steps_numerically(tmp_path):
-    # step_10 is newer than step_9; a directory without trainer_state.json (a crash mid-write) is ignored.
-    for name, complete in (("step_9", True), ("step_10", True), ("step_11", False), ("final", True)):
+def test_prune_keeps_the_newest_complete_steps_in_numeric_order(tmp_path):
+    # step_10 is newer than step_9; a directory without trainer_state.json (a crash mid-write) is not counted
+    # and not deleted; final/ is never touched.
+    for name, complete in (("step_2", True), ("step_9", True), ("step_10", True), ("step_11", False), ("final", True)):
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "trainer_state.json").write_text("{}")
-    assert vz.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_10")
-    assert vz.latest_checkpoint(str(tmp_path / "missing")) is None
+    vz.prune_checkpoints(str(tmp_path), 2, rank=0)
+    assert sorted(os.listdir(tmp_path)) == ["final", "step_10", "step_11", "step_9"]
+    vz.prune_checkpoints(str(tmp_path), 0, rank=0)  # 0 keeps all
+    assert len(os.listdir(tmp_path)) == 4
+
+
+def test_saves_by_the_clock_and_keeps_the_last_two(data_dir, tiny_dir, tmp_path):
+    # --save-every-minutes with a tiny interval saves after every step (each step takes longer than it); only the
+    # two newest step_N stay beside final/.
+    result = train(data_dir / "good.jsonl", tmp_path / "out", "--model", tiny_dir, "--epochs", "3",
+                   "--save-every-minutes", "0.0001", "--keep-checkpoints", "2")
+    assert result.stdout.count("saved ") == 6, result.stdout[-1500:]  # steps 1-5, then final
+    assert sorted(os.listdir(tmp_path / "out")) == ["final", "step_4", "step_5"]
+    state = json.load(open(tmp_path / "out" / "step_5" / "trainer_state.json"))
+    assert state["step"] == 5
 
 
 def test_frame_cache_gives_the_same_training(data_dir, tiny_dir, tmp_path):
