@@ -376,6 +376,7 @@ def write_html(path, records, model, data):
 # Run: one video, or a question set
 
 
+interrupted = False
 if args.data:
     ended = {}
 
@@ -389,9 +390,15 @@ if args.data:
                   f"{record['num_frames']} frames | {record['seconds']:.1f} s", flush=True)
 
     data_started = time.time()
-    answer_all(questions, args.batch_size, report)
+    try:
+        answer_all(questions, args.batch_size, report)
+    except KeyboardInterrupt:  # Ctrl-C: the questions that ended are summed up and written, then exit 130
+        interrupted = True
     records = [ended[i] for i in sorted(ended) if ended[i] is not None]  # in file order, whatever order they ended
     data_seconds = time.time() - data_started
+    if interrupted and not records:
+        print("interrupted before any question ended", file=sys.stderr)
+        sys.exit(130)
 else:
     records = [answer_one(questions[0])]
 
@@ -422,7 +429,8 @@ if args.json:
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
         public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
-        json.dump({"args": vars(args), "model": model_dir, "trajectories": public} if args.data
+        json.dump({"args": vars(args), "model": model_dir, "complete": not interrupted, "trajectories": public}
+                  if args.data
                   else dict(public[0], args=vars(args), model=model_dir), f, indent=2)
     os.replace(tmp, args.json)
     print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
@@ -431,3 +439,7 @@ if args.html:
     print(f"page written to {args.html}")
 if args.data:
     print(f"accuracy: {mean('correct', records):.4f}")  # the last line, for scripts
+    if interrupted:  # one line on stderr, as Ctrl-C gives in every script, and exit 130
+        print(f"interrupted: {len(ended)} of {len(questions)} questions ended; the results above cover them"
+              + (", and so does --json" if args.json else ""), file=sys.stderr)
+        sys.exit(130)

@@ -99,6 +99,7 @@ group.add_argument("--walk", action="store_true", help="write every reasoning as
 group.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
                    "reflection trajectories (where the turn budget allows one)")
 args = parser.parse_args()
+vz.stop_on_ctrl_c("interrupted: the world in --out is incomplete; run the same command again to write it")
 
 num_test_videos = args.num_test_videos or max(1, args.num_videos // 5)
 spacing = args.seconds / args.overview_frames if args.overview_frames else 2.0  # seconds between overview frames
@@ -241,17 +242,22 @@ def write_video(path, scenes):
         for index in range(*scene["frames"]):
             frames.append(draw(scene["rgb"], index, event_at(events, index)))
     tmp = path + ".tmp.mp4"
-    with av.open(tmp, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=FPS, options={
-            "preset": "ultrafast", "g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "bf": "0"})
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        for index, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
-            frame.pts = index
-            for packet in stream.encode(frame):
+    try:
+        with av.open(tmp, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=FPS, options={
+                "preset": "ultrafast", "g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "bf": "0"})
+            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+            for index, image in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
+                frame.pts = index
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    except BaseException:  # Ctrl-C included: no half-written video is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -619,9 +625,11 @@ flashing = clip_rng.sample(flashing, len(flashing))
 written = set()
 files["clips"] = [clip_row(clip_rng, *flashing[n % len(flashing)], written) for n in range(args.num_clips)]
 files["text"] = files.pop("text")  # text.jsonl stays the last file written: train_world.sh's mark of a whole world
-for name, rows in files.items():
-    with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
+for name, rows in files.items():  # each file through a temporary name: whole or not there
+    path = os.path.join(args.out, f"{name}.jsonl")
+    with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row, *_ in rows)
+    os.replace(path + ".tmp", path)
 
 print(f"videos: {args.num_videos} ({num_test_videos} held out for test) x {args.seconds}s in {video_s:.1f}s, "
       f"{sum(os.path.getsize(os.path.join(args.out, v)) for v, _ in worlds) / 1e6:.1f} MB")

@@ -178,3 +178,30 @@ def test_batch_size_gives_each_question_the_same_episode(scripted_dir, index_vid
         assert [t["truth"] for t in runs["1"]] == list("CABD")
         assert runs["1"] == runs["3"]
     assert len({json.dumps(t["turns"]) for t in runs["1"]}) == 1  # same question, same seed: the same episode
+
+
+def test_ctrl_c_writes_the_questions_that_ended(scripted_dir, index_video, tmp_path):
+    # SIGINT during infer.py --data: one line on stderr, exit 130, and --json holds the questions that ended
+    # (marked incomplete), whole; the summary covers them.
+    import signal
+    data = tmp_path / "test.jsonl"
+    row = {"video": os.path.relpath(index_video, tmp_path), "question": QUESTION, "options": OPTIONS, "answer": "C"}
+    data.write_text("".join(json.dumps(row) + "\n" for _ in range(41)))
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "infer.py"), "--data", str(data), "--model",
+                                scripted_dir, "--overview-fps", "0.25", "--max-new-tokens", "64", "--batch-size", "1",
+                                "--json", str(tmp_path / "out.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("[2/41]"):
+            process.send_signal(signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=300)
+    out = "".join(lines) + out
+    assert process.returncode == 130, (out[-2000:], err[-2000:])
+    saved = json.load(open(tmp_path / "out.json"))
+    assert saved["complete"] is False and 2 <= len(saved["trajectories"]) < 41
+    assert err.strip() == (f"interrupted: {len(saved['trajectories'])} of 41 questions ended; the results above cover "
+                           "them, and so does --json"), err
+    assert out.strip().splitlines()[-1].startswith("accuracy: ")

@@ -569,3 +569,17 @@ def test_colour_events_flash_the_whole_picture_between_overview_frames_and_the_w
         assert [c for _, c, _ in entries] == [picture_colour(i, palette) for i in images[:len(entries)]], last
     result = synth(tmp_path / "x", 3, "--events", "colours", "--num-shapes", "4")
     assert result.returncode == 2 and result.stderr.startswith("error: --num-shapes"), result.stderr
+
+
+def test_ctrl_c_stops_with_one_line_and_leaves_no_half_file(tmp_path):
+    import signal
+    import time
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "synth.py"), "--seed", "0", "--out", str(tmp_path),
+                                "--num-videos", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()  # the flags, printed before the first video
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.strip().startswith("interrupted: the world in --out is incomplete"), err
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".jsonl", ".tmp"))]
+    assert not [n for n in os.listdir(tmp_path / "videos") if ".tmp" in n]
