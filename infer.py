@@ -20,6 +20,7 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 import argparse
 import hashlib
 import html
+import glob
 import itertools
 import json
 import os
@@ -45,8 +46,16 @@ group.add_argument("--video", help="video file to ask about (default: the genera
 group.add_argument("--question", help="the question (required with --video)")
 group.add_argument("--options", nargs="*", default=None, help="answer options, one per argument, e.g. 'A. red' 'B. blue'")
 group.add_argument("--model", help=f"local model directory (default: the shipped model in {DEFAULT_MODEL})")
-group.add_argument("--data", help="JSONL question set (video, question, options, answer[, kind]) to evaluate; "
-                   "prints accuracy overall and per kind, last line 'accuracy: X'")
+group.add_argument("--data", help="question set to evaluate: our JSONL (video, question, options, answer[, kind]), "
+                   "the released RL layout, or a benchmark as released (LongVideoBench lvb_val.json, MLVU's json/ "
+                   "directory or one task file, Video-MME parquet/JSON, LVBench video_info.meta.jsonl); prints "
+                   "accuracy overall, per kind and per benchmark category, last line 'accuracy: X'")
+group.add_argument("--layout", choices=vz.LAYOUTS, help="the --data layout, when its fields do not tell it")
+group.add_argument("--video-dir", help="with --data: directory the videos are found in by the layout's own id or "
+                   "path field (default: the data file's directory)")
+group.add_argument("--max-missing-frac", type=float, default=0.1, help="with --data: stop before loading the model if "
+                   "more than this fraction of the questions have no video file (the rest run; the missing are "
+                   "counted and listed)")
 group.add_argument("--batch-size", type=int, default=8, help="with --data: questions decoding together in one KV "
                    "batch (a question's answer does not depend on it; a few times more questions per second than 1 on "
                    "this project's CPU measurement, docs/benchmarks.md)")
@@ -76,6 +85,11 @@ group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling ma
 group.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
 group = parser.add_argument_group("Output and device")
 group.add_argument("--json", help="write the whole trajectory (turns, frames, tokens) to this JSON file")
+group.add_argument("--results", help="with --data: append each question's record to this JSONL as it ends (under "
+                   "torchrun each rank writes RESULTS.rankN, merged into RESULTS at the end), so a crash loses only "
+                   "the questions in flight")
+group.add_argument("--resume", action="store_true", help="with --results: skip the questions already there and "
+                   "compute the table from every line")
 group.add_argument("--html", help="write a self-contained page: overview strip, zooms on the timeline with their "
                    "frames, each turn's reasoning, the answer against the truth")
 group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
@@ -93,8 +107,18 @@ if args.video and not args.question:
     vz.fail("--video needs --question")
 if args.data and args.video:
     vz.fail("give either --data or --video, not both")
-if args.data and not os.path.isfile(args.data):
-    vz.fail(f"{args.data}: no such data file")
+if args.data and not os.path.exists(args.data):
+    vz.fail(f"{args.data}: no such data file or directory")
+if args.video_dir and not os.path.isdir(args.video_dir):
+    vz.fail(f"--video-dir {args.video_dir}: no such directory")
+if (args.results or args.resume or args.video_dir or args.layout) and not args.data:
+    vz.fail("--results, --resume, --video-dir and --layout go with --data")
+if args.resume and not args.results:
+    vz.fail("--resume needs --results (the file it continues)")
+# torchrun: each rank answers questions rank, rank + world, ... and writes its own results file; no process group
+rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+if world_size > 1 and not (args.data and args.results):
+    vz.fail("under torchrun, give --data and --results (each rank writes RESULTS.rankN; rank 0 merges them)")
 if args.batch_size <= 0:
     vz.fail("--batch-size must be positive")
 if args.no_tool_frames <= 0:
@@ -107,6 +131,8 @@ if args.system_prompt:
     except OSError as e:
         vz.fail(f"{args.system_prompt}: cannot read system prompt ({e.strerror})")
 device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+if device == "cuda" and world_size > 1:
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
 limits = vz.Limits(1 if args.no_tool else args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens,
                    args.max_total_tokens)
 if args.no_tool and system_prompt is None:
@@ -152,16 +178,30 @@ vz.resolve_overview(args, model_dir)  # the overview the model was trained on, u
 questions = [{"video": args.video, "question": args.question, "options": args.options,
               "answer": demo_row["answer"] if demo else None, "kind": demo_row["kind"] if demo else ""}]
 if args.data:
-    base_dir = os.path.dirname(os.path.abspath(args.data))
-    rows, reasons = vz.read_rows(args.data)
+    base_dir = args.video_dir or os.path.dirname(os.path.abspath(args.data))
+    layout, rows, reasons = vz.read_benchmark(args.data, args.layout, args.video_dir)
     num_rows = len(rows) + len(reasons)
     questions = []
     for where, row in rows:
         try:
-            questions.append(vz.question_row(row, base_dir, check_video=False))
+            if layout != "ours":  # the first of the layout's candidate paths that exists
+                row = dict(row, video=next((p for p in row["video"] if os.path.isfile(p)), row["video"][0]))
+            item = vz.question_row(row, base_dir, check_video=False)
+            questions.append(dict(item, categories=row.get("categories") or {},
+                                  key=hashlib.sha1(json.dumps([item["video"], item["question"], item["options"]])
+                                                   .encode()).hexdigest()[:16]))
         except ValueError as e:
             reasons.append((where, vz._one_line(e)))
-    vz.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac)
+    if rank == 0:
+        print(f"layout: {layout}")
+    vz.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac, rank == 0)
+    missing = [q["video"] for q in questions if not os.path.isfile(q["video"])]
+    if missing and rank == 0:
+        print(f"videos: {len(missing)} of {len(questions)} questions have no video file; first: "
+              + ", ".join(sorted(set(missing))[:3]))
+    if len(missing) > args.max_missing_frac * len(questions):
+        vz.fail(f"{len(missing)} of {len(questions)} questions have no video file (more than --max-missing-frac "
+                f"{args.max_missing_frac}); check --video-dir")
 else:
     try:
         vz.open_video(args.video).close()  # before the model: a typo should not cost a 7B load
@@ -231,14 +271,14 @@ def answer_one(item):
     return trajectory_record(item, video, prompt, episode, time.time() - started)
 
 
-def answer_all(items, batch_size, report):
+def answer_all(items, batch_size, report):  # items: {question index: question}
     """Run the agent on a question set, batch_size questions decoding together in one KV batch, each with its own
     video and a generator seeded --seed, so a question's episode does not depend on what shares its batch.
     report(index, record, why) is called as each question ends: record None and why said for one skipped."""
     admitted, numbers = {}, itertools.count()  # group number -> (question index, open video, prompt, start time)
 
     def groups():  # read lazily, as the batch makes room; a video that cannot be read skips its question
-        for index, item in enumerate(items):
+        for index, item in items.items():
             try:
                 video = vz.open_video(item["video"])
             except vz.VideoError as e:
@@ -376,26 +416,88 @@ def write_html(path, records, model, data):
 # Run: one video, or a question set
 
 
+def read_results(path):
+    """The records of a results JSONL; a line cut short by a kill (the last one) is dropped."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    return records
+
+
+def public_fields(record):
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
 interrupted = False
 if args.data:
-    ended = {}
+    ended, done_before = {}, {}
+    own_results = f"{args.results}.rank{rank}" if world_size > 1 else args.results
+    if args.results and not args.resume:  # a fresh run starts fresh files
+        for path in {own_results, own_results + ".done"} | ({args.results} if rank == 0 else set()):
+            if os.path.exists(path):
+                os.remove(path)
+    if args.resume:
+        paths = [args.results] + sorted(glob.glob(glob.escape(args.results) + ".rank*[0-9]"))
+        done_before = {r["key"]: r for path in paths for r in read_results(path) if "key" in r}
+    todo = [i for i, q in enumerate(questions) if q["key"] not in done_before][rank::world_size]
+    if rank == 0 and args.resume:
+        print(f"resume: {len(done_before)} questions already in {args.results}; {len(questions) - len(done_before)} to go")
+    results_file = open(own_results, "a", encoding="utf-8") if args.results else None
+    data_started, right = time.time(), []
 
     def report(index, record, why):
         ended[index] = record
+        position = f"[{index + 1}/{len(questions)}]"
         if record is None:
-            print(f"[{index + 1}/{len(questions)}] skipped: {why}", flush=True)
-        else:
-            print(f"[{index + 1}/{len(questions)}] {record['kind'] or '-'}: {'right' if record['correct'] else 'wrong'} "
+            print(f"{position} skipped: {why}", flush=True)
+            return
+        record["key"], record["categories"] = questions[index]["key"], questions[index]["categories"]
+        if results_file:  # one whole line per question, on disk before the next one starts
+            results_file.write(json.dumps(public_fields(record)) + "\n")
+            results_file.flush()
+            os.fsync(results_file.fileno())
+        right.append(bool(record["correct"]))
+        left = (len(todo) - len(ended)) * (time.time() - data_started) / len(ended)
+        if rank == 0:
+            print(f"{position} {record['kind'] or '-'}: {'right' if record['correct'] else 'wrong'} "
                   f"(answer {record['letter']}, truth {record['truth']}) | {record['num_zooms']} zooms | "
-                  f"{record['num_frames']} frames | {record['seconds']:.1f} s", flush=True)
+                  f"{record['num_frames']} frames | {record['seconds']:.1f} s | done {len(ended)}/{len(todo)}, "
+                  f"accuracy so far {sum(right) / len(right):.3f}, eta {int(left // 60)}m{int(left % 60):02d}s",
+                  flush=True)
 
-    data_started = time.time()
     try:
-        answer_all(questions, args.batch_size, report)
+        answer_all({i: questions[i] for i in todo}, args.batch_size, report)
     except KeyboardInterrupt:  # Ctrl-C: the questions that ended are summed up and written, then exit 130
         interrupted = True
-    records = [ended[i] for i in sorted(ended) if ended[i] is not None]  # in file order, whatever order they ended
+    if results_file:
+        results_file.close()
     data_seconds = time.time() - data_started
+    records = [ended[i] for i in sorted(ended) if ended[i] is not None]  # in file order, whatever order they ended
+    if world_size > 1 and not interrupted:  # rank 0 waits for every rank's file, then merges them into --results
+        open(own_results + ".done", "w").close()
+        if rank != 0:
+            sys.exit(0)
+        while not all(os.path.exists(f"{args.results}.rank{r}.done") for r in range(world_size)):
+            time.sleep(0.5)
+        merged = {r["key"]: r for r in read_results(args.results) if "key" in r}
+        for r in range(world_size):
+            merged.update((rec["key"], rec) for rec in read_results(f"{args.results}.rank{r}") if "key" in rec)
+        with open(args.results + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(merged[q["key"]]) + "\n" for q in questions if q["key"] in merged)
+        os.replace(args.results + ".tmp", args.results)
+        for r in range(world_size):
+            os.remove(f"{args.results}.rank{r}")
+            os.remove(f"{args.results}.rank{r}.done")
+        done_before, records = merged, []
+    new_keys = {r["key"] for r in records}
+    order = {q["key"]: i for i, q in enumerate(questions)}
+    records = sorted(records + [r for k, r in done_before.items() if k not in new_keys and k in order],
+                     key=lambda r: order[r["key"]])
     if interrupted and not records:
         print("interrupted before any question ended", file=sys.stderr)
         sys.exit(130)
@@ -421,21 +523,29 @@ else:
         rows = [r for r in records if kind in ("all", r["kind"])]
         print(f"{kind or '-':<10} {len(rows):>4} {mean('correct', rows):>9.3f} {mean('num_zooms', rows):>8.2f} "
               f"{mean('num_frames', rows):>9.1f} {mean('num_turns', rows):>8.2f} {mean('seconds', rows):>6.1f}")
+    names = sorted({name for r in records for name in r.get("categories") or {}})
+    for name in names:  # a benchmark's own categories (task type, duration group, ...)
+        values = sorted({(r.get("categories") or {}).get(name, "") for r in records})
+        print(f"\n{name:<30} {'n':>4} {'accuracy':>9}")
+        for value in values:
+            rows = [r for r in records if (r.get("categories") or {}).get(name, "") == value]
+            print(f"{(value or '-')[:30]:<30} {len(rows):>4} {mean('correct', rows):>9.3f}")
     print(f"mean frames per question: {mean('num_frames', records):.1f} (pass it to --no-tool-frames for an equal budget)")
-    print(f"{len(records)} questions in {data_seconds:.1f} s ({len(records) / data_seconds:.2f} questions/s, "
+    answered = sum(r is not None for r in ended.values())  # this run's, skipped ones not counted
+    print(f"{answered} questions in {data_seconds:.1f} s ({answered / max(data_seconds, 1e-9):.2f} questions/s, "
           f"--batch-size {args.batch_size})")
 
 if args.json:
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
-        public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+        public = [public_fields(r) for r in records]
         json.dump({"args": vars(args), "model": model_dir, "complete": not interrupted, "trajectories": public}
                   if args.data
                   else dict(public[0], args=vars(args), model=model_dir), f, indent=2)
     os.replace(tmp, args.json)
     print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
 if args.html:
-    write_html(args.html, records, model_dir, args.data)
+    write_html(args.html, [r for r in records if "_frames" in r], model_dir, args.data)  # this run's own
     print(f"page written to {args.html}")
 if args.data:
     print(f"accuracy: {mean('correct', records):.4f}")  # the last line, for scripts

@@ -170,6 +170,7 @@ def test_batch_size_gives_each_question_the_same_episode(scripted_dir, index_vid
         for batch in ("1", "3"):
             out = run_infer("--data", str(data), "--model", scripted_dir, "--overview-fps", "0.25",
                             "--max-new-tokens", "64", "--batch-size", batch, "--json", str(tmp_path / f"b{batch}.json"),
+                            "--max-missing-frac", "0.5",
                             *sampling)
             assert "[3/5] skipped: " in out and "missing.mp4" in out, out
             assert "4 questions in" in out and f"--batch-size {batch})" in out, out
