@@ -55,6 +55,13 @@ PY
            --eval-data "$OUT/heldout/lessons.jsonl" --eval-every 500 --system-prompt "$OUT/no_tool.txt"
            --min-pixels 784 --max-pixels 1792 --train-vision --batch-size 16 --epochs 7 --lr 2e-3 --warmup-frac 0.02
            --frame-cache "$OUT/frames" --log-jsonl "$OUT/logs/base.jsonl" --resume)
+  # A run that was cut short is committed as assets/base-resume/step_N (one, replaced): continue from it on a new
+  # machine when OUT has no step of its own (the worlds above are byte-identical for the same seeds).
+  if [ ! -d "$OUT/base/final" ] && ! ls -d "$OUT"/base/step_* >/dev/null 2>&1 && ls -d assets/base-resume/step_* \
+      >/dev/null 2>&1; then
+    mkdir -p "$OUT/base" && cp -r assets/base-resume/step_* "$OUT/base/"
+    [ -f assets/base-resume/base.jsonl ] && cp assets/base-resume/base.jsonl "$OUT/logs/base.jsonl"
+  fi
   [ -d "$OUT/base/final" ] || OMP_NUM_THREADS=$THREADS "${command[@]}"
   echo "== base: $OUT/base/final ($(( (SECONDS - begin) / 60 )) minutes this run)"
   if [ "${3:-}" = --install ]; then
