@@ -182,8 +182,9 @@ for number, (where, row) in enumerate(rows):
         with vz.open_video(item["video"]) as video:
             prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
                                      args.max_overview_frames, system_prompt)
-        if vz.too_long(prompt, limits):
-            raise ValueError(vz.too_long(prompt, limits) + " (raise --max-total-tokens or lower the overview)")
+        why = vz.too_long(prompt, limits)
+        if why:
+            raise ValueError(why + " (raise --max-total-tokens or lower the overview)")
         prompts.append((number, item))
     except (ValueError, vz.VideoError) as e:
         reasons.append((where, vz._one_line(e)))

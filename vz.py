@@ -464,10 +464,13 @@ def frame_tag(index, seconds):
     return f"<frame{index}_time{seconds:.2f}s>"
 
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, in order
+
+
 def format_question(question, options):
     """The question, then one option per line as 'A. ...' (letters added when missing)."""
     lines = [question.strip()]
-    for letter, option in zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", options or []):
+    for letter, option in zip(LETTERS, options or []):
         option = option.strip()
         lines.append(option if re.match(rf"^{letter}[.)]\s", option) else f"{letter}. {option}")
     return "\n".join(lines)
@@ -1213,8 +1216,9 @@ def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, to
             video, prompt, num_rows, generator = waiting
             if max_batch_rows and num_rows > max_batch_rows:
                 raise ValueError(f"a prompt with {num_rows} rows does not fit max_batch_rows={max_batch_rows}")
-            if too_long(prompt, limits):
-                raise ValueError(too_long(prompt, limits))
+            why = too_long(prompt, limits)
+            if why:
+                raise ValueError(why)
             group = len(results)
             results.append([Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames),
                                     last_turn=prompt.last_turn) for _ in range(num_rows)])
@@ -1572,6 +1576,10 @@ def prune_checkpoints(out_dir, keep, rank):
         shutil.rmtree(os.path.join(out_dir, name))
 
 
+# -----------------------------------------------------------------------------
+# 8. Data files: rows located by the file's own line numbers, question rows checked once at load time
+
+
 def read_rows(path):
     """-> (rows, reasons): [(where, dict)] and [(where, why)] from a JSONL file or a .json list, where is
     'line N' (the file's own line number) or 'item N'. A UTF-8 BOM is fine; a line that is not UTF-8 or
@@ -1646,7 +1654,7 @@ def question_row(row, base_dir, check_video=True, need_answer=True):
         raise ValueError("options must be a list of strings"
                          + ("" if isinstance(options, list) else f" ({type(options).__name__})"))
     answer = _text(row, "answer", need_answer).strip().upper()
-    if options and answer and answer not in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(options)]:
+    if options and answer and answer not in LETTERS[:len(options)]:
         raise ValueError(f"answer {answer[:20]!r} is not the letter of one of the {len(options)} options")
     path = video if os.path.isabs(video) else os.path.join(base_dir, video)
     if check_video:
@@ -1666,7 +1674,7 @@ LAYOUTS = ("ours", "longvideobench", "mlvu", "videomme", "lvbench")
 def _lettered(candidates):
     if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates) or len(candidates) < 2:
         raise ValueError("candidates must be a list of at least two strings")
-    return [f"{'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[i]}. {c}" for i, c in enumerate(candidates)]
+    return [f"{LETTERS[i]}. {c}" for i, c in enumerate(candidates)]
 
 
 def _longvideobench(row, video_dir):
@@ -1676,7 +1684,7 @@ def _longvideobench(row, video_dir):
     if not isinstance(choice, int) or not 0 <= choice < len(options):
         raise ValueError("correct_choice must be the index of one of the candidates")
     return {"video": [os.path.join(video_dir, _text(row, "video_path"))], "question": _text(row, "question"),
-            "options": options, "answer": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[choice], "kind": "longvideobench",
+            "options": options, "answer": LETTERS[choice], "kind": "longvideobench",
             "categories": {"category": str(row.get("question_category", "")),
                            "duration": str(row.get("duration_group", ""))}}
 
@@ -1691,7 +1699,7 @@ def _mlvu(row, video_dir, task):
     return {"video": [os.path.join(video_dir, task, video), os.path.join(video_dir, video),
                       os.path.join(video_dir, task.split("_", 1)[-1], video)],
             "question": _text(row, "question"), "options": options,
-            "answer": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[row["candidates"].index(answer)], "kind": "mlvu",
+            "answer": LETTERS[row["candidates"].index(answer)], "kind": "mlvu",
             "categories": {"task": str(row.get("question_type", task))}}
 
 
@@ -1769,7 +1777,7 @@ def read_benchmark(path, layout=None, video_dir=None):
         rows += [(where + suffix, name, row) for where, row in numbered]
         reasons += [(where + suffix, why) for where, why in unread]
     if layout is None:
-        layout = next((detect_layout(row) for _, _, row in rows if detect_layout(row)), None)
+        layout = next(filter(None, (detect_layout(row) for _, _, row in rows)), None)
         if layout is None:
             fail(f"{path}: cannot tell the benchmark layout from its fields; name it with --layout "
                  f"({', '.join(LAYOUTS)})")
