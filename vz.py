@@ -146,11 +146,19 @@ def patchify(image, vcfg):
     return pixel_values, torch.tensor([1, grid_h, grid_w])
 
 
+class Hole:
+    """Stands in the frame sequence where the video cannot be decoded, from `pts` to the next frame."""
+
+    def __init__(self, pts):
+        self.pts = pts
+
+
 class Video:
     """One open video stream. Times are seconds since its first frame; seeks are planned in pts."""
 
     def __init__(self, path):
         self.path = path
+        self.holes, self.warned, self.duration = [], set(), None
         if os.path.isdir(path):
             raise VideoError(f"{path}: is a directory, not a video file")
         if not os.path.isfile(path):
@@ -197,7 +205,7 @@ class Video:
         down, the matrix maps a stored pixel (x, y) to (a x + c y, b x + d y) on screen: |a| >= |b|
         keeps the axes (a < 0 mirrors columns, d < 0 rows); otherwise the axes swap (checked against
         ffmpeg's own autorotation for 0/90/180/270 degrees, each also mirrored either way)."""
-        frame = next(self._decode(), None)
+        frame = next((f for f in self._decode() if not isinstance(f, Hole)), None)
         matrix = frame.side_data.get("DISPLAYMATRIX") if frame is not None else None
         if matrix is None:
             return (False, False, False)
@@ -287,15 +295,61 @@ class Video:
         return self._decode()
 
     def _decode(self):
+        """Frames in decode order, and a Hole for each stretch that cannot be decoded.
+
+        A damaged packet makes the decoder fail, and the frames it puts out next are drawn from
+        broken references: as a player does, everything from the first failure on is dropped until
+        a keyframe shown later comes out; frames shown before the failure still count. Where the
+        damage runs to the end (or the demuxer gives up), the hole does too.
+        """
+        broken, frame = None, None  # broken: pts of the first undecodable frame since the last good keyframe
         try:
-            for frame in self.container.decode(self.stream):
-                if frame.pts is not None:
-                    yield frame
+            for packet in self.container.demux(self.stream):
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:
+                    if packet.pts is not None:
+                        broken = packet.pts if broken is None else min(broken, packet.pts)
+                    continue
+                for frame in frames:
+                    if frame.pts is None:
+                        continue
+                    if frame.is_corrupt:
+                        broken = frame.pts if broken is None else min(broken, frame.pts)
+                    elif broken is None or frame.pts < broken:
+                        yield frame
+                    elif frame.key_frame:
+                        yield self._hole(broken, frame.pts)
+                        broken = None
+                        yield frame
         except av.FFmpegError as e:
-            # A damaged tail ends the stream early; whatever decoded so far is still served.
-            if not getattr(self, "_warned", False):
-                self._warned = True
-                print(f"warning: {self.path}: decoding stopped early ({_one_line(e)})", file=sys.stderr)
+            # The demuxer gave up (a cut or mangled file): nothing after the last frame can be served.
+            self._warn(f"decoding stopped early ({_one_line(e)})")
+            if broken is None and frame is not None and frame.pts is not None:
+                broken = frame.pts + 1
+        if broken is not None:
+            yield self._hole(broken, None)
+
+    def _hole(self, start, end):
+        if self.duration is None:  # still opening the file: holes are noted once it is open
+            return Hole(start)
+        a, b = self._time(start), self.duration if end is None else self._time(end)
+        # Where decoding starts changes where it fails: keep the union of what was seen, warn as it grows.
+        overlapping = [(x, y) for x, y in self.holes if x <= b and y >= a]
+        merged = (min([a] + [x for x, _ in overlapping]), max([b] + [y for _, y in overlapping]))
+        if merged not in overlapping:
+            self.holes = sorted(set(self.holes) - set(overlapping) | {merged})
+            self._warn(f"the video is damaged from {merged[0]:.2f}s to {merged[1]:.2f}s: no frame there can be decoded")
+        return Hole(start)
+
+    def _warn(self, message):
+        if message not in self.warned:
+            self.warned.add(message)
+            print(f"warning: {self.path}: {message}", file=sys.stderr)
+
+    def damage_in(self, start, end):
+        """The damaged stretches that overlap [start, end] seconds, as (from, to) pairs."""
+        return [(a, b) for a, b in self.holes if a <= end and b > start]
 
     def _keyframe_after(self, pts, ticks):
         """True when a keyframe lies between the decoder's position and `ticks`: seeking is cheaper."""
@@ -317,9 +371,10 @@ class Video:
             image = np.ascontiguousarray(image[::-1] if flip_rows else image)
         return Frame(time=self._time(frame.pts), image=image)
 
-    def serve(self, times, vcfg, seek=True):
+    def serve(self, times, vcfg, seek=True, skip_damaged=False):
         """The frames showing at the given times (seconds). Increasing times decode forward and seek
-        over gaps with a keyframe in them (seek=False: never); a time before the last one seeks back."""
+        over gaps with a keyframe in them (seek=False: never); a time before the last one seeks back.
+        A time inside a damaged stretch raises VideoError, or with skip_damaged gets no frame."""
         size = resize_shape(self.height, self.width, vcfg)
         out, frames, current = [], None, None
         for seconds in times:
@@ -332,7 +387,10 @@ class Video:
                     raise VideoError(f"{self.path}: no decodable frame at {seconds:.2f}s")
             while current[1] <= ticks:
                 current = next(frames)
-            out.append(self._rgb(current[0], size))
+            if not isinstance(current[0], Hole):
+                out.append(self._rgb(current[0], size))
+            elif not skip_damaged:
+                raise VideoError(f"{self.path}: no decodable frame at {seconds:.2f}s (the file is damaged there)")
         return out
 
     def close(self):
@@ -374,7 +432,13 @@ def sample_overview(video, vcfg, fps=0.5, max_frames=64):
         times = [k * video.duration / max_frames for k in range(max_frames)]
     else:
         times = [k / fps for k in range(max(num_frames, 1))]
-    return video.serve(times, vcfg)
+    frames = video.serve(times, vcfg, skip_damaged=True)
+    if not frames:
+        raise VideoError(f"{video.path}: no frame of the overview can be decoded (the file is damaged)")
+    if len(frames) < len(times):
+        video._warn(f"the overview leaves out {len(times) - len(frames)} of its {len(times)} times, "
+                    f"where the file is damaged")
+    return frames
 
 
 def clip_times(start, end, num_frames):
@@ -403,14 +467,16 @@ def _decode_clip(video, vcfg, size, start, end, num_frames):
     span, span_pts, picked = [], [], []  # span: frames showing in [start, end], kept while few
     k = 0
     for frame, next_pts in video._frames(targets[0]):
-        span_pts.append(frame.pts)
-        if len(span) <= num_frames:
-            span.append(frame)
         while k < len(targets) and targets[k] < next_pts:
             picked.append(frame)
             k += 1
+        if not isinstance(frame, Hole):  # a damaged stretch serves none of its targets
+            span_pts.append(frame.pts)
+            if len(span) <= num_frames:
+                span.append(frame)
         if k == len(targets):
             break
+    picked = [frame for frame in picked if not isinstance(frame, Hole)]
     if len(span_pts) <= num_frames:
         chosen = span
     elif len({f.pts for f in picked}) == len(picked):
@@ -484,12 +550,19 @@ def tagged(frames):
     return parts
 
 
-def zoom_reply_parts(call, frames, last_turn):
+def damage_text(damage):
+    return ", ".join(f"{a:.2f}s to {b:.2f}s" for a, b in damage)
+
+
+def zoom_reply_parts(call, frames, last_turn, damage=()):
     notes = []
     if call.clamped:
         notes.append(f"The segment end {call.requested_end:.2f}s is past the end of the video, so it was "
                      f"clamped to {call.end:.2f}s.")
-    if len(frames) < call.num_frames:
+    if damage:
+        notes.append(f"The video is damaged from {damage_text(damage)}: no frame there can be decoded, so "
+                     f"{len(frames)} are returned instead of {call.num_frames}.")
+    elif len(frames) < call.num_frames:
         notes.append(f"The segment holds only {len(frames)} distinct frames, so {len(frames)} are returned "
                      f"instead of {call.num_frames}.")
     head = (f"<tool_response>Here are {len(frames)} frames from {call.start:.2f}s to {call.end:.2f}s "
@@ -982,16 +1055,24 @@ def respond(renderer, video, episode, ids, limits):
         record.update(kind="invalid", error=action.error)
     else:
         frames = sample_clip(video, renderer.vcfg, action.start, action.end, action.num_frames)
-        record.update(kind="zoom", segment=[action.start, action.end], fps=action.fps,
+        damage = video.damage_in(action.start, action.end) if len(frames) < action.num_frames else []
+        if not frames:  # the whole segment lies in a damaged stretch: an error the model can act on
+            action = Invalid(f"no frame from {action.start:.2f}s to {action.end:.2f}s can be decoded: the video "
+                             f"is damaged from {damage_text(damage)}; choose another segment")
+            record.update(kind="invalid", error=action.error)
+        else:
+            record.update(kind="zoom", segment=[action.start, action.end], fps=action.fps,
                       requested_end=action.requested_end, num_frames=len(frames),
                       times=[round(frame.time, 3) for frame in frames])
+            if damage:
+                record["damaged"] = [list(pair) for pair in damage]
     if episode.stop is not None:
         return None
     episode.last_turn = turn + 1 == limits.max_turns
     if isinstance(action, Invalid):
         reply = error_reply_parts(action.error, episode.last_turn)
     else:
-        reply = zoom_reply_parts(action, frames, episode.last_turn)
+        reply = zoom_reply_parts(action, frames, episode.last_turn, damage)
     closing = ([] if ended_by_model else [renderer.im_end]) + renderer.encode("\n")
     message, _ = renderer.message("user", reply)
     header, _ = renderer.assistant_header()

@@ -133,6 +133,7 @@ def make_inputs(root):
         "single_frame": root / "one_frame.mp4",
         "huge_resolution": root / "huge.mp4",
         "directory": root / "a_directory.mp4",
+        "damaged_middle": root / "damaged.mp4",
     }
     paths["empty"].write_bytes(b"")
     noise = random.Random(0).randbytes(10 * 1024)
@@ -148,6 +149,10 @@ def make_inputs(root):
     write_index_video(paths["single_frame"], num_frames=1, fps=5)
     write_index_video(paths["huge_resolution"], num_frames=3, fps=5, width=3840, height=2160)
     paths["directory"].mkdir()
+    data = bytearray(index_mp4.read_bytes())
+    middle = len(data) // 2
+    data[middle - 4000:middle + 4000] = random.Random(1).randbytes(8000)
+    paths["damaged_middle"].write_bytes(bytes(data))
     paths["index"] = index_mp4
     return {name: str(path) for name, path in paths.items()}
 
@@ -168,6 +173,7 @@ VIDEO_CASES = [
     ("single_frame", "ok"),  # 0.2 s, one frame: a one-frame overview
     ("huge_resolution", "ok"),  # 3840x2160: resized into the checkpoint's pixel bounds
     ("directory", "error"),
+    ("damaged_middle", "ok"),  # 8 KB of noise mid-file: the frames around it are served, the rest reported
 ]
 
 

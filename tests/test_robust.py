@@ -309,3 +309,66 @@ def test_one_frame_video_zoom_error_says_what_the_video_is(tiny, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(repo, "infer.py"), "--video", path, "--question", "What?",
                              "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "(0.2s, 320x180); overview: 1 frame; prompt:" in result.stdout, result.stdout
+
+
+# -----------------------------------------------------------------------------
+# 14. A damaged middle: decoding resumes at the next keyframe, a time no frame serves is reported
+
+def damaged_copy(source, path, seed):
+    """The file with 2,000-15,000 random bytes written over its middle (the frame data, not the index)."""
+    import random
+    rng = random.Random(seed)
+    data = bytearray(open(source, "rb").read())
+    size = rng.randint(2000, 15000)
+    start = len(data) // 2 - size // 2
+    data[start:start + size] = rng.randbytes(size)
+    open(path, "wb").write(bytes(data))
+
+
+def shown_right(frames):
+    """True when every frame shows the index of its own time (10 fps): none was taken from elsewhere."""
+    from videos import read_index
+    for frame in frames:
+        try:
+            index = read_index(frame.image)
+        except ValueError:  # the check nibble caught a garbled picture
+            return False
+        if index is None or abs(index / 10 - frame.time) > 1e-6:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_damaged_middle_resumes_at_the_next_keyframe_and_reports_what_is_lost(tiny, tmp_path, capsys, seed):
+    from videos import write_index_video
+    _, renderer = tiny
+    source, path = str(tmp_path / "index.mp4"), str(tmp_path / "damaged.mp4")
+    write_index_video(source, num_frames=200, fps=10, gop=20)  # 20 s, a keyframe every 2 s
+    damaged_copy(source, path, seed)
+    vcfg = vz.VisionConfig(min_pixels=64 * 28 * 28, max_pixels=320 * 180)
+    with vz.open_video(path) as video:
+        overview = vz.sample_overview(video, vcfg)
+        (lost_from, lost_to), = video.holes  # one damaged stretch, found while decoding
+        assert 4.0 < lost_from < lost_to < 18.0
+        clips = {seg: vz.sample_clip(video, vcfg, *seg, 16) for seg in [(0, 20), (6, 16), (8, 12)]}
+        (lost_from, lost_to), = video.holes  # seeking elsewhere may widen it, never split it
+        for frames in [overview, *clips.values()]:
+            assert shown_right(frames)
+            assert not [f.time for f in frames if lost_from <= f.time < lost_to - 1e-6]
+        # Decoding resumed after the damage: the whole-video zoom has frames on both sides of it.
+        times = [f.time for f in clips[(0, 20)]]
+        assert min(times) < lost_from and max(times) >= lost_to
+        assert len(overview) == 10 - sum(lost_from <= 2 * k < lost_to for k in range(10))
+        # What the model is told: the frames it gets, why fewer, and an error when the segment has none.
+        prompt = vz.build_prompt(renderer, video, "What is shown?", [], vz.Limits())
+        episode = vz.Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames))
+        middle = round((lost_from + lost_to) / 2, 1)
+        for segment, fps in [((6, 16), 1.6), ((middle - 0.2, middle + 0.2), 10)]:
+            body = json.dumps({"segment": list(segment), "fps": fps})
+            vz.respond(renderer, video, episode, renderer.encode(call(body)), vz.Limits())
+    short, empty = episode.turns
+    assert short["kind"] == "zoom" and short["num_frames"] == len(clips[(6, 16)]) < 16
+    assert f"The video is damaged from {lost_from:.2f}s to {lost_to:.2f}s" in short["reply"]
+    assert empty["kind"] == "invalid" and "can be decoded" in empty["error"] and "damaged" in empty["error"]
+    err = capsys.readouterr().err
+    assert f"the video is damaged from {lost_from:.2f}s to {lost_to:.2f}s" in err and "Traceback" not in err
