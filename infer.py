@@ -36,6 +36,8 @@ import vz
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "assets", "model")
 DEMO_SEED = 7  # the demo: a held-out synth.py world (train_world.sh trains on seeds 0 and 100)
+# The world assets/model was trained for, in synth.py flags (the older shapes world until the new model lands).
+DEMO_WORLD = ["--seconds", "120", "--events", "shapes", "--no-walk"]
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -152,7 +154,7 @@ def demo_question(cache):
         tmp = out + f".tmp{os.getpid()}"
         result = subprocess.run([sys.executable, os.path.join(HERE, "synth.py"), "--seed", str(DEMO_SEED), "--out", tmp,
                                  "--num-videos", "2", "--num-test-videos", "1", "--num-base", "0", "--num-sft", "0",
-                                 "--num-rl", "0", "--num-test", "1"], capture_output=True, text=True)
+                                 "--num-rl", "0", "--num-test", "1", *DEMO_WORLD], capture_output=True, text=True)
         if result.returncode:
             vz.fail(f"could not write the demo video with synth.py: {result.stderr.strip().splitlines()[-1:]}")
         shutil.rmtree(out, ignore_errors=True)

@@ -1,28 +1,29 @@
 """Write a synthetic world for VideoZoomer: real H.264 videos and the question sets that go with them.
 
-    python synth.py --seed 0 --out world                                  # defaults: 100 videos of 120 s
-    python synth.py --seed 1 --out world_small --num-videos 10 --seconds 60 --num-base 60 --num-sft 40 \\
-        --num-rl 20 --num-test 20                                        # a small world for a quick run
-    bash train_world.sh runs/world        # the whole pipeline: worlds, base model, cold-start SFT, RL
+    python synth.py --seed 1 --out world       # the world the shipped model (assets/model) was trained for
+    python infer.py --data world/test.jsonl    # measure it there; --no-tool for the uniform-frames baseline
+    python synth.py --seed 1 --out shapes --events shapes --no-walk --seconds 120   # the older shapes world
+    bash train_world.sh runs/world             # the method on it: cold-start SFT and RL from assets/base
 
 Each video (5 fps, 224x128, keyframe every 25 frames, a clock strip along the bottom whose white part
-grows with the time, like a player's seek bar) is a run of 10 s scenes starting on multiples of 10 s,
-each a plain colour seen once per video (so where a colour is changes from video to video, and the
-overview frames at 10k, 10k+2, ..., 10k+8 s show scene k). Inside scenes, shapes flash for 1.0-1.2 s,
-always between the first and last overview frames showing their scene, with a clear frame on either
-side of every overview time (t = 0, 2, 4, ... s): the overview shows where a scene is, never its
-flashes. A fifth of the scenes instead hold one "glimpse", a shape that IS shown by an overview frame;
-only base.jsonl asks about them.
+grows with the time, like a player's seek bar) is a run of 10 s scenes starting on multiples of 10 s
+(40 s by default: four scenes), each a plain colour seen once per video (so where a colour is changes
+from video to video, and the overview frames at 10k, 10k+2, ..., 10k+8 s show scene k). Inside scenes,
+events last 1.0-1.2 s: by default the whole picture flashes white, black, grey or brown (--events
+colours; the scenes take the other 8 colours), or a shape flashes in a box (--events shapes). They fall
+between the first and last overview frames showing their scene, with a clear frame on either side of
+every overview time (t = 0, 2, 4, ... s): the overview shows where a scene is, never its events. A
+fifth of the scenes instead hold one "glimpse", an event that IS shown by an overview frame; only
+base.jsonl asks about them.
 Question kinds (multiple choice A-D, `kind` on each row, ground truth in `meta`):
-  needle  which shape appears during the <colour> scene (exactly one flash there; needs a zoom)
-  count   how many times a shape flashes during the <colour> scene (1-4; needs frames < 0.6 s apart)
+  needle  which flash (colour or shape) appears during the <colour> scene (exactly one there; needs a zoom)
+  count   how many times the picture flashes during the <colour> scene (1-4; needs frames < 0.6 s apart)
   glance  start/end colour, colour right before/after a scene (the overview answers it; no zoom)
   base    one-turn questions from the overview alone, for a no-tool "base model": colour at a frame
-          time, shape at a glimpse time, when a scene is first / last seen, which overview frames show
+          time, event at a glimpse time, when a scene is first / last seen, which overview frames show
           a scene, colour after a scene (text.jsonl: the same, with the overview frames in words);
           with --walk also "which colour does each scene show, in order?" (free text, not A-D)
-  shape   (shapes.jsonl, --num-shapes) one still frame of a flash, "which shape is shown?": the vision
-          tower's lesson in telling the four shapes apart, which the base questions teach late or never
+  shape   (shapes.jsonl, --num-shapes, shapes world only) one still frame of a flash, "which shape?"
   clips   (clips.jsonl, --num-clips) a needle or count question asked of a zoom's frames alone (PNGs of the
           scene's overview span at 2 fps), answered as the sft rows' last turn: the lesson in reading them
 Split: the last --num-test-videos videos are held out for test.jsonl; base, sft and rl use the rest
@@ -30,12 +31,12 @@ Split: the last --num-test-videos videos are held out for test.jsonl; base, sft 
 scripted teacher that only uses what the model could see: the overview's scene spans, then what each
 zoom returned. Exemplar: one zoom on the scene's overview span (8 s) at 2 fps (16 frames 0.53 s apart, so
 no flash and no gap between two flashes falls between them), then the answer. Reflection: a wrong first
-zoom (the neighbouring scene, or the right span at 0.5 fps, too sparse), a turn saying why it was wrong,
-the right zoom, the answer (sft rows carry `teacher`: exemplar | reflection). Options are listed in a
-fixed order (shapes, colours and numbers in their own order), and one-turn answers walk the options
-("A. red: no. B. blue: yes. ...") before the letter, so a small model trained from nothing maps the
-answer to its letter without a search. The cold start is small on purpose (hundreds to a few thousand
-rows); RL trains on the model's own attempts at the rl.jsonl questions.
+zoom (the right span at 0.5 fps, too sparse; without --walk also the neighbouring scene), a turn saying
+why it was not enough, the right zoom, the answer (sft rows carry `teacher`: exemplar | reflection).
+With --walk (the default) every reasoning is local steps a model trained from nothing can take: the
+overview read scene by scene against the named colour, zoomed frames read one by one, the options
+walked against the answer. The cold start is small on purpose (hundreds to a few thousand rows); RL
+trains on the model's own attempts at the rl.jsonl questions.
 Same seed -> byte-identical JSONL files and videos with identical frames.
 """
 
@@ -63,14 +64,14 @@ group.add_argument("--num-videos", type=int, default=100, help="videos in the wo
                    "videos than the question counts need makes questions repeat, options reshuffled)")
 group.add_argument("--num-test-videos", type=int, default=0, help="videos held out for test.jsonl (the last ones); "
                    "0 = a fifth, at least 1")
-group.add_argument("--seconds", type=int, default=120, help="length of every video in seconds: 40-120, a "
+group.add_argument("--seconds", type=int, default=40, help="length of every video in seconds: 40-120, a "
                    "multiple of --scene-seconds (each of the 12 colours at most once, at least 2 scenes)")
 group.add_argument("--scene-seconds", type=int, default=10, help="length of every scene in seconds: a multiple of "
                    "the overview's spacing, so every scene starts on an overview frame")
 group.add_argument("--overview-frames", type=int, default=0, help="the overview the agent is trained and run with: "
                    "N frames spread uniformly (train_sft.py / train_rl.py / infer.py --max-overview-frames N); "
                    "0 = one frame every 2 s (0.5 fps). Flashes fall between its frames")
-group.add_argument("--events", choices=["shapes", "colours"], default="shapes", help="what flashes inside a scene: "
+group.add_argument("--events", choices=["shapes", "colours"], default="colours", help="what flashes inside a scene: "
                    "a shape in a box (circle, square, triangle, diamond), or the whole picture in a flash colour "
                    "(white, black, grey, brown; the scenes then take the other 8 colours), which a model trained from "
                    "nothing reads in a few hundred steps where the shapes take thousands (docs/synthetic-world.md)")
@@ -90,7 +91,7 @@ group.add_argument("--num-clips", type=int, default=0, help="rows of clips.jsonl
 group.add_argument("--num-sft", type=int, default=300, help="rows of sft.jsonl (teacher trajectories)")
 group.add_argument("--num-rl", type=int, default=200, help="rows of rl.jsonl")
 group.add_argument("--num-test", type=int, default=120, help="rows of test.jsonl (held-out videos)")
-group.add_argument("--walk", action="store_true", help="write every reasoning as local steps: a question naming a "
+group.add_argument("--walk", action=argparse.BooleanOptionalAction, default=True, help="write every reasoning as local steps: a question naming a "
                    "scene reads the overview scene by scene against its colour (\"Find black: 0s red vs black no, "
                    "10s black vs black yes.\"), the zoomed frames are read one by one (\"0 -, 1 circle.\"), the "
                    "options are walked against the answer (\"A. red vs blue no, B. blue vs blue yes.\"); base rows "

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Train the embedded default model from nothing on the synthetic world, with the real scripts:
-#   1. synth.py writes the world (2-minute videos) and a short-video world (40 s) that eases the start;
-#   2. a random tiny Qwen2.5-VL (1.0M parameters, tokenizer fitted to the world's text);
-#   3. base model: train_sft.py on one-turn no-tool questions (our stand-in for a pretrained VLM);
-#   4. cold-start SFT: train_sft.py on the teacher's exemplar + reflection trajectories;
-#   5. RL: train_rl.py (GRPO) on the model's own multi-turn rollouts.
+# The method on the synthetic world, with the real scripts (train_sft.py, train_rl.py, infer.py), from the shipped
+# base model (assets/base: a tiny Qwen2.5-VL taught to see the world, our stand-in for a pretrained VLM):
+#   1. synth.py writes the world (its defaults: 40 s videos of four 10 s scenes, colour flashes between the 0.5 fps
+#      overview frames) with the teacher's cold-start trajectories (exemplar + reflection) and the RL questions;
+#   2. cold-start SFT: train_sft.py on the trajectories (vision tower frozen, as in the paper);
+#   3. RL: train_rl.py (GRPO) on the model's own multi-turn rollouts.
 # Then, with --eval, the results table of README.md on a held-out world (another seed).
 #
-#   bash train_world.sh runs/world            # train: the model is runs/world/rl/final
+#   bash train_world.sh runs/world            # train: the model is runs/world/rl/final (under an hour on 2 cores)
 #   bash train_world.sh runs/world --eval     # train if not done, then evaluate (adds the exemplar-only ablation)
 #   bash train_world.sh runs/world --install  # train if not done, then copy the model to assets/model
+#   bash train_world.sh base runs/base        # the base model itself, from random weights (hours; see below)
 #
 # A stage is skipped when its final/ checkpoint exists and the trainers resume from their newest step_N,
-# so rerunning after a crash goes on where it stopped. Frames are 112x56 (8 visual tokens each).
+# so rerunning after a crash goes on where it stopped. BASE=DIR starts from another base; THREADS sets torch threads.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -84,7 +85,7 @@ PY
   fi
   exit 0
 fi
-OUT=${1:?usage: bash train_world.sh OUT [--eval] [--install]}
+OUT=${1:?usage: bash train_world.sh OUT [--eval] [--install]  |  bash train_world.sh base OUT [--install]}
 shift
 EVAL=0 INSTALL=0
 for flag in "$@"; do
@@ -94,61 +95,36 @@ for flag in "$@"; do
     *) echo "error: unknown flag $flag (use --eval and/or --install)" >&2; exit 2 ;;
   esac
 done
+BASE=${BASE:-assets/base}
+[ -f "$BASE/model.safetensors" ] || { echo "error: no base model in $BASE (bash train_world.sh base DIR --install)" >&2; exit 2; }
+export OMP_NUM_THREADS=${THREADS:-2}
 mkdir -p "$OUT/logs"  # per-stage metrics, apart from the worlds' data files
 begin=$SECONDS
 stage() { echo "== $1 ($(( (SECONDS - begin) / 60 ))m$(( (SECONDS - begin) % 60 ))s so far)"; }
 
-# world DIR SEED SECONDS [synth.py flags]: one synth.py world, skipped when it exists (text.jsonl is
-# the last file synth.py writes).
+# world DIR SEED [synth.py flags]: one synth.py world (its defaults), skipped when it exists (text.jsonl is the
+# last file synth.py writes).
 world() {
-  local dir=$1 seed=$2 seconds=$3; shift 3
-  [ -f "$OUT/$dir/text.jsonl" ] || python synth.py --seed "$seed" --out "$OUT/$dir" --seconds "$seconds" "$@"
+  local dir=$1 seed=$2; shift 2
+  [ -f "$OUT/$dir/text.jsonl" ] || python synth.py --seed "$seed" --out "$OUT/$dir" "$@"
 }
-# train NAME START DATA [train_sft.py flags]: one train_sft.py stage, skipped when OUT/NAME/final exists.
-train() {
-  local name=$1 start=$2 data=$3; shift 3
+# sft NAME DATA: cold-start SFT from the base, skipped when OUT/NAME/final exists.
+sft() {
+  local name=$1 data=$2
   stage "train_sft.py: $name"
-  [ -d "$OUT/$name/final" ] || python train_sft.py --model "$OUT/$start" --data "$OUT/$data" --out "$OUT/$name" \
-    --batch-size 16 --save-every 100 --resume --frame-cache "$OUT/frames" --log-jsonl "$OUT/logs/$name.jsonl" "$@"
+  [ -d "$OUT/$name/final" ] || python train_sft.py --model "$BASE" --data "$OUT/$data" --out "$OUT/$name" \
+    --batch-size 16 --epochs 2 --lr 1e-3 --save-every 50 --resume --frame-cache "$OUT/frames" \
+    --log-jsonl "$OUT/logs/$name.jsonl"
 }
 
-stage "worlds"
-# The short world has the same scenes and questions with 20 overview frames instead of 60, so the tiny
-# model first learns to read frames and times where few frames compete.
-world world 0 120 --num-videos 100 --num-base 800 --num-sft 400 --num-rl 400 --num-test 60
-world short 100 40 --num-videos 300 --num-test-videos 1 --num-base 6400 --num-text 6400 --num-sft 1600 --num-rl 0 \
-  --num-test 0
-python -c "import vz; print(vz.NO_TOOL_PROMPT)" > "$OUT/no_tool.txt"
-
-stage "random tiny model"
-[ -f "$OUT/init/model.safetensors" ] || python - "$OUT" <<'PY'
-import json, sys
-import vz
-out = sys.argv[1]
-rows = [json.loads(line) for name in ("base", "sft") for line in open(f"{out}/world/{name}.jsonl")]
-rows += [json.loads(line) for line in open(f"{out}/short/text.jsonl")][:200]  # the overview in words
-corpus = [row["question"] + "\n" + "\n".join(row["options"]) for row in rows]
-corpus += [turn for row in rows for turn in row.get("turns", [])] + [row["messages"][1]["content"] for row in rows
-                                                                      if "messages" in row]
-vz.write_tiny_checkpoint(f"{out}/init", corpus, seed=0, hidden_size=128, num_layers=4, vision_hidden_size=64,
-                         head_dim=32, rope_theta=10000.0, whole_numbers=True,
-                         note="tiny VideoZoomer trained on the synth.py world by train_world.sh")
-PY
-
-# Base model, from nothing: first the base questions with the overview written in words (text only, fast:
-# it learns the answer format), then the same questions on pixels, short videos first, the vision tower
-# trained too. One turn, no tool.
-train text init short/text.jsonl --min-pixels 3136 --max-pixels 7168 --lr 3e-3
-base=(--system-prompt "$OUT/no_tool.txt" --train-vision)
-train base_short text/final short/base.jsonl "${base[@]}" --lr 2e-3
-train base base_short/final world/base.jsonl "${base[@]}" --lr 1e-3
-# Cold-start SFT on the teacher's trajectories (vision tower frozen, as in the paper).
-train sft_short base/final short/sft.jsonl --lr 1e-3 --epochs 2
-train sft sft_short/final world/sft.jsonl --lr 1e-3 --epochs 2
+stage "world"
+# 1,600 teacher trajectories (a fifth of the needle/count ones reflection) and 400 RL questions on 399 videos.
+world world 0 --num-videos 400 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 400 --num-test 0
+sft sft world/sft.jsonl
 
 stage "train_rl.py: rl"
 [ -d "$OUT/rl/final" ] || python train_rl.py --model "$OUT/sft/final" --data "$OUT/world/rl.jsonl" --out "$OUT/rl" \
-  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 10 --lr 1e-4 --tool-bonus 0 --max-new-tokens 128 \
+  --rollouts 8 --prompts-per-step 4 --max-resample 2 --steps 30 --lr 1e-4 --tool-bonus 0 --max-new-tokens 160 \
   --save-every 5 --resume --log-jsonl "$OUT/logs/rl.jsonl" --episodes-jsonl "$OUT/logs/rl_episodes.jsonl"
 stage "trained: $OUT/rl/final"
 
@@ -161,29 +137,26 @@ fi
 
 if [ $EVAL = 1 ]; then
   stage "held-out world"
-  world test 1 120 --num-videos 60 --num-test-videos 59 --num-base 0 --num-sft 0 --num-rl 0 --num-test 320
-  evaluate() {  # evaluate NAME MODEL [infer.py flags]: OUT/eval_NAME.txt (last line: accuracy) and .json
+  world test 1 --num-videos 80 --num-test-videos 79 --num-base 0 --num-sft 0 --num-rl 0 --num-test 320
+  evaluate() {  # evaluate NAME MODEL [infer.py flags]: OUT/eval_NAME.txt (last line: accuracy) and .jsonl
     local name=$1 model=$2; shift 2
     stage "evaluate $name"
-    [ -f "$OUT/eval_$name.json" ] || python infer.py --data "$OUT/test/test.jsonl" --model "$OUT/$model/final" \
-      --max-new-tokens 128 --json "$OUT/eval_$name.json" "$@" | grep -v '^\[' > "$OUT/eval_$name.txt"
+    [ -f "$OUT/eval_$name.txt" ] || python infer.py --data "$OUT/test/test.jsonl" --model "$model" \
+      --max-new-tokens 160 --results "$OUT/eval_$name.jsonl" --resume "$@" | grep -v '^\[' > "$OUT/eval_$name.tmp" \
+      && mv "$OUT/eval_$name.tmp" "$OUT/eval_$name.txt"
     cat "$OUT/eval_$name.txt"
   }
-  evaluate rl rl
-  evaluate sft sft
+  evaluate rl "$OUT/rl/final"
+  evaluate sft "$OUT/sft/final"
   # The uniform baselines get the frames per question the SFT + RL agent used on average.
   frames=$(sed -n 's/^mean frames per question: \([0-9]*\).*/\1/p' "$OUT/eval_rl.txt")
-  evaluate base_no_tool base --no-tool --no-tool-frames "$frames"
-  evaluate rl_no_tool rl --no-tool --no-tool-frames "$frames"
+  evaluate base_no_tool "$BASE" --no-tool --no-tool-frames "$frames"
+  evaluate rl_no_tool "$OUT/rl/final" --no-tool --no-tool-frames "$frames"
 
   stage "ablation: cold-start SFT on exemplars only (the same questions, --reflection-frac 0)"
-  # sft.jsonl is drawn after test and rl (same counts keep the same questions) and before base and text.
-  world world_exemplar 0 120 --num-videos 100 --num-base 0 --num-sft 400 --num-rl 400 --num-test 60 \
-    --reflection-frac 0
-  world short_exemplar 100 40 --num-videos 300 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 0 \
+  world world_exemplar 0 --num-videos 400 --num-test-videos 1 --num-base 0 --num-sft 1600 --num-rl 400 \
     --num-test 0 --reflection-frac 0
-  train sft_short_exemplar base/final short_exemplar/sft.jsonl --lr 1e-3 --epochs 2
-  train sft_exemplar sft_short_exemplar/final world_exemplar/sft.jsonl --lr 1e-3 --epochs 2
-  evaluate sft_exemplar sft_exemplar
+  sft sft_exemplar world_exemplar/sft.jsonl
+  evaluate sft_exemplar "$OUT/sft_exemplar/final"
 fi
 stage "done"

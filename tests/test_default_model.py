@@ -14,6 +14,17 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def infer_constant(name):
+    """A literal assigned at infer.py's top level (importing infer.py would run it)."""
+    import ast
+    tree = ast.parse(open(os.path.join(REPO, "infer.py")).read())
+    return next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name)
+
+
+DEMO_WORLD = infer_constant("DEMO_WORLD")  # the world the shipped model was trained for
 # What README.md states for this exact check (seed 4242, 8 videos, 40 questions, greedy decoding):
 # overall accuracy and needle accuracy, measured with the committed model. A few points are allowed
 # for floating-point differences between CPUs.
@@ -53,7 +64,7 @@ def test_demo_answers_a_held_out_question(env):
 
 def test_accuracy_on_a_fresh_held_out_world(env, tmp_path):
     made = run(["synth.py", "--seed", "4242", "--out", str(tmp_path), "--num-videos", "8", "--num-test-videos", "7",
-                "--num-base", "0", "--num-sft", "0", "--num-rl", "0", "--num-test", "40"], env)
+                "--num-base", "0", "--num-sft", "0", "--num-rl", "0", "--num-test", "40", *DEMO_WORLD], env)
     assert made.returncode == 0, made.stderr
     result = run(["infer.py", "--data", str(tmp_path / "test.jsonl")], env)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -19,8 +19,9 @@ import pytest
 import vz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shapes world of 60 s videos, reasoning not walked (the flags after it may override these)
 SMALL = ["--num-videos", "8", "--num-test-videos", "2", "--seconds", "60", "--num-base", "30", "--num-sft", "30",
-         "--num-rl", "15", "--num-test", "10", "--num-text", "12"]
+         "--num-rl", "15", "--num-test", "10", "--num-text", "12", "--events", "shapes", "--no-walk"]
 FILES = ("base", "sft", "rl", "test", "text")
 
 
@@ -583,3 +584,20 @@ def test_ctrl_c_stops_with_one_line_and_leaves_no_half_file(tmp_path):
     assert process.returncode == 130 and err.strip().startswith("interrupted: the world in --out is incomplete"), err
     assert not [n for n in os.listdir(tmp_path) if n.endswith((".jsonl", ".tmp"))]
     assert not [n for n in os.listdir(tmp_path / "videos") if ".tmp" in n]
+
+
+def test_default_flags_write_the_world_the_shipped_model_was_trained_for(tmp_path):
+    # Issue 17: `synth.py --seed S --out D` alone is the world of assets/model (train_world.sh passes no world flags):
+    # 40 s videos, whole-picture colour flashes, walked reasoning.
+    counts = ["--num-videos", "3", "--num-test-videos", "1", "--num-base", "4", "--num-sft", "8", "--num-rl", "2",
+              "--num-test", "4"]
+    result = subprocess.run([sys.executable, os.path.join(REPO, "synth.py"), "--seed", "5", "--out", str(tmp_path),
+                             *counts], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    sft = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
+    test = [json.loads(line) for line in open(tmp_path / "test.jsonl")]
+    with vz.open_video(str(tmp_path / test[0]["video"])) as video:
+        assert video.duration == pytest.approx(40.0, abs=0.01)
+    needles = [row for row in sft + test if row["kind"] == "needle"]
+    assert needles and all(row["options"] == ["A. white", "B. black", "C. grey", "D. brown"] for row in needles)
+    assert all(row["turns"][0].startswith("<think>Find ") for row in sft if row["kind"] != "glance")
