@@ -12,7 +12,7 @@ at </video_zoom>, and the teacher's text is parsed by vz.parse_turn, so a bad ca
 Kept:
 1. Exemplar: right final answer, every turn in the protocol's shape, and for --require-zoom kinds at least
    one zoom that returned frames. Up to --samples attempts per question, at most --keep distinct ones.
-2. Reflection (HTTP teacher): from an attempt that zoomed and answered wrong, its turns up to its last zoom's
+2. Reflection: from an attempt that zoomed and answered wrong, its turns up to its last zoom's
    reply, then the teacher's next turns after an instruction (not saved) to say first why what it saw was
    not enough, zoom again and answer. Kept when right and well formed.
 Every row is train_sft.py's layout (plus teacher and source) and is checked with vz.replay against
@@ -294,26 +294,40 @@ def distill(question, index):
                     and replays(video, question, turns):
                 seen.add(tuple(turns))
                 kept.append(("exemplar", turns, records))
-        if kept or args.no_reflection or args.teacher_dir:
+        if kept or args.no_reflection:
             return kept
         for turns, records in attempts:
             zooms = [i for i, r in enumerate(records) if r["kind"] == "zoom"]
             if zooms and judge(question, records) == "wrong" and all(r["format_ok"] for r in records[:zooms[-1] + 1]):
                 prefix = turns[:zooms[-1] + 1]
-                turns, records = http_episode(video, question, overview, args.temperature, prefix, REFLECT)
+                with lock:
+                    counters["reflections asked"] += 1
+                if args.teacher_dir:
+                    turns, records = local_attempts(video, question, index, prefix, REFLECT)[0]
+                else:
+                    turns, records = http_episode(video, question, overview, args.temperature, prefix, REFLECT)
                 if judge(question, records) is None and len(turns) > len(prefix) and replays(video, question, turns):
                     return [("reflection", turns, records)]
                 break
         return []
 
 
-def local_attempts(video, question, index):
-    """--samples rollouts of the local teacher, as (turns, records)."""
+def local_attempts(video, question, index, prefix=(), instruction=None):
+    """Rollouts of the local teacher, as (turns, records): --samples of them from the prompt, or with a prefix
+    one continuation of those recorded turns (replayed by the tool), the instruction added to the last reply."""
     prompt = vz.build_prompt(renderer, video, question["question"], question["options"], limits,
                              args.overview_fps, args.max_overview_frames, system_prompt)
+    num_rollouts = args.samples
+    if prefix:
+        prompt, num_rollouts = vz.replay(renderer, video, prompt, prefix, limits), 1
+        if instruction:  # the local form of http_episode's extra text part: inside the last user message
+            tail = [renderer.im_end] + renderer.encode("\n") + renderer.assistant_header()[0]
+            assert prompt.ids[-len(tail):] == tail, "a replayed prefix ends with a tool reply"
+            extra = renderer.encode("\n" + instruction) + tail
+            prompt.ids[-len(tail):], prompt.mask[-len(tail):] = extra, [0] * len(extra)
     generator = torch.Generator().manual_seed(args.seed + index)
     with lock:  # one model: rollouts run one at a time
-        episodes = vz.rollout(model, renderer, video, prompt, args.samples, limits, args.temperature,
+        episodes = vz.rollout(model, renderer, video, prompt, num_rollouts, limits, args.temperature,
                               generator=generator)
         counters["requests"] += 1
         counters["tokens"] += sum(sum(e.mask) for e in episodes)
@@ -322,7 +336,7 @@ def local_attempts(video, question, index):
         records = [{"format_ok": t["format_ok"], "kind": t["kind"] if t["kind"] in ("zoom", "answer") else "other",
                     "num_frames": t.get("num_frames", 0) if t["kind"] == "zoom" else 0, "letter": t.get("letter")}
                    for t in episode.turns]
-        out.append(([t["text"] for t in episode.turns], records))
+        out.append((list(prefix) + [t["text"] for t in episode.turns[len(prefix):]], records))
     return out
 
 
@@ -394,7 +408,7 @@ out.close()
 # Summary
 
 print(f"kept {stats['exemplar']} exemplar and {stats['reflection']} reflection rows in {args.out} "
-      f"({time.time() - started:.1f} s)")
+      f"({time.time() - started:.1f} s; reflection asked for {counters['reflections asked']} questions)")
 for kind, counts in sorted(per_kind.items()):
     print(f"  kind {kind}: kept for {counts['kept']}/{counts['questions']} questions "
           f"({counts['kept'] / counts['questions']:.0%})")

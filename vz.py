@@ -1274,8 +1274,8 @@ def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, to
     group runs alone. So a seeded group gets the same episodes whichever groups share its batch.
 
     Args:
-        groups: iterable of (video, prompt, num_rows, generator); prompt from build_prompt (copied for
-            each row), generator a seeded torch.Generator (unused when greedy). Taken lazily: the next
+        groups: iterable of (video, prompt, num_rows, generator); prompt from build_prompt, or a replayed
+            episode to continue (copied for each row, its turns too), generator a seeded torch.Generator (unused when greedy). Taken lazily: the next
             group is read only when the batch may have room for it, so a long question set can stream.
         max_batch_rows: most rows decoding at once (bounds the cache's memory); 0 = no cap.
         on_turn: optional callback(group index, row, episode, turn_record) as each turn finishes.
@@ -1301,8 +1301,9 @@ def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, to
             if why:
                 raise ValueError(why)
             group = len(results)
-            results.append([Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames),
-                                    last_turn=prompt.last_turn) for _ in range(num_rows)])
+            results.append([Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames), list(prompt.turns),
+                                    last_turn=prompt.last_turn, num_zooms=prompt.num_zooms)
+                            for _ in range(num_rows)])
             videos.append(video)
             generators.append(generator)
             remaining.append(num_rows)

@@ -199,3 +199,59 @@ def test_ctrl_c_exits_130_with_whole_rows(data, server, tmp_path):
     assert process.returncode == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted:")
     assert all(line.endswith("\n") for line in open(tmp_path / "out.jsonl"))
+
+
+def reflect_instruction():
+    """distill.py's REFLECT text, read from the script (it runs on import)."""
+    import ast
+    tree = ast.parse(open(os.path.join(REPO, "distill.py")).read())
+    return next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "REFLECT")
+
+
+def test_local_teacher_reflects(data, tiny_dir, index_video, tmp_path):
+    # A local teacher trained in seconds to zoom once and answer B, and, when the reflection instruction follows
+    # its zoom's reply, to zoom again and answer C. Asked a question whose answer is C, its attempt is wrong and
+    # its reflection is kept: the recorded zoom, then the new turns, without the instruction, replaying whole.
+    import shutil
+    import torch
+    model, tokenizer, vcfg = vz.load_model(tiny_dir)
+    renderer = vz.Renderer(tokenizer, vcfg)
+    limits = vz.Limits(max_new_tokens=64)
+    question = "Which index comes later?"
+    zoom_again = '<think>Those frames missed it.</think><video_zoom> {"segment": [10, 12], "fps": 2} </video_zoom>'
+    answer_c = "<think>Now it shows.</think><answer>C</answer>"
+    video = vz.open_video(str(data / "v.mp4"))
+    prompt = vz.build_prompt(renderer, video, question, OPTIONS, limits, overview_fps=0.25)
+    plain = vz.replay(renderer, video, prompt, [ZOOM, "<think>Seen it.</think><answer>B</answer>"], limits)
+    told = vz.replay(renderer, video, prompt, [ZOOM], limits)
+    tail = [renderer.im_end] + renderer.encode("\n") + renderer.assistant_header()[0]
+    extra = renderer.encode("\n" + reflect_instruction()) + tail
+    told.ids[-len(tail):], told.mask[-len(tail):] = extra, [0] * len(extra)
+    for text in (zoom_again, answer_c):
+        vz.respond(renderer, video, told, renderer.encode(text) + ([] if vz.ZOOM_CLOSE in text else [renderer.im_end]),
+                   limits)
+    assert told.stop == "answer"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    torch.manual_seed(0)
+    for step in range(120):
+        episode = (plain, told)[step % 2]
+        logp, mask, _ = vz.token_logprobs(model, renderer, [(episode.ids, episode.mask, episode.frames)])
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    video.close()
+    teacher = str(tmp_path / "teacher")
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    shutil.copy(os.path.join(tiny_dir, "preprocessor_config.json"), teacher)
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"video": str(data / "v.mp4"), "question": question,
+                                                   "options": OPTIONS, "answer": "C", "kind": "needle"}) + "\n")
+    result = distill(tmp_path, tmp_path / "out.jsonl", "--teacher-dir", teacher, "--temperature", "0",
+                     "--max-new-tokens", "64")
+    assert "kept 0 exemplar and 1 reflection rows" in result.stdout, result.stdout[-1500:]
+    assert "reflection asked for 1 questions" in result.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert [row["teacher"] for row in rows] == ["reflection"] and rows[0]["turns"] == [ZOOM, zoom_again, answer_c]
+    assert rows[0]["source"] == "teacher"
