@@ -5,7 +5,7 @@
     python distill.py --data qa.jsonl --teacher-dir /models/Qwen2.5-VL-72B-Instruct --out cold_start.jsonl
 
 The teacher runs docs/protocol.md's zoom protocol on every question: our system prompt, the overview, and the
-tool's real replies (vz.sample_clip and the same reply builders as vz.respond). Over HTTP (an
+tool's real replies (vz.serve_zoom and the same reply builders as vz.respond). Over HTTP (an
 OpenAI-compatible /chat/completions endpoint; API key from the env var named by --api-key-env, never
 printed or written) every frame is a JPEG data URL preceded by its frame tag as a text part; a turn stops
 at </video_zoom>, and the teacher's text is parsed by vz.parse_turn, so a bad call is an error turn.
@@ -15,12 +15,14 @@ Kept:
 2. Reflection: from an attempt that zoomed and answered wrong, its turns up to its last zoom's
    reply, then the teacher's next turns after an instruction (not saved) to say first why what it saw was
    not enough, zoom again and answer. Kept when right and well formed.
-Every row is train_sft.py's layout (plus teacher and source) and is checked with vz.replay against
+Every row is train_sft.py's layout (plus teacher and source), or with --layout llama-factory LLaMA-Factory's
+(messages and images; frames as PNG files beside --out), and is checked with vz.replay against
 --check-model's tokenizer (default --teacher-dir). Output is append-only, one whole line per row, flushed;
 --resume skips questions already in --out and drops a trailing partial line. Teacher output is data only.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -41,6 +43,9 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFor
 group = parser.add_argument_group("Data")
 group.add_argument("--data", required=True, help="questions: our RL layout or the released RL layout (JSONL or .json list)")
 group.add_argument("--out", required=True, help="output JSONL of SFT trajectories (appended to)")
+group.add_argument("--layout", choices=("ours", "llama-factory"), default="ours",
+                   help="rows as ours (video, question, turns) or LLaMA-Factory's (messages with <image>, images: "
+                        "PNG files under OUT_images/); train_sft.py reads both")
 group.add_argument("--resume", action="store_true", help="skip questions (video + question) already in --out")
 group.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
 group = parser.add_argument_group("Teacher")
@@ -85,6 +90,7 @@ if args.system_prompt:
         vz.fail(f"{args.system_prompt}: cannot read the system prompt ({e.strerror})")
 source = args.teacher_model or os.path.basename(os.path.normpath(args.teacher_dir))
 print("args:", json.dumps(vars(args)))
+image_root = os.path.splitext(args.out)[0] + "_images"
 
 # -----------------------------------------------------------------------------
 # Checker (and local teacher): the tokenizer that vz.replay renders kept rows with
@@ -157,8 +163,9 @@ lock = threading.Lock()  # counters, and the local teacher's one model
 write_lock = threading.Lock()  # rows and the tallies beside them; Ctrl-C waits for it, so no line is cut
 
 
-def content(parts):
-    """vz message parts (str and Frame) -> chat-completions content: text parts and image_url parts, in order."""
+def content(parts, urls):
+    """vz message parts (str and Frame) -> chat-completions content: text parts and image_url parts, in order.
+    urls: the data URL of each frame already encoded (by id), so a frame is encoded once per episode."""
     out = []
     for part in parts:
         if isinstance(part, str):
@@ -167,7 +174,9 @@ def content(parts):
             else:
                 out.append({"type": "text", "text": part})
         else:
-            out.append({"type": "image_url", "image_url": {"url": vz.jpeg_data_url(part.image)}})
+            if id(part) not in urls:
+                urls[id(part)] = vz.jpeg_data_url(part.image)
+            out.append({"type": "image_url", "image_url": {"url": urls[id(part)]}})
     return out
 
 
@@ -213,23 +222,30 @@ REFLECT = ("Before you go on: your zoom did not show enough to answer for sure. 
            "saying what those frames did not show and why, then zoom again where the answer must be, and answer.")
 
 
-def http_episode(video, question, overview, temperature, prefix=(), instruction=None):
+def walk(video, question, overview, temperature=None, prefix=(), instruction=None):
     """Run the protocol with the server; prefix: recorded turns replayed first (their replies rebuilt by the
-    tool), instruction: text added to the last reply before the teacher continues (not part of the turns)."""
-    messages = [{"role": "system", "content": system_text},
-                {"role": "user", "content": content(vz.tagged(overview) + [vz.format_question(question["question"],
-                                                                                              question["options"])])}]
-    turns, records, num_frames = [], [], len(overview)
+    tool), instruction: text added to the last reply before the teacher continues (not part of the turns).
+    With the prefix holding every turn the server is never asked: that rebuilds a row's conversation.
+    Returns (turns, records, conversation): conversation is [(role, vz parts)], the instruction left out."""
+    conversation = [("system", [system_text]),
+                    ("user", vz.tagged(overview) + [vz.format_question(question["question"], question["options"])])]
+    turns, records, num_frames, urls, instructed = [], [], len(overview), {}, None
     for turn in range(1, limits.max_turns + 1):
         if turn <= len(prefix):
             text = prefix[turn - 1]
         else:
-            if instruction and turn == len(prefix) + 1:
-                messages[-1]["content"].append({"type": "text", "text": "\n" + instruction})
+            if instruction and instructed is None:
+                instructed = len(conversation) - 1
+            messages = [{"role": "system", "content": system_text}]
+            for index, (role, parts) in enumerate(conversation[1:], 1):
+                messages.append({"role": role, "content": parts[0] if role == "assistant" else content(parts, urls)})
+                if index == instructed:
+                    messages[-1]["content"].append({"type": "text", "text": "\n" + instruction})
             text = chat(messages, temperature)
         budget = min(limits.max_frames_per_call, limits.max_frames - num_frames)
-        action, format_ok = vz.parse_turn(text, video.duration, budget)
+        action, format_ok = vz.parse_turn(text, video.duration, budget, video.num_frames)
         turns.append(text)
+        conversation.append(("assistant", [text]))
         record = {"format_ok": format_ok, "kind": "other", "num_frames": 0}
         records.append(record)
         if isinstance(action, vz.Answer):
@@ -238,15 +254,17 @@ def http_episode(video, question, overview, temperature, prefix=(), instruction=
         if action is None or turn == limits.max_turns:
             break
         last_turn = turn + 1 == limits.max_turns
+        frames, damage = [], []
+        if isinstance(action, vz.Zoom):
+            action, frames, damage = vz.serve_zoom(video, vcfg, action)
         if isinstance(action, vz.Invalid):
             reply = vz.error_reply_parts(action.error, last_turn)
         else:
-            frames = vz.sample_clip(video, vcfg, action.start, action.end, action.num_frames)
             num_frames += len(frames)
             record.update(kind="zoom", num_frames=len(frames))
-            reply = vz.zoom_reply_parts(action, frames, last_turn)
-        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": content(reply)}]
-    return turns, records
+            reply = vz.zoom_reply_parts(action, frames, last_turn, damage)
+        conversation.append(("user", reply))
+    return turns, records, conversation
 
 
 system_text = vz.system_text(limits, system_prompt)
@@ -281,35 +299,70 @@ def replays(video, question, turns):
 
 
 def distill(question, index):
-    """All kept rows of one question: [(teacher, turns, records)]."""
+    """All kept rows of one question, ready to write: [(row, zooms, zoomed frames)]."""
     with vz.open_video(question["video"]) as video:
         overview = vz.sample_overview(video, vcfg, args.overview_fps, min(args.max_overview_frames, limits.max_frames))
         if args.teacher_dir:
             attempts = local_attempts(video, question, index)
         else:
-            attempts = [http_episode(video, question, overview, args.temperature) for _ in range(args.samples)]
+            attempts = [walk(video, question, overview, args.temperature)[:2] for _ in range(args.samples)]
         kept, seen = [], set()
         for turns, records in attempts:
             if len(kept) < args.keep and judge(question, records) is None and tuple(turns) not in seen \
                     and replays(video, question, turns):
                 seen.add(tuple(turns))
                 kept.append(("exemplar", turns, records))
-        if kept or args.no_reflection:
-            return kept
-        for turns, records in attempts:
-            zooms = [i for i, r in enumerate(records) if r["kind"] == "zoom"]
-            if zooms and judge(question, records) == "wrong" and all(r["format_ok"] for r in records[:zooms[-1] + 1]):
-                prefix = turns[:zooms[-1] + 1]
-                with lock:
-                    counters["reflections asked"] += 1
-                if args.teacher_dir:
-                    turns, records = local_attempts(video, question, index, prefix, REFLECT)[0]
-                else:
-                    turns, records = http_episode(video, question, overview, args.temperature, prefix, REFLECT)
-                if judge(question, records) is None and len(turns) > len(prefix) and replays(video, question, turns):
-                    return [("reflection", turns, records)]
-                break
-        return []
+        if not kept and not args.no_reflection:
+            kept = reflect(video, question, index, overview, attempts)
+        return [(write_layout(video, question, overview, teacher, turns, number),
+                 sum(r["kind"] == "zoom" for r in records), sum(r["num_frames"] for r in records))
+                for number, (teacher, turns, records) in enumerate(kept)]
+
+
+def reflect(video, question, index, overview, attempts):
+    """From the first attempt that zoomed and answered wrong: its turns to its last zoom's reply, then the
+    teacher's after REFLECT. [("reflection", turns, records)] when that is right and well formed, else []."""
+    for turns, records in attempts:
+        zooms = [i for i, r in enumerate(records) if r["kind"] == "zoom"]
+        if zooms and judge(question, records) == "wrong" and all(r["format_ok"] for r in records[:zooms[-1] + 1]):
+            prefix = turns[:zooms[-1] + 1]
+            with lock:
+                counters["reflections asked"] += 1
+            if args.teacher_dir:
+                turns, records = local_attempts(video, question, index, prefix, REFLECT)[0]
+            else:
+                turns, records = walk(video, question, overview, args.temperature, prefix, REFLECT)[:2]
+            if judge(question, records) is None and len(turns) > len(prefix) and replays(video, question, turns):
+                return [("reflection", turns, records)]
+            break
+    return []
+
+
+def write_layout(video, question, overview, teacher, turns, number):
+    """One output row. Ours: the question's fields and the turns. LLaMA-Factory: the conversation rebuilt by
+    the tool (walk with every turn given) as messages with <image> placeholders, each frame a PNG file under
+    OUT_images/ (named by the question, so a rerun rewrites the same files), plus the question's fields."""
+    row = {key: question[key] for key in ("video", "question", "options", "answer", "kind")}
+    if args.layout == "ours":
+        return dict(row, turns=turns, teacher=teacher, source=source)
+    conversation = walk(video, question, overview, prefix=turns)[2]
+    name = hashlib.sha1(f"{question['video']}\n{question['question']}".encode()).hexdigest()[:16]
+    folder = os.path.join(image_root, f"{name}_{number}")
+    os.makedirs(folder, exist_ok=True)
+    messages, images = [], []
+    for role, parts in conversation:
+        text = ""
+        for part in parts:
+            if isinstance(part, str):
+                text += part
+                continue
+            path = os.path.join(folder, f"{len(images):03d}.png")
+            with open(path, "wb") as f:
+                f.write(vz.encode_image(part.image, "png"))
+            images.append(os.path.relpath(path, os.path.dirname(os.path.abspath(args.out))))
+            text += "<image>"
+        messages.append({"role": role, "content": text})
+    return dict(row, messages=messages, images=images, teacher=teacher, source=source)
 
 
 def local_attempts(video, question, index, prefix=(), instruction=None):
@@ -320,7 +373,7 @@ def local_attempts(video, question, index, prefix=(), instruction=None):
     num_rollouts = args.samples
     if prefix:
         prompt, num_rollouts = vz.replay(renderer, video, prompt, prefix, limits), 1
-        if instruction:  # the local form of http_episode's extra text part: inside the last user message
+        if instruction:  # the local form of walk's extra text part: inside the last user message
             tail = [renderer.im_end] + renderer.encode("\n") + renderer.assistant_header()[0]
             assert prompt.ids[-len(tail):] == tail, "a replayed prefix ends with a tool reply"
             extra = renderer.encode("\n" + instruction) + tail
@@ -376,13 +429,11 @@ def work(item):
     except vz.VideoError as e:
         kept, reason = [], vz._one_line(e)
     with write_lock:  # one write of a whole line, then flush: a hard kill leaves at most one partial line
-        for teacher, turns, records in kept:
-            row = {key: question[key] for key in ("video", "question", "options", "answer", "kind")}
-            row.update(turns=turns, teacher=teacher, source=source)
+        for row, zooms, zoomed in kept:
             out.write(json.dumps(row) + "\n")
             out.flush()
-            stats[teacher] += 1
-            kept_sizes.append((sum(r["kind"] == "zoom" for r in records), sum(r["num_frames"] for r in records)))
+            stats[row["teacher"]] += 1
+            kept_sizes.append((zooms, zoomed))
         stats["done"] += 1
         per_kind[question["kind"] or "-"]["questions"] += 1
         per_kind[question["kind"] or "-"]["kept"] += bool(kept)

@@ -403,15 +403,20 @@ class Video:
         self.close()
 
 
+def encode_image(image, codec="mjpeg"):
+    """(h, w, 3) uint8 RGB -> the bytes of one JPEG ("mjpeg") or PNG ("png") image, encoded with PyAV."""
+    context = av.CodecContext.create(codec, "w")
+    pix_fmt = "yuvj420p" if codec == "mjpeg" else "rgb24"
+    context.width, context.height, context.pix_fmt = image.shape[1], image.shape[0], pix_fmt
+    context.time_base = Fraction(1, 25)
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+    return b"".join(bytes(packet) for packet in context.encode(frame) + context.encode(None))
+
+
 def jpeg_data_url(image):
-    """(h, w, 3) uint8 RGB -> a base64 JPEG data URL, encoded with PyAV (the viewer's pages, teacher requests)."""
+    """(h, w, 3) uint8 RGB -> a base64 JPEG data URL (the viewer's pages, teacher requests)."""
     import base64
-    codec = av.CodecContext.create("mjpeg", "w")
-    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
-    codec.time_base = Fraction(1, 25)
-    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
-    data = b"".join(bytes(packet) for packet in codec.encode(frame) + codec.encode(None))
-    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(encode_image(image)).decode()
 
 
 def _one_line(error):
@@ -1054,11 +1059,8 @@ def respond(renderer, video, episode, ids, limits):
     elif isinstance(action, Invalid):
         record.update(kind="invalid", error=action.error)
     else:
-        frames = sample_clip(video, renderer.vcfg, action.start, action.end, action.num_frames)
-        damage = video.damage_in(action.start, action.end) if len(frames) < action.num_frames else []
-        if not frames:  # the whole segment lies in a damaged stretch: an error the model can act on
-            action = Invalid(f"no frame from {action.start:.2f}s to {action.end:.2f}s can be decoded: the video "
-                             f"is damaged from {damage_text(damage)}; choose another segment")
+        action, frames, damage = serve_zoom(video, renderer.vcfg, action)
+        if isinstance(action, Invalid):
             record.update(kind="invalid", error=action.error)
         else:
             record.update(kind="zoom", segment=[action.start, action.end], fps=action.fps,
@@ -1092,6 +1094,17 @@ def respond(renderer, video, episode, ids, limits):
     episode.frames += frames
     record["reply"] = renderer.decode(message)
     return reply_ids, frames
+
+
+def serve_zoom(video, vcfg, call):
+    """The tool's side of a valid call: (call, frames, damaged stretches that cut the frames short). A segment
+    that lies wholly in a damaged stretch has no frame: the call becomes an Invalid the model can act on."""
+    frames = sample_clip(video, vcfg, call.start, call.end, call.num_frames)
+    damage = video.damage_in(call.start, call.end) if len(frames) < call.num_frames else []
+    if not frames:
+        call = Invalid(f"no frame from {call.start:.2f}s to {call.end:.2f}s can be decoded: the video "
+                       f"is damaged from {damage_text(damage)}; choose another segment")
+    return call, frames, damage
 
 
 def replay(renderer, video, prompt, texts, limits=Limits()):
