@@ -26,7 +26,7 @@ ZOOM = '<think>Look closer.</think><video_zoom> {"segment": [4, 6], "fps": 2} </
 class Teacher(http.server.BaseHTTPRequestHandler):
     """Scripted teacher: zoom once, then answer B; after the reflection instruction, zoom and answer C.
     `faults` is a list of 'error' (HTTP 500) or 'slow' (sleeps past the client's timeout) served first."""
-    faults, seen, lock = [], [], threading.Lock()
+    faults, seen, lock, delay = [], [], threading.Lock(), 0.0
 
     def log_message(self, *a):
         pass
@@ -42,6 +42,7 @@ class Teacher(http.server.BaseHTTPRequestHandler):
             return
         if fault == "slow":
             time.sleep(1.5)
+        time.sleep(self.delay)
         messages = body["messages"]
         reflecting = any(part["type"] == "text" and "Before you go on" in part["text"]
                          for m in messages if m["role"] == "user" for part in m["content"])
@@ -68,7 +69,7 @@ class Teacher(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    Teacher.faults, Teacher.seen = [], []
+    Teacher.faults, Teacher.seen, Teacher.delay = [], [], 0.0
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Teacher)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -152,6 +153,23 @@ def test_resume_after_a_kill_gives_the_same_rows(data, server, tmp_path):
     result = distill(data, tmp_path / "cut.jsonl", *flags, "--resume")
     assert "1 to do, 1 already in" in result.stdout
     assert open(tmp_path / "cut.jsonl").read() == whole
+    # A real SIGKILL once the first row is out (the teacher slowed down so the second is still in flight).
+    Teacher.delay = 0.4
+    cmd = [sys.executable, os.path.join(REPO, "distill.py"), "--data", str(data / "qa.jsonl"), "--out",
+           str(tmp_path / "killed.jsonl"), "--overview-fps", "0.25", "--samples", "1", *flags]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = tmp_path / "killed.jsonl"
+    deadline = time.time() + 60
+    while not (killed.exists() and killed.read_text().count("\n")):
+        assert process.poll() is None and time.time() < deadline, "distill.py ended before it could be killed"
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert killed.read_text().count("\n") == 1
+    Teacher.delay = 0.0
+    result = distill(data, killed, *flags, "--resume")
+    assert "1 to do, 1 already in" in result.stdout
+    assert killed.read_text() == whole
 
 
 def test_unhealing_4xx_stops_with_one_line(data, tmp_path):
