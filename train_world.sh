@@ -158,5 +158,34 @@ if [ $EVAL = 1 ]; then
     --num-test 0 --reflection-frac 0
   sft sft_exemplar world_exemplar/sft.jsonl
   evaluate sft_exemplar "$OUT/sft_exemplar/final"
+
+  stage "table: $OUT/table.md"
+  python - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+truth = {(os.path.basename(r["video"]), r["question"]): r for r in map(json.loads, open(f"{out}/test/test.jsonl"))}
+rows = [("base, `--no-tool`, uniform frames at equal budget", "base_no_tool"), ("SFT on exemplars only", "sft_exemplar"),
+        ("SFT on exemplars + reflection", "sft"), ("SFT + RL (`assets/model`)", "rl"),
+        ("SFT + RL, `--no-tool`, uniform frames at equal budget", "rl_no_tool")]
+lines = ["| model | needle | count | glance | all | zooms/q | frames/q | zooms on the named scene |",
+         "|---|---|---|---|---|---|---|---|"]
+for label, name in rows:
+    records = [json.loads(line) for line in open(f"{out}/eval_{name}.jsonl")]
+    def accuracy(kind=None):
+        picked = [r for r in records if kind in (None, r["kind"])]
+        return f"{sum(bool(r['correct']) for r in picked) / len(picked):.3f}"
+    zooms = on_scene = 0  # needle and count name a scene: a zoom is on it when its segment overlaps the scene
+    for r in records:
+        scene = truth[(os.path.basename(r["video"]), r["question"])]["meta"].get("scene")
+        for turn in r["turns"]:
+            if turn["kind"] == "zoom" and r["kind"] in ("needle", "count") and scene:
+                zooms += 1
+                on_scene += turn["segment"][0] < scene["end"] and turn["segment"][1] > scene["start"]
+    lines.append(f"| {label} | {accuracy('needle')} | {accuracy('count')} | {accuracy('glance')} | {accuracy()} | "
+                 f"{sum(r['num_zooms'] for r in records) / len(records):.2f} | "
+                 f"{sum(r['num_frames'] for r in records) / len(records):.1f} | {on_scene}/{zooms} |")
+open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
 fi
 stage "done"
