@@ -206,7 +206,12 @@ class Video:
         keeps the axes (a < 0 mirrors columns, d < 0 rows); otherwise the axes swap (checked against
         ffmpeg's own autorotation for 0/90/180/270 degrees, each also mirrored either way)."""
         frame = next((f for f in self._decode() if not isinstance(f, Hole)), None)
-        matrix = frame.side_data.get("DISPLAYMATRIX") if frame is not None else None
+        try:
+            matrix = frame.side_data.get("DISPLAYMATRIX") if frame is not None else None
+        except ValueError as e:  # a kind of side data PyAV does not know (a camera's EXIF in MJPEG: type 31)
+            self._warn(f"PyAV cannot read this video's frame side data ({_one_line(e)}), so a rotation stored "
+                       f"there is not applied: frames are shown as stored")
+            return (False, False, False)
         if matrix is None:
             return (False, False, False)
         a, b, _, c, d = struct.unpack("<9i", bytes(matrix))[:5]

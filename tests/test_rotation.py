@@ -85,3 +85,30 @@ def test_rotated_frames_patchify_like_upright_ones(tmp_path):
     _, grid = vz.patchify(frame.image, cfg)
     height, width = vz.resize_shape(WIDTH, HEIGHT, cfg)
     assert grid.tolist() == [1, height // 14, width // 14]
+
+
+def test_frame_side_data_pyav_cannot_read_is_a_warning(tmp_path, capsys):
+    # A camera's MJPEG video whose JPEGs carry EXIF: FFmpeg attaches side data of a type PyAV 18 has no name for,
+    # and reading the frame's side data raises. The video still plays, as stored, with one warning.
+    import io
+    from fractions import Fraction
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    path = str(tmp_path / "camera.mov")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("mjpeg", rate=5)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuvj420p"
+        stream.time_base = Fraction(1, 5)
+        for index in range(10):
+            data = io.BytesIO()
+            Image.fromarray(pattern()).save(data, "JPEG", exif=exif.tobytes(), quality=95)
+            packet = av.Packet(data.getvalue())
+            packet.pts = packet.dts = index
+            packet.stream, packet.time_base = stream, stream.time_base
+            out.mux(packet)
+    with vz.open_video(path) as video:
+        frames = vz.sample_clip(video, vz.VisionConfig(), 0.0, 2.0, 4)
+    assert (video.width, video.height) == (WIDTH, HEIGHT) and len(frames) == 4
+    assert np.abs(cells(frames[0].image) - cells(pattern())).max() <= 8  # as stored: not turned
+    assert capsys.readouterr().err.count("cannot read this video's frame side data") == 1
