@@ -36,8 +36,8 @@ import vz
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "assets", "model")
 DEMO_SEED = 7  # the demo: a held-out synth.py world (train_world.sh trains on seeds 0 and 100)
-# The world assets/model was trained for, in synth.py flags (the older shapes world until the new model lands).
-DEMO_WORLD = ["--seconds", "120", "--events", "shapes", "--no-walk"]
+# The world assets/model was trained for, in synth.py flags: its defaults (train_world.sh writes them).
+DEMO_WORLD = []
 
 # -----------------------------------------------------------------------------
 # CLI

@@ -132,6 +132,14 @@ if [ $INSTALL = 1 ]; then
   rm -rf assets/model && mkdir -p assets/model
   cp "$OUT"/rl/final/{config.json,generation_config.json,model.safetensors,preprocessor_config.json} assets/model/
   cp "$OUT"/rl/final/{tokenizer.json,tokenizer_config.json} assets/model/
+  python - <<'PY'
+import json
+path = "assets/model/config.json"
+config = json.load(open(path))  # the note came with the base: say what this model is
+config["videozoomer_note"] = ("tiny VideoZoomer trained by train_world.sh: cold-start SFT + GRPO on assets/base, "
+                              "for synth.py's default world (not for real videos)")
+json.dump(config, open(path, "w"), indent=2)
+PY
   echo "installed $OUT/rl/final as assets/model"
 fi
 
