@@ -56,13 +56,6 @@ PY
            --eval-data "$OUT/heldout/lessons.jsonl" --eval-every 500 --system-prompt "$OUT/no_tool.txt"
            --min-pixels 784 --max-pixels 1792 --train-vision --batch-size 16 --epochs 7 --lr 2e-3 --warmup-frac 0.02
            --frame-cache "$OUT/frames" --log-jsonl "$OUT/logs/base.jsonl" --resume)
-  # A run that was cut short is committed as assets/base-resume/step_N (one, replaced): continue from it on a new
-  # machine when OUT has no step of its own (the worlds above are byte-identical for the same seeds).
-  if [ ! -d "$OUT/base/final" ] && ! ls -d "$OUT"/base/step_* >/dev/null 2>&1 && ls -d assets/base-resume/step_* \
-      >/dev/null 2>&1; then
-    mkdir -p "$OUT/base" && cp -r assets/base-resume/step_* "$OUT/base/"
-    [ -f assets/base-resume/base.jsonl ] && cp assets/base-resume/base.jsonl "$OUT/logs/base.jsonl"
-  fi
   [ -d "$OUT/base/final" ] || OMP_NUM_THREADS=$THREADS "${command[@]}"
   echo "== base: $OUT/base/final ($(( (SECONDS - begin) / 60 )) minutes this run)"
   if [ "${3:-}" = --install ]; then
@@ -149,9 +142,11 @@ if [ $EVAL = 1 ]; then
   evaluate() {  # evaluate NAME MODEL [infer.py flags]: OUT/eval_NAME.txt (last line: accuracy) and .jsonl
     local name=$1 model=$2; shift 2
     stage "evaluate $name"
-    [ -f "$OUT/eval_$name.txt" ] || python infer.py --data "$OUT/test/test.jsonl" --model "$model" \
-      --max-new-tokens 160 --results "$OUT/eval_$name.jsonl" --resume "$@" | grep -v '^\[' > "$OUT/eval_$name.tmp" \
-      && mv "$OUT/eval_$name.tmp" "$OUT/eval_$name.txt"
+    if [ ! -f "$OUT/eval_$name.txt" ]; then
+      python infer.py --data "$OUT/test/test.jsonl" --model "$model" --max-new-tokens 160 \
+        --results "$OUT/eval_$name.jsonl" --resume "$@" | grep -v '^\[' > "$OUT/eval_$name.tmp"
+      mv "$OUT/eval_$name.tmp" "$OUT/eval_$name.txt"
+    fi
     cat "$OUT/eval_$name.txt"
   }
   evaluate rl "$OUT/rl/final"
