@@ -33,7 +33,13 @@ def train_scripted(model_dir, video_path, steps=100):
     limits = vz.Limits(max_new_tokens=64, max_total_tokens=4160)
     prompt = vz.build_prompt(renderer, video, QUESTION, OPTIONS, limits, overview_fps=0.25)
     episodes = [vz.replay(renderer, video, prompt, texts, limits) for texts in SCRIPTS]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    imitate(model, renderer, episodes, steps)
+    return model, renderer, video, prompt, limits
+
+
+def imitate(model, renderer, episodes, steps, lr=5e-3):
+    """Train on the episodes' trainable tokens, one episode a step in turn (AdamW, seed 0)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     torch.manual_seed(0)
     for step in range(steps):
@@ -44,4 +50,3 @@ def train_scripted(model_dir, video_path, steps=100):
         loss.backward()
         optimizer.step()
     model.eval()
-    return model, renderer, video, prompt, limits

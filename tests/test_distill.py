@@ -16,7 +16,7 @@ import av
 import pytest
 
 import vz
-from scripted import OPTIONS, QUESTION
+from scripted import OPTIONS, QUESTION, imitate
 from videos import read_index, write_index_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,7 +232,6 @@ def test_local_teacher_reflects(data, tiny_dir, index_video, tmp_path):
     # its zoom's reply, to zoom again and answer C. Asked a question whose answer is C, its attempt is wrong and
     # its reflection is kept: the recorded zoom, then the new turns, without the instruction, replaying whole.
     import shutil
-    import torch
     model, tokenizer, vcfg = vz.load_model(tiny_dir)
     renderer = vz.Renderer(tokenizer, vcfg)
     limits = vz.Limits(max_new_tokens=64)
@@ -250,15 +249,7 @@ def test_local_teacher_reflects(data, tiny_dir, index_video, tmp_path):
         vz.respond(renderer, video, told, renderer.encode(text) + ([] if vz.ZOOM_CLOSE in text else [renderer.im_end]),
                    limits)
     assert told.stop == "answer"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    torch.manual_seed(0)
-    for step in range(120):
-        episode = (plain, told)[step % 2]
-        logp, mask, _ = vz.token_logprobs(model, renderer, [(episode.ids, episode.mask, episode.frames)])
-        loss = -(logp * mask).sum() / mask.sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    imitate(model, renderer, [plain, told], 120)
     video.close()
     teacher = str(tmp_path / "teacher")
     model.save_pretrained(teacher)
