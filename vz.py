@@ -1836,12 +1836,13 @@ def _lvbench(video_row, video_dir):
 
 
 def _read_parquet(path):
+    """(numbered rows, unread reasons) of a parquet file, as read_rows gives for JSON (a parquet row is always whole)."""
     try:
         import pyarrow.parquet
     except ImportError:
         fail(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give the JSON release")
     try:
-        return [(f"item {i + 1}", row) for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist())]
+        return [(f"item {i + 1}", row) for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist())], []
     except (OSError, ValueError) as e:
         fail(f"{path}: not a readable parquet file ({_one_line(e)})")
 

@@ -64,6 +64,12 @@ def test_each_layout_gives_its_questions_options_answers_and_categories(index_vi
     assert layout == "videomme" and rows[0]["options"][3] == "D. 4" and rows[0]["answer"] == "D"
     assert rows[0]["video"][0] == str(videos / "vmeID1.mp4")
     assert rows[0]["categories"] == {"duration": "short", "task": "Counting Problem"}
+    # The parquet release (pyarrow, a test requirement) reads to the same questions as the JSON one.
+    import pyarrow
+    import pyarrow.parquet
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(json.loads((tmp_path / "videomme.json").read_text())),
+                                str(tmp_path / "videomme.parquet"))
+    assert read("videomme.parquet") == ("videomme", rows, [])
     layout, rows, _ = read("lvbench.jsonl")
     assert layout == "lvbench" and [r["question"] for r in rows] == ["What happens?", "Who?"]
     assert rows[0]["options"] == ["A. one", "B. two", "C. three", "D. four"] and rows[1]["options"] == ["A. a", "B. b"]
@@ -103,8 +109,9 @@ def test_a_benchmark_runs_with_a_missing_video_counted_and_its_categories_tabled
     assert out.strip().splitlines()[-1] in ("accuracy: 0.0000", "accuracy: 1.0000")
     result = run_infer(scripted_dir, "--data", str(tmp_path / "lvb_val.json"), "--video-dir", str(videos), check=False)
     assert result.returncode == 2 and "more than --max-missing-frac 0.1" in result.stderr
+    (tmp_path / "videomme.parquet").write_bytes(b"PAR1 not really")
     result = run_infer(scripted_dir, "--data", str(tmp_path / "videomme.parquet"), check=False)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a readable parquet" in result.stderr
 
 
 def question_set(tmp_path, index_video, count):
