@@ -23,6 +23,7 @@ import html
 import glob
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -64,8 +65,9 @@ group.add_argument("--batch-size", type=int, default=8, help="with --data: quest
 group.add_argument("--max-bad-frac", type=float, default=0.1, help="with --data: stop if more than this fraction of "
                    "rows is unusable (the rest are skipped and counted)")
 group.add_argument("--no-tool", action="store_true", help="baseline: one turn, no zoom tool, frames spread uniformly")
-group.add_argument("--no-tool-frames", type=int, default=64, help="frames per question for --no-tool (use the "
-                   "agent's mean frames/question for an equal budget)")
+group.add_argument("--no-tool-frames", type=int, default=0, help="frames per question for --no-tool; 0 = about an "
+                   "agent's budget: the video's overview plus one full zoom (--max-frames-per-call), within "
+                   "--max-frames (or pass the agent's mean frames/question for an equal budget)")
 group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
 group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
                    "100352, i.e. 128 visual tokens); 0 = keep")
@@ -123,8 +125,8 @@ if world_size > 1 and not (args.data and args.results):
     vz.fail("under torchrun, give --data and --results (each rank writes RESULTS.rankN; rank 0 merges them)")
 if args.batch_size <= 0:
     vz.fail("--batch-size must be positive")
-if args.no_tool_frames <= 0:
-    vz.fail("--no-tool-frames must be positive")
+if args.no_tool_frames < 0:
+    vz.fail("--no-tool-frames must be positive (or 0: the overview plus one full zoom)")
 system_prompt = None
 if args.system_prompt:
     try:
@@ -247,7 +249,9 @@ def question_prompt(item, video):
     """The question's prompt: the overview (or, with --no-tool, uniform frames), the system text, the question."""
     frames = None
     if args.no_tool:
-        frames = video.serve([k * video.duration / args.no_tool_frames for k in range(args.no_tool_frames)], vcfg)
+        count = args.no_tool_frames or min(args.max_frames, args.max_frames_per_call + min(
+            args.max_overview_frames, max(1, math.ceil(video.duration * args.overview_fps - 1e-9))))
+        frames = video.serve([k * video.duration / count for k in range(count)], vcfg)
     try:
         return vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
                                args.max_overview_frames, system_prompt, frames)

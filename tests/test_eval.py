@@ -41,6 +41,9 @@ def test_data_accuracy_and_no_tool_baseline(scripted_dir, index_video, tmp_path)
     for trajectory in baseline:
         assert trajectory["num_turns"] == 1 and trajectory["num_zooms"] == 0
         assert trajectory["frame_times"] == [round(k * 20 / 7 - (k * 20 / 7) % 0.2, 3) for k in range(7)]
+    # By default about an agent's budget: the overview (20 s at 0.25 fps: 5 frames) plus one full zoom (16).
+    run_infer(*common, "--no-tool", "--json", str(tmp_path / "default.json"))
+    assert [t["num_frames"] for t in json.load(open(tmp_path / "default.json"))["trajectories"]] == [21, 21]
 
 
 def test_html_viewer_holds_the_right_frames_and_segments(scripted_dir, index_video, tmp_path):
