@@ -23,7 +23,6 @@ import html
 import glob
 import itertools
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -249,8 +248,8 @@ def question_prompt(item, video):
     """The question's prompt: the overview (or, with --no-tool, uniform frames), the system text, the question."""
     frames = None
     if args.no_tool:
-        count = args.no_tool_frames or min(args.max_frames, args.max_frames_per_call + min(
-            args.max_overview_frames, max(1, math.ceil(video.duration * args.overview_fps - 1e-9))))
+        count = args.no_tool_frames or min(args.max_frames, args.max_frames_per_call + len(
+            vz.overview_times(video.duration, args.overview_fps, args.max_overview_frames)))
         frames = video.serve([k * video.duration / count for k in range(count)], vcfg)
     try:
         return vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,

@@ -435,13 +435,17 @@ def open_video(path):
     return Video(path)
 
 
-def sample_overview(video, vcfg, fps=0.5, max_frames=64):
-    """One frame every 1/fps seconds; if that is more than max_frames, max_frames spread uniformly."""
-    num_frames = math.ceil(video.duration * fps - 1e-9)
+def overview_times(duration, fps=0.5, max_frames=64):
+    """One time every 1/fps seconds; if that is more than max_frames, max_frames spread uniformly."""
+    num_frames = math.ceil(duration * fps - 1e-9)
     if num_frames > max_frames:
-        times = [k * video.duration / max_frames for k in range(max_frames)]
-    else:
-        times = [k / fps for k in range(max(num_frames, 1))]
+        return [k * duration / max_frames for k in range(max_frames)]
+    return [k / fps for k in range(max(num_frames, 1))]
+
+
+def sample_overview(video, vcfg, fps=0.5, max_frames=64):
+    """The overview's frames, at overview_times; a time in a damaged stretch is left out with a warning."""
+    times = overview_times(video.duration, fps, max_frames)
     frames = video.serve(times, vcfg, skip_damaged=True)
     if not frames:
         raise VideoError(f"{video.path}: no frame of the overview can be decoded (the file is damaged)")
@@ -1293,8 +1297,9 @@ def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, to
 
     Args:
         groups: iterable of (video, prompt, num_rows, generator); prompt from build_prompt, or a replayed
-            episode to continue (copied for each row, its turns too), generator a seeded torch.Generator (unused when greedy). Taken lazily: the next
-            group is read only when the batch may have room for it, so a long question set can stream.
+            episode to continue (copied for each row, its turns too), generator a seeded torch.Generator
+            (unused when greedy). Taken lazily: the next group is read only when the batch may have room for
+            it, so a long question set can stream.
         max_batch_rows: most rows decoding at once (bounds the cache's memory); 0 = no cap.
         on_turn: optional callback(group index, row, episode, turn_record) as each turn finishes.
         on_done: optional callback(group index, episodes) when the group's last row has finished.
