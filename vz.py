@@ -16,6 +16,7 @@ The agent protocol (tags, keys, number formats, budgets, reward, loss mask) is d
 """
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -1162,37 +1163,58 @@ class KVBatch:
 
     @torch.no_grad()
     def extend(self, chunks, all_logits=False):
-        """chunks: per row (ids, frames). Returns logits (rows, vocab), or (rows, chunk, vocab)."""
+        """chunks: per row (ids, frames). Returns logits (rows, vocab), or (rows, chunk, vocab).
+
+        A wide chunk goes through the model in column slices, so that the additive mask (rows x slice x
+        keys) stays under MASK_ELEMENTS: one 4-D mask over 32 rows x 1,400 tokens x 9,400 keys is 1.7 GB,
+        and building and reading it made a batch of 32 rows cost 8-10x a batch of 8 (docs/benchmarks.md).
+        """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         device = self.model.device
-        width = max(1, max(len(ids) for ids, _ in chunks))
-        input_ids = torch.full((len(chunks), width), self.renderer.pad, dtype=torch.long)
-        positions = torch.zeros(3, len(chunks), width, dtype=torch.long)
-        chunk_mask = torch.zeros(len(chunks), width, dtype=torch.long)
-        frames_in_order = []
+        rows, width = len(chunks), max(1, max(len(ids) for ids, _ in chunks))
+        input_ids = torch.full((rows, width), self.renderer.pad, dtype=torch.long)
+        positions = torch.zeros(3, rows, width, dtype=torch.long)
+        chunk_mask = torch.zeros(rows, width, dtype=torch.long)
+        features = iter(self.encode_frames([frame for _, frames in chunks for frame in frames]))
+        image_rows = []  # per row: its image features in slot order, one (slots, hidden) tensor, or None
         for row, (ids, frames) in enumerate(chunks):
+            image_rows.append(torch.cat([next(features) for _ in frames]) if frames else None)
             if not ids:
                 continue
-            frames_in_order += frames
             grids = [frame.patches(self.renderer.vcfg)[1] for frame in frames]
             row_positions, self.next_pos[row] = rope_positions(
                 ids, grids, self.renderer.image_pad, self.renderer.vcfg.merge_size, self.next_pos[row])
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             positions[:, row, width - len(ids):] = row_positions
             chunk_mask[row, width - len(ids):] = 1
-        attention = chunk_mask if self.attention is None else torch.cat([self.attention, chunk_mask], 1)
-        vision = None
-        if frames_in_order:  # image features fill the <|image_pad|> slots in row-major order
-            vision = {"image": BaseModelOutputWithPooling(pooler_output=self.encode_frames(frames_in_order))}
-        out = self.model(
-            input_ids=input_ids.to(device),
-            # Without padding, a first chunk is plain causal and one new token sees every key: no mask.
-            attention_mask=None if (self.cache is None or width == 1) and bool(attention.all())
-            else self.additive_mask(attention, width),
-            position_ids=positions.to(device), mm_encoder_outputs=vision, cache=self.cache, use_cache=True,
-            logits_to_keep=0 if all_logits else 1)
-        self.cache, self.attention = out.cache, attention
-        return out.logits.float() if all_logits else out.logits[:, -1].float()
+        past = 0 if self.attention is None else self.attention.shape[1]
+        step = max(MIN_SLICE, MASK_ELEMENTS // (rows * (past + width)))
+        is_image = input_ids == self.renderer.image_pad
+        used = [0] * rows  # per row: image slots already filled by earlier slices
+        logits = []
+        for left in range(0, width, step):
+            right = min(width, left + step)
+            attention = chunk_mask[:, :right] if self.attention is None else torch.cat(
+                [self.attention, chunk_mask[:, :right]], 1)
+            vision = []  # image features fill the <|image_pad|> slots in row-major order
+            for row, features in enumerate(image_rows):
+                count = int(is_image[row, left:right].sum())
+                if count:
+                    vision.append(features[used[row]:used[row] + count])
+                    used[row] += count
+            out = self.model(
+                input_ids=input_ids[:, left:right].to(device),
+                # With every key real, a first slice is plain causal and one new token sees every key: no mask.
+                attention_mask=None if (past == left == 0 or right - left == 1) and bool(attention.all())
+                else self.additive_mask(attention, right - left),
+                position_ids=positions[:, :, left:right].to(device),
+                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=vision)} if vision else None,
+                cache=self.cache if self.cache is not None else growing_cache(self.model), use_cache=True,
+                logits_to_keep=0 if all_logits else 1)
+            self.cache = out.cache
+            logits.append(out.logits.float())
+        self.attention = attention
+        return torch.cat(logits, 1) if all_logits else logits[-1][:, -1]
 
     def additive_mask(self, attention, width):
         """(rows, 1, width, keys) additive mask for the chunk's queries, in the model's dtype.
@@ -1244,6 +1266,47 @@ def left_pad(tensor, width, dim):
     shape = list(tensor.shape)
     shape[dim] = width - tensor.shape[dim]
     return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+
+MASK_ELEMENTS = 1 << 26  # most entries of one additive mask in KVBatch.extend (256 MB in float32)
+MIN_SLICE = 128  # fewest columns per slice: each slice reads the whole cache once more
+
+
+def growing_cache(model):
+    """A transformers Cache whose layers keep their keys and values in buffers with room to spare."""
+    from transformers.cache_utils import Cache
+    return Cache(layers=[growing_layer_class()() for _ in range(model.config.get_text_config().num_hidden_layers)])
+
+
+@functools.cache
+def growing_layer_class():
+    """DynamicLayer appends with torch.cat, which copies the whole cache on every decoded token (65% of a
+    32-row decode step here); this layer writes the new states in place and returns views. After a
+    select, repeat or join (which build new tensors) the next update moves them into a fresh buffer."""
+    from transformers.cache_utils import DynamicLayer
+
+    def append(cached, buffer, new):
+        length = cached.shape[-2] if cached.dim() == 4 else 0
+        end = length + new.shape[-2]
+        if (buffer is None or buffer.shape[:2] != new.shape[:2] or buffer.shape[-2] < end
+                or (length and cached.data_ptr() != buffer.data_ptr())):
+            buffer = new.new_empty(*new.shape[:2], end + max(256, end // 4), new.shape[-1])
+            if length:
+                buffer[:, :, :length] = cached
+        buffer[:, :, length:end] = new
+        return buffer[:, :, :end], buffer
+
+    class GrowingLayer(DynamicLayer):
+        key_buffer = value_buffer = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.key_buffer = append(self.keys, self.key_buffer, key_states)
+            self.values, self.value_buffer = append(self.values, self.value_buffer, value_states)
+            return self.keys, self.values
+
+    return GrowingLayer
 
 
 def sample_tokens(logits, temperature, top_p, generator):
