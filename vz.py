@@ -1167,7 +1167,7 @@ class KVBatch:
 
         A wide chunk goes through the model in column slices, so that the additive mask (rows x slice x
         keys) stays under MASK_ELEMENTS: one 4-D mask over 32 rows x 1,400 tokens x 9,400 keys is 1.7 GB,
-        and building and reading it made a batch of 32 rows cost 8-10x a batch of 8 (docs/benchmarks.md).
+        and building and reading it made a batch of 32 rows cost 8-10x a batch of 8 (issue 19's probe).
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         device = self.model.device
