@@ -44,11 +44,17 @@ def test_rope_positions_match_transformers(tiny, frames):
     assert next_start == int(theirs.max()) + 1
 
 
-def test_cached_continuation_matches_full_recompute(tiny, frames):
+@pytest.mark.parametrize("min_slice", [None, 3])
+def test_cached_continuation_matches_full_recompute(tiny, frames, monkeypatch, min_slice):
     # Three rows share a prompt with 2 images, then grow by chunks of different lengths over two more
     # turns, with images in later turns for some rows only; every chunk position's logits must equal
-    # those of recomputing each row's whole conversation from scratch (fp32).
+    # those of recomputing each row's whole conversation from scratch (fp32). With min_slice, every
+    # chunk goes through the model 3 columns at a time, so images are split across slices.
     model, renderer = tiny
+    if min_slice:
+        monkeypatch.setattr(vz, "MASK_ELEMENTS", 1)
+        monkeypatch.setattr(vz, "MIN_SLICE", min_slice)
+        assert len(renderer.image_ids(frames[0])) > 2 * min_slice  # an image spans 3+ slices
     rng = random.Random(1)
     prompt = renderer.message("user", vz.tagged(frames[:2]) + ["question?"])[0] + renderer.assistant_header()[0]
     batch = vz.KVBatch(model, renderer)
