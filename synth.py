@@ -65,7 +65,8 @@ group.add_argument("--num-videos", type=int, default=100, help="videos in the wo
 group.add_argument("--num-test-videos", type=int, default=0, help="videos held out for test.jsonl (the last ones); "
                    "0 = a fifth, at least 1")
 group.add_argument("--seconds", type=int, default=40, help="length of every video in seconds: 40-120, a "
-                   "multiple of --scene-seconds (each of the 12 colours at most once, at least 2 scenes)")
+                   "multiple of --scene-seconds (each scene colour at most once: 12 colours, 8 with --events colours; at "
+                   "least 2 scenes)")
 group.add_argument("--scene-seconds", type=int, default=10, help="length of every scene in seconds: a multiple of "
                    "the overview's spacing, so every scene starts on an overview frame")
 group.add_argument("--overview-frames", type=int, default=0, help="the overview the agent is trained and run with: "
@@ -122,6 +123,11 @@ if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
 counts = (args.num_base, args.num_text, args.num_shapes, args.num_clips, args.num_sft, args.num_rl, args.num_test)
 if min(counts) < 0 or not 0 <= args.reflection_frac <= 1:
     vz.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
+if args.events == "colours" and args.seconds // args.scene_seconds > 8:
+    vz.fail(f"--events colours leaves 8 scene colours (white, black, grey and brown are the flashes), so at most 8 "
+            f"scenes: --seconds {args.seconds} / --scene-seconds {args.scene_seconds} makes "
+            f"{args.seconds // args.scene_seconds}; use --seconds {8 * args.scene_seconds} or less, a longer "
+            f"--scene-seconds, or --events shapes")
 print(vars(args) | {"num_test_videos": num_test_videos})
 
 # -----------------------------------------------------------------------------

@@ -504,7 +504,8 @@ def test_bad_geometry_flags_give_one_error_line(tmp_path):
     # one zoom of 16 frames at 1 fps cannot cover: each its own one-line error and exit code 2, not a traceback.
     for extra, says in ((["--scene-seconds", "7"], "--seconds must"), (["--overview-frames", "7"], "--overview-frames"),
                         (["--shape-size", "97"], "--shape-size"),
-                        (["--scene-seconds", "40", "--overview-frames", "6"], "at most 16 s")):
+                        (["--scene-seconds", "40", "--overview-frames", "6"], "at most 16 s"),
+                        (["--events", "colours"], "at most 8 scenes")):
         result = synth(tmp_path, 0, "--seconds", "120", *extra)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and says in result.stderr, extra
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
