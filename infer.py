@@ -59,7 +59,7 @@ group.add_argument("--max-missing-frac", type=float, default=0.1, help="with --d
                    "more than this fraction of the questions have no video file (the rest run; the missing are "
                    "counted and listed)")
 group.add_argument("--batch-size", type=int, default=8, help="with --data: questions decoding together in one KV "
-                   "batch (a question's answer does not depend on it; 8 answered 2.1-2.4x the questions per second of 1 "
+                   "batch (a question's answer does not depend on it; 8 answered 1.9-2.4x the questions per second of 1 "
                    "with the shipped model on a 2-core CPU, docs/benchmarks.md)")
 group.add_argument("--max-bad-frac", type=float, default=0.1, help="with --data: stop if more than this fraction of "
                    "rows is unusable (the rest are skipped and counted)")
