@@ -185,8 +185,8 @@ def test_train_rl_two_processes_match_one(scripted_dir, index_video, tmp_path):
 
 
 def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
-    # 2 rounds straight == 1 round, checkpoint, --resume, 1 more round: identical weights (the data
-    # cursor is stored; sampling is seeded per prompt).
+    # 2 rounds straight == 1 round stopped by --max-steps (saved as step_1), --resume, 1 more round: identical
+    # weights (the data cursor is stored; sampling is seeded per prompt).
     from safetensors.torch import load_file
     data = tmp_path / "rl.jsonl"
     rows = [{"video": index_video, "question": QUESTION, "options": OPTIONS, "answer": a} for a in "ACAC"]
@@ -194,13 +194,11 @@ def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
     common = [sys.executable, os.path.join(REPO, "train_rl.py"), "--model", scripted_dir, "--data", str(data),
               "--prompts-per-step", "2", "--rollouts", "4", "--steps", "2", "--overview-fps", "0.25",
               "--max-new-tokens", "64", "--max-total-tokens", "4096", "--temperature", "0.7", "--lr", "1e-4"]
-    for out, extra in (("straight", []), ("stopped", ["--save-every", "1"])):
+    for out, extra in (("straight", []), ("stopped", ["--max-steps", "1"])):
         result = subprocess.run(common + ["--out", str(tmp_path / out), *extra], capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-    # Drop the finished run's final checkpoint: what is left is the state after round 1.
-    import shutil
-    shutil.rmtree(tmp_path / "stopped" / "final")
+    assert sorted(os.listdir(tmp_path / "stopped")) == ["step_1"]
     result = subprocess.run(common + ["--out", str(tmp_path / "stopped"), "--resume"], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and "resumed from" in result.stdout and "step_1" in result.stdout, result.stderr
