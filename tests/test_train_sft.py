@@ -223,16 +223,16 @@ def test_eval_data_scores_held_out_rows_per_lesson(data_dir, tiny_dir, tmp_path)
     assert [m["step"] for m in log] == [1, 1] and "eval" in log[1]
     (name, lesson), = log[1]["eval"].items()
     assert name == "all" and lesson["rows"] == 4 and lesson["loss"] == pytest.approx(log[0]["loss"], rel=1e-5)
-    result = train(data_dir / "good.jsonl", tmp_path / "learn", "--model", tiny_dir, "--lr", "3e-3", "--epochs", "6",
-                   "--eval-data", str(data_dir / "held.jsonl"), "--eval-every", "4",
+    result = train(data_dir / "good.jsonl", tmp_path / "learn", "--model", tiny_dir, "--lr", "3e-3", "--epochs", "3",
+                   "--eval-data", str(data_dir / "held.jsonl"), "--eval-every", "2",
                    "--log-jsonl", str(tmp_path / "learn.jsonl"))
     evals = [m for m in map(json.loads, open(tmp_path / "learn.jsonl")) if "eval" in m]
-    assert [m["step"] for m in evals] == [4, 8, 12], evals
+    assert [m["step"] for m in evals] == [2, 4, 6], evals
     assert all(m["eval"].keys() == {"needle", "base/span", "all"} for m in evals)
     assert [m["eval"]["needle"]["rows"] for m in evals] == [2, 2, 2]
     assert all(lesson["sure"] in (0, 0.5, 1) for m in evals for lesson in m["eval"].values())
     assert evals[-1]["eval"]["needle"]["loss"] < evals[0]["eval"]["needle"]["loss"]
-    assert "eval step 12 | all " in result.stdout, result.stdout[-1500:]
+    assert "eval step 6 | all " in result.stdout, result.stdout[-1500:]
     bad = train(data_dir / "good.jsonl", tmp_path / "bad", "--model", tiny_dir, "--eval-data", str(tmp_path / "no.jsonl"),
                 check=False)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("no.jsonl: no such data file"), bad.stderr
