@@ -34,12 +34,13 @@ import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
+import plumbing
 import vz
 
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
 group = parser.add_argument_group("Data")
 group.add_argument("--data", required=True, help="questions: our RL layout or the released RL layout (JSONL or .json list)")
 group.add_argument("--out", required=True, help="output JSONL of SFT trajectories (appended to)")
@@ -63,31 +64,29 @@ group.add_argument("--no-reflection", action="store_true", help="do not ask for 
 group = parser.add_argument_group("Job")
 group.add_argument("--workers", type=int, default=8, help="questions in flight at once (threads)")
 group.add_argument("--timeout", type=float, default=120, help="seconds per request before it is retried")
-group.add_argument("--max-retries", type=int, default=5, help="retries per request (connection errors, timeouts, 429, 5xx)")
+group.add_argument("--max-retries", type=int, default=5, help="retries per request (connection errors, timeouts, "
+                   "429, 5xx)")
 group.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
 group = parser.add_argument_group("Protocol")
 group.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
 group.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
-group.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
-group.add_argument("--max-frames", type=int, default=128, help="frames per trajectory, overview included")
-group.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
-group.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn")
+plumbing.add_budget_flags(group, vz.Limits(), ("max_turns", "max_frames", "max_frames_per_call", "max_new_tokens"))
 group.add_argument("--seed", type=int, default=0, help="sampling seed of the local teacher")
 args = parser.parse_args()
 
 if bool(args.teacher_url) == bool(args.teacher_dir):
-    vz.fail("give either --teacher-url (with --teacher-model) or --teacher-dir")
+    plumbing.fail("give either --teacher-url (with --teacher-model) or --teacher-dir")
 if args.teacher_url and not args.teacher_model:
-    vz.fail("--teacher-url needs --teacher-model")
+    plumbing.fail("--teacher-url needs --teacher-model")
 if args.samples < 1 or args.keep < 1 or args.workers < 1 or args.max_retries < 0:
-    vz.fail("--samples, --keep and --workers must be at least 1, --max-retries at least 0")
+    plumbing.fail("--samples, --keep and --workers must be at least 1, --max-retries at least 0")
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens)
 system_prompt = None
 if args.system_prompt:
     try:
         system_prompt = open(args.system_prompt).read()
     except OSError as e:
-        vz.fail(f"{args.system_prompt}: cannot read the system prompt ({e.strerror})")
+        plumbing.fail(f"{args.system_prompt}: cannot read the system prompt ({e.strerror})")
 source = args.teacher_model or os.path.basename(os.path.normpath(args.teacher_dir))
 print("args:", json.dumps(vars(args)))
 image_root = os.path.splitext(args.out)[0] + "_images"
@@ -100,14 +99,14 @@ renderer, model = None, None
 if check_dir or args.teacher_dir:
     import torch
     try:
-        loaded = vz.load_model(args.teacher_dir or check_dir)
+        loaded = plumbing.load_model(args.teacher_dir or check_dir)
     except (OSError, ValueError) as e:
-        vz.fail(vz._one_line(e))
+        plumbing.fail(plumbing.one_line(e))
     model, renderer = loaded[0], vz.Renderer(loaded[1], loaded[2])
     if args.check_model and args.teacher_dir and args.check_model != args.teacher_dir:
-        tokenizer, vcfg = vz.load_model(args.check_model)[1:]
+        tokenizer, vcfg = plumbing.load_model(args.check_model)[1:]
         renderer = vz.Renderer(tokenizer, vcfg)
-vcfg = renderer.vcfg if renderer else vz.VisionConfig()
+vcfg = renderer.vcfg if renderer else plumbing.VisionConfig()
 
 # -----------------------------------------------------------------------------
 # Data: questions, and what --out already holds
@@ -132,16 +131,16 @@ def read_done(path):
     return done
 
 
-numbered, reasons = vz.read_rows(args.data)
+numbered, reasons = plumbing.read_rows(args.data)
 num_rows = len(numbered) + len(reasons)
 base_dir = os.path.dirname(os.path.abspath(args.data))
 questions = []
 for where, row in numbered:
     try:
         questions.append(vz.question_row(row, base_dir))
-    except (ValueError, vz.VideoError) as e:
-        reasons.append((where, vz._one_line(e)))
-vz.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac)
+    except (ValueError, plumbing.VideoError) as e:
+        reasons.append((where, plumbing.one_line(e)))
+plumbing.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac)
 done = read_done(args.out) if args.resume else set()
 todo = [q for q in questions if (q["video"], q["question"]) not in done]
 print(f"questions: {len(todo)} to do, {len(questions) - len(todo)} already in {args.out}")
@@ -175,7 +174,7 @@ def content(parts, urls):
                 out.append({"type": "text", "text": part})
         else:
             if id(part) not in urls:
-                urls[id(part)] = vz.jpeg_data_url(part.image)
+                urls[id(part)] = plumbing.jpeg_data_url(part.image)
             out.append({"type": "image_url", "image_url": {"url": urls[id(part)]}})
     return out
 
@@ -212,7 +211,7 @@ def chat(messages, temperature):
                 raise Fatal(f"{url}: HTTP {e.code} {e.reason}")
             reason = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            reason = f"connection: {vz._one_line(getattr(e, 'reason', e))}"
+            reason = f"connection: {plumbing.one_line(getattr(e, 'reason', e))}"
         except (ValueError, KeyError, IndexError, TypeError):
             reason = "malformed reply"
     raise GaveUp(f"{reason} after {args.max_retries} retries")
@@ -300,7 +299,7 @@ def replays(video, question, turns):
 
 def distill(question, index):
     """All kept rows of one question, ready to write: [(row, zooms, zoomed frames)]."""
-    with vz.open_video(question["video"]) as video:
+    with plumbing.open_video(question["video"]) as video:
         overview = vz.sample_overview(video, vcfg, args.overview_fps, min(args.max_overview_frames, limits.max_frames))
         if args.teacher_dir:
             attempts = local_attempts(video, question, index)
@@ -358,7 +357,7 @@ def write_layout(video, question, overview, teacher, turns, number):
                 continue
             path = os.path.join(folder, f"{len(images):03d}.png")
             with open(path, "wb") as f:
-                f.write(vz.encode_image(part.image, "png"))
+                f.write(plumbing.encode_image(part.image, "png"))
             images.append(os.path.relpath(path, os.path.dirname(os.path.abspath(args.out))))
             text += "<image>"
         messages.append({"role": role, "content": text})
@@ -426,8 +425,8 @@ def work(item):
         kept, reason = distill(question, index), None
     except GaveUp as e:
         kept, reason = [], str(e)
-    except vz.VideoError as e:
-        kept, reason = [], vz._one_line(e)
+    except plumbing.VideoError as e:
+        kept, reason = [], plumbing.one_line(e)
     with write_lock:  # one write of a whole line, then flush: a hard kill leaves at most one partial line
         for row, zooms, zoomed in kept:
             out.write(json.dumps(row) + "\n")

@@ -19,7 +19,6 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 
 import argparse
 import hashlib
-import html
 import glob
 import itertools
 import json
@@ -31,6 +30,8 @@ import time
 
 import torch
 
+import evaluation
+import plumbing
 import vz
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +43,7 @@ DEMO_WORLD = []
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
 group = parser.add_argument_group("Input")
 group.add_argument("--video", help="video file to ask about (default: the generated demo video)")
 group.add_argument("--question", help="the question (required with --video)")
@@ -52,36 +53,24 @@ group.add_argument("--data", help="question set to evaluate: our JSONL (video, q
                    "the released RL layout, or a benchmark as released (LongVideoBench lvb_val.json, MLVU's json/ "
                    "directory or one task file, Video-MME parquet/JSON, LVBench video_info.meta.jsonl); prints "
                    "accuracy overall, per kind and per benchmark category, last line 'accuracy: X'")
-group.add_argument("--layout", choices=vz.LAYOUTS, help="the --data layout, when its fields do not tell it")
+group.add_argument("--layout", choices=evaluation.LAYOUTS, help="the --data layout, when its fields do not tell it")
 group.add_argument("--video-dir", help="with --data: directory the videos are found in by the layout's own id or "
                    "path field (default: the data file's directory)")
 group.add_argument("--max-missing-frac", type=float, default=0.1, help="with --data: stop before loading the model if "
-                   "more than this fraction of the questions have no video file (the rest run; the missing are "
-                   "counted and listed)")
+                   "more than this fraction of the questions have no video file (the rest run; the missing are listed)")
 group.add_argument("--batch-size", type=int, default=8, help="with --data: questions decoding together in one KV "
-                   "batch (a question's answer does not depend on it; 8 answered 1.9-2.4x the questions per second of 1 "
-                   "with the shipped model on a 2-core CPU, docs/benchmarks.md)")
+                   "batch; a question's answer does not depend on it (the gain measured: docs/benchmarks.md)")
 group.add_argument("--max-bad-frac", type=float, default=0.1, help="with --data: stop if more than this fraction of "
                    "rows is unusable (the rest are skipped and counted)")
 group.add_argument("--no-tool", action="store_true", help="baseline: one turn, no zoom tool, frames spread uniformly")
 group.add_argument("--no-tool-frames", type=int, default=0, help="frames per question for --no-tool; 0 = about an "
                    "agent's budget: the video's overview plus one full zoom (--max-frames-per-call), within "
                    "--max-frames (or pass the agent's mean frames/question for an equal budget)")
-group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
-group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
-                   "100352, i.e. 128 visual tokens); 0 = keep")
+plumbing.add_frame_flags(group)
 group.add_argument("--system-prompt", help="file whose text replaces the built-in system prompt "
                    "(may use {max_frames_per_call}, {max_zooms}, {max_frames})")
 group = parser.add_argument_group("Protocol budgets")
-group.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
-                   "model's (0.5 unless it was trained otherwise)")
-group.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap, above which frames are "
-                   "spread uniformly; 0 = the model's (64 unless it was trained otherwise)")
-group.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode (so max-turns - 1 zooms)")
-group.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
-group.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may ask for")
-group.add_argument("--max-new-tokens", type=int, default=1024, help="tokens the model may write in one turn")
-group.add_argument("--max-total-tokens", type=int, default=32768, help="tokens in the whole episode, frames included")
+plumbing.add_budget_flags(group, vz.Limits())
 group = parser.add_argument_group("Sampling")
 group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
 group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
@@ -97,45 +86,45 @@ group.add_argument("--html", help="write a self-contained page: overview strip, 
                    "frames, each turn's reasoning, the answer against the truth")
 group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
 args = parser.parse_args()
-vz.stop_on_ctrl_c()  # Ctrl-C: one line, exit 130; files are written through a temporary name, so none is half-written
+plumbing.stop_on_ctrl_c()  # Ctrl-C: one line, exit 130; files are written through a temporary name, so none is half-written
 
 
 for flag in ("max_turns", "max_frames", "max_frames_per_call",
              "max_new_tokens", "max_total_tokens"):
     if getattr(args, flag) <= 0:
-        vz.fail(f"--{flag.replace('_', '-')} must be positive")
+        plumbing.fail(f"--{flag.replace('_', '-')} must be positive")
 if args.temperature < 0 or not 0 < args.top_p <= 1:
-    vz.fail("--temperature must be >= 0 and --top-p in (0, 1]")
+    plumbing.fail("--temperature must be >= 0 and --top-p in (0, 1]")
 if args.video and not args.question:
-    vz.fail("--video needs --question")
+    plumbing.fail("--video needs --question")
 if args.data and args.video:
-    vz.fail("give either --data or --video, not both")
+    plumbing.fail("give either --data or --video, not both")
 if args.data and not os.path.exists(args.data):
-    vz.fail(f"{args.data}: no such data file or directory")
+    plumbing.fail(f"{args.data}: no such data file or directory")
 if args.video_dir and not os.path.isdir(args.video_dir):
-    vz.fail(f"--video-dir {args.video_dir}: no such directory")
+    plumbing.fail(f"--video-dir {args.video_dir}: no such directory")
 if (args.results or args.resume or args.video_dir or args.layout) and not args.data:
-    vz.fail("--results, --resume, --video-dir and --layout go with --data")
+    plumbing.fail("--results, --resume, --video-dir and --layout go with --data")
 if args.resume and not args.results:
-    vz.fail("--resume needs --results (the file it continues)")
+    plumbing.fail("--resume needs --results (the file it continues)")
 # torchrun: each rank answers questions rank, rank + world, ... and writes its own results file; no process group
-rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+rank, local_rank, world_size = plumbing.torchrun_env()
 if world_size > 1 and not (args.data and args.results):
-    vz.fail("under torchrun, give --data and --results (each rank writes RESULTS.rankN; rank 0 merges them)")
+    plumbing.fail("under torchrun, give --data and --results (each rank writes RESULTS.rankN; rank 0 merges them)")
 if args.batch_size <= 0:
-    vz.fail("--batch-size must be positive")
+    plumbing.fail("--batch-size must be positive")
 if args.no_tool_frames < 0:
-    vz.fail("--no-tool-frames must be positive (or 0: the overview plus one full zoom)")
+    plumbing.fail("--no-tool-frames must be positive (or 0: the overview plus one full zoom)")
 system_prompt = None
 if args.system_prompt:
     try:
         with open(args.system_prompt) as f:
             system_prompt = f.read()
     except OSError as e:
-        vz.fail(f"{args.system_prompt}: cannot read system prompt ({e.strerror})")
+        plumbing.fail(f"{args.system_prompt}: cannot read system prompt ({e.strerror})")
 device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 if device == "cuda" and world_size > 1:
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    device = f"cuda:{local_rank}"
 limits = vz.Limits(1 if args.no_tool else args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens,
                    args.max_total_tokens)
 if args.no_tool and system_prompt is None:
@@ -157,7 +146,7 @@ def demo_question(cache):
                                  "--num-videos", "2", "--num-test-videos", "1", "--num-base", "0", "--num-sft", "0",
                                  "--num-rl", "0", "--num-test", "1", *DEMO_WORLD], capture_output=True, text=True)
         if result.returncode:
-            vz.fail(f"could not write the demo video with synth.py: {result.stderr.strip().splitlines()[-1:]}")
+            plumbing.fail(f"could not write the demo video with synth.py: {result.stderr.strip().splitlines()[-1:]}")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)  # never leave a half-written demo behind
     with open(os.path.join(out, "test.jsonl")) as f:
@@ -172,8 +161,8 @@ if demo:
     args.question, args.options = demo_row["question"], demo_row["options"]
 model_dir = args.model or DEFAULT_MODEL
 if not os.path.isdir(model_dir):
-    vz.fail(f"{model_dir}: no such model directory")
-vz.resolve_overview(args, model_dir)  # the overview the model was trained on, unless the flags say otherwise
+    plumbing.fail(f"{model_dir}: no such model directory")
+plumbing.resolve_overview(args, model_dir)  # the overview the model was trained on, unless the flags say otherwise
 
 # -----------------------------------------------------------------------------
 # Model and questions
@@ -182,7 +171,7 @@ questions = [{"video": args.video, "question": args.question, "options": args.op
               "answer": demo_row["answer"] if demo else None, "kind": demo_row["kind"] if demo else ""}]
 if args.data:
     base_dir = args.video_dir or os.path.dirname(os.path.abspath(args.data))
-    layout, rows, reasons = vz.read_benchmark(args.data, args.layout, args.video_dir)
+    layout, rows, reasons = evaluation.read_benchmark(args.data, args.layout, args.video_dir)
     num_rows = len(rows) + len(reasons)
     questions = []
     for where, row in rows:
@@ -194,28 +183,24 @@ if args.data:
                                   key=hashlib.sha1(json.dumps([item["video"], item["question"], item["options"]])
                                                    .encode()).hexdigest()[:16]))
         except ValueError as e:
-            reasons.append((where, vz._one_line(e)))
+            reasons.append((where, plumbing.one_line(e)))
     if rank == 0:
         print(f"layout: {layout}")
-    vz.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac, rank == 0)
+    plumbing.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac, rank == 0)
     missing = [q["video"] for q in questions if not os.path.isfile(q["video"])]
     if missing and rank == 0:
         print(f"videos: {len(missing)} of {len(questions)} questions have no video file; first: "
               + ", ".join(sorted(set(missing))[:3]))
     if len(missing) > args.max_missing_frac * len(questions):
-        vz.fail(f"{len(missing)} of {len(questions)} questions have no video file (more than --max-missing-frac "
+        plumbing.fail(f"{len(missing)} of {len(questions)} questions have no video file (more than --max-missing-frac "
                 f"{args.max_missing_frac}); check --video-dir")
 else:
     try:
-        vz.open_video(args.video).close()  # before the model: a typo should not cost a 7B load
-    except vz.VideoError as e:
-        vz.fail(str(e))
-try:
-    model, tokenizer, vcfg = vz.load_model(model_dir, device, args.min_pixels, args.max_pixels)
-except (OSError, ValueError) as e:
-    vz.fail(vz._one_line(e))
-with open(os.path.join(model_dir, "config.json")) as f:
-    note = json.load(f).get("videozoomer_note")
+        plumbing.open_video(args.video).close()  # before the model: a typo should not cost a 7B load
+    except plumbing.VideoError as e:
+        plumbing.fail(str(e))
+model, tokenizer, vcfg = plumbing.load_model_or_exit(model_dir, device, args.min_pixels, args.max_pixels)
+note = plumbing.read_json(os.path.join(model_dir, "config.json")).get("videozoomer_note")
 if note:
     print(f"note: {note}")
 renderer = vz.Renderer(tokenizer, vcfg)
@@ -255,13 +240,13 @@ def question_prompt(item, video):
         return vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
                                args.max_overview_frames, system_prompt, frames)
     except (KeyError, IndexError, ValueError) as e:
-        vz.fail(f"--system-prompt: bad placeholder ({vz._one_line(e)}); write literal braces as {{{{ }}}}")
+        plumbing.fail(f"--system-prompt: bad placeholder ({plumbing.one_line(e)}); write literal braces as {{{{ }}}}")
 
 
 def answer_one(item):
     """Run the agent (or the no-tool baseline) on the one question, printed turn by turn; its record."""
     started = time.time()
-    with vz.open_video(item["video"]) as video:
+    with plumbing.open_video(item["video"]) as video:
         prompt = question_prompt(item, video)
         print(f"video: {item['video']} ({video.duration:.1f}s, {video.width}x{video.height}); "
               f"{'uniform' if args.no_tool else 'overview'}: {len(prompt.frames)} frame{'s' * (len(prompt.frames) != 1)}; "
@@ -272,7 +257,7 @@ def answer_one(item):
             (episode,) = vz.rollout(model, renderer, video, prompt, 1, limits, args.temperature, args.top_p,
                                     generator, on_turn=show_turn)
         except ValueError as e:
-            vz.fail(vz._one_line(e))
+            plumbing.fail(plumbing.one_line(e))
     return trajectory_record(item, video, prompt, episode, time.time() - started)
 
 
@@ -285,13 +270,13 @@ def answer_all(items, batch_size, report):  # items: {question index: question}
     def groups():  # read lazily, as the batch makes room; a video that cannot be read skips its question
         for index, item in items.items():
             try:
-                video = vz.open_video(item["video"])
-            except vz.VideoError as e:
+                video = plumbing.open_video(item["video"])
+            except plumbing.VideoError as e:
                 report(index, None, str(e))
                 continue
             try:
                 prompt = question_prompt(item, video)
-            except vz.VideoError as e:
+            except plumbing.VideoError as e:
                 prompt, why = None, str(e)
             else:
                 why = vz.too_long(prompt, limits)
@@ -330,112 +315,7 @@ def trajectory_record(item, video, prompt, episode, seconds):
 
 
 # -----------------------------------------------------------------------------
-# The trajectory viewer (--html): frames embedded as JPEG, encoded with PyAV
-
-
-def write_html(path, records, model, data):
-    """A self-contained page: a header (model, data file, accuracy by kind, an index of the questions),
-    then per question its timeline, the overview strip and each zoom's frames, all with their times.
-    Every distinct frame is embedded once, in a JSON table that a few lines of script put into the
-    <img> elements, so an overview shared by many questions about one video costs its bytes once."""
-    table = {}
-
-    def strip(frames, group):
-        figures = []
-        for f in frames:
-            key = hashlib.sha1(f.image.tobytes() + str(f.image.shape).encode()).hexdigest()[:16]
-            if key not in table:
-                table[key] = vz.jpeg_data_url(f.image)
-            figures.append(f'<figure class="{group}"><img class="{group}" data-time="{f.time:.3f}" data-frame="{key}" '
-                           f'alt="{f.time:.2f}s"><figcaption>{f.time:.2f}s</figcaption></figure>')
-        return "".join(figures)
-
-    def verdict(r):
-        return "" if r["correct"] is None else ('<b class="right">right</b>' if r["correct"] else '<b class="wrong">wrong</b>')
-
-    css = ("body{font-family:sans-serif;margin:1em}section{border-top:2px solid #888;margin-top:1.5em}"
-           "figure{display:inline-block;margin:2px;font-size:70%;text-align:center}"
-           "img.overview{height:72px;display:block}img.zoom{height:144px;display:block}"
-           ".timeline{position:relative;height:18px;background:#eee;margin:.5em 0 1.6em}"
-           ".tick{position:absolute;width:1px;height:18px;background:#555}"
-           ".second{position:absolute;top:19px;font-size:70%;transform:translateX(-50%)}"
-           ".segment{position:absolute;height:18px;background:rgba(230,120,0,.6)}"
-           "pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}.right{color:green}.wrong{color:#b00}"
-           "table{border-collapse:collapse}td,th{padding:0 .6em;text-align:right}")
-    parts = [f"<!doctype html><meta charset='utf-8'><title>VideoZoomer trajectories</title><style>{css}</style>",
-             f"<h1>VideoZoomer trajectories</h1><p>model: {html.escape(str(model))}"
-             + (f" | data: {html.escape(str(data))}" if data else "") + "</p>"]
-    scored = [r for r in records if r["correct"] is not None]
-    if scored:
-        rows = "".join(f"<tr><td>{html.escape(kind or '-')}</td><td>{len(group)}</td>"
-                       f"<td>{sum(r['correct'] for r in group) / len(group):.3f}</td>"
-                       f"<td>{sum(r['num_zooms'] for r in group) / len(group):.2f}</td></tr>"
-                       for kind in sorted({r["kind"] for r in scored}) + ["all"]
-                       for group in [[r for r in scored if kind in ("all", r["kind"])]])
-        parts.append(f"<table><tr><th>kind</th><th>n</th><th>accuracy</th><th>zooms/q</th></tr>{rows}</table>")
-    if len(records) > 1:
-        parts.append("<ol>" + "".join(f'<li><a href="#q{i}">{html.escape(r["question"][:80])}</a> {verdict(r)}</li>'
-                                      for i, r in enumerate(records)) + "</ol>")
-    for index, r in enumerate(records):
-        frames, overview, duration = r["_frames"], r["_num_overview"], r["duration"]
-        truth = f" | truth: {html.escape(str(r['truth']))} {verdict(r)}" if r["truth"] is not None else ""
-        parts.append(f'<section class="question" id="q{index}" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
-                     f"<p>video: {html.escape(str(r['video']))} ({duration:.1f}s) | kind: {html.escape(r['kind'] or '-')}</p>"
-                     f"<pre>{html.escape(vz.format_question('', r['options']).strip())}</pre>"
-                     f"<p>answer: <b>{html.escape(str(r['answer']))}</b>{truth} | {r['num_zooms']} zooms, "
-                     f"{r['num_frames']} frames, stop {r['stop']}</p>")
-        step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if duration / s <= 10), 7200)
-        parts.append('<div class="timeline">' + "".join(
-            f'<span class="tick" style="left:{100 * f.time / duration:.3f}%"></span>' for f in frames[:overview]) + "".join(
-            f'<span class="second" style="left:{100 * s / duration:.3f}%">{s:g}s</span>'
-            for s in range(0, int(duration) + 1, step)))
-        for turn in r["turns"]:
-            if turn["kind"] == "zoom":
-                start, end = turn["segment"]
-                parts.append(f'<span class="segment" data-segment="{start:.3f},{end:.3f}" title="{start:.2f}-{end:.2f}s" '
-                             f'style="left:{100 * start / duration:.3f}%;width:{100 * (end - start) / duration:.3f}%"></span>')
-        parts.append(f"</div><h4>overview ({overview} frames)</h4>{strip(frames[:overview], 'overview')}")
-        used = overview
-        for turn in r["turns"]:
-            parts.append(f"<h4>turn {turn['turn']}: {turn['kind']}</h4><pre>{html.escape(turn['text'])}</pre>")
-            if turn["kind"] == "zoom":
-                returned = frames[used:used + turn["num_frames"]]
-                used += turn["num_frames"]
-                parts.append(f'<p>zoom {turn["segment"][0]:.2f}-{turn["segment"][1]:.2f}s at {turn["fps"]:g} fps</p>'
-                             f'<div class="zoomframes" data-turn="{turn["turn"]}">{strip(returned, "zoom")}</div>')
-            elif turn.get("error"):
-                parts.append(f"<p>tool error: {html.escape(turn['error'])}</p>")
-        parts.append("</section>")
-    # Data URLs are base64 and the keys hex, so the JSON cannot close the script element early.
-    parts.append(f'<script type="application/json" id="frames">{json.dumps(table)}</script>'
-                 "<script>const frames = JSON.parse(document.getElementById('frames').textContent);"
-                 "for (const img of document.querySelectorAll('img[data-frame]')) img.src = frames[img.dataset.frame];"
-                 "</script>")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
 # Run: one video, or a question set
-
-
-def read_results(path):
-    """The records of a results JSONL; a line cut short by a kill (the last one) is dropped."""
-    records = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
-    return records
-
-
-def public_fields(record):
-    return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
 interrupted = False
@@ -448,7 +328,7 @@ if args.data:
                 os.remove(path)
     if args.resume:
         paths = [args.results] + sorted(glob.glob(glob.escape(args.results) + ".rank*[0-9]"))
-        done_before = {r["key"]: r for path in paths for r in read_results(path) if "key" in r}
+        done_before = {r["key"]: r for path in paths for r in evaluation.read_results(path) if "key" in r}
     todo = [i for i, q in enumerate(questions) if q["key"] not in done_before][rank::world_size]
     if rank == 0 and args.resume:
         print(f"resume: {len(done_before)} questions already in {args.results}; {len(questions) - len(done_before)} to go")
@@ -463,7 +343,7 @@ if args.data:
             return
         record["key"], record["categories"] = questions[index]["key"], questions[index]["categories"]
         if results_file:  # one whole line per question, on disk before the next one starts
-            results_file.write(json.dumps(public_fields(record)) + "\n")
+            results_file.write(json.dumps(evaluation.public_fields(record)) + "\n")
             results_file.flush()
             os.fsync(results_file.fileno())
         right.append(bool(record["correct"]))
@@ -489,9 +369,9 @@ if args.data:
             sys.exit(0)
         while not all(os.path.exists(f"{args.results}.rank{r}.done") for r in range(world_size)):
             time.sleep(0.5)
-        merged = {r["key"]: r for r in read_results(args.results) if "key" in r}
+        merged = {r["key"]: r for r in evaluation.read_results(args.results) if "key" in r}
         for r in range(world_size):
-            merged.update((rec["key"], rec) for rec in read_results(f"{args.results}.rank{r}") if "key" in rec)
+            merged.update((rec["key"], rec) for rec in evaluation.read_results(f"{args.results}.rank{r}") if "key" in rec)
         with open(args.results + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(merged[q["key"]]) + "\n" for q in questions if q["key"] in merged)
         os.replace(args.results + ".tmp", args.results)
@@ -517,7 +397,7 @@ if not args.data:
           f"{record['num_tokens']} tokens | stop {record['stop']} | {record['seconds']:.1f} s")
 else:
     if not records:
-        vz.fail(f"{args.data}: no question could be answered")
+        plumbing.fail(f"{args.data}: no question could be answered")
 
     def mean(key, rows):
         return sum(float(r[key]) for r in rows) / len(rows)
@@ -543,14 +423,14 @@ else:
 if args.json:
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
-        public = [public_fields(r) for r in records]
+        public = [evaluation.public_fields(r) for r in records]
         json.dump({"args": vars(args), "model": model_dir, "complete": not interrupted, "trajectories": public}
                   if args.data
                   else dict(public[0], args=vars(args), model=model_dir), f, indent=2)
     os.replace(tmp, args.json)
     print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
 if args.html:
-    write_html(args.html, [r for r in records if "_frames" in r], model_dir, args.data)  # this run's own
+    evaluation.write_html(args.html, [r for r in records if "_frames" in r], model_dir, args.data)  # this run's own
     print(f"page written to {args.html}")
 if args.data:
     print(f"accuracy: {mean('correct', records):.4f}")  # the last line, for scripts

@@ -1,7 +1,8 @@
 """Write a synthetic world for VideoZoomer: real H.264 videos and the question sets that go with them.
 
-    python synth.py --seed 1 --out world       # the world the shipped model (assets/model) was trained for
-    python infer.py --data world/test.jsonl    # measure it there; --no-tool for the uniform-frames baseline
+    python synth.py --seed 0 --out world       # the world train_world.sh trains assets/model on (its defaults)
+    python synth.py --seed 1 --out heldout     # a held-out world of the same design (the results: README.md)
+    python infer.py --data heldout/test.jsonl  # measure the shipped model there; --no-tool for uniform frames
     python synth.py --seed 1 --out shapes --events shapes --no-walk --seconds 120   # the older shapes world
     bash train_world.sh runs/world             # the method on it: cold-start SFT and RL from assets/base
 
@@ -51,12 +52,13 @@ from collections import Counter
 import av
 import numpy as np
 
+import plumbing
 import vz
 
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
 group = parser.add_argument_group("World")
 group.add_argument("--seed", type=int, required=True, help="world seed: the same seed writes the same world")
 group.add_argument("--out", required=True, help="output directory (videos/ and the JSONL files go here)")
@@ -101,30 +103,30 @@ group.add_argument("--walk", action=argparse.BooleanOptionalAction, default=True
 group.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
                    "reflection trajectories (where the turn budget allows one)")
 args = parser.parse_args()
-vz.stop_on_ctrl_c("interrupted: the world in --out is incomplete; run the same command again to write it")
+plumbing.stop_on_ctrl_c("interrupted: the world in --out is incomplete; run the same command again to write it")
 
 num_test_videos = args.num_test_videos or max(1, args.num_videos // 5)
 spacing = args.seconds / args.overview_frames if args.overview_frames else 2.0  # seconds between overview frames
 if not 40 <= args.seconds <= 120 or args.scene_seconds < 1 or args.seconds % args.scene_seconds \
         or not 2 <= args.seconds // args.scene_seconds <= 12:
-    vz.fail("--seconds must be from 40 to 120 and a multiple of --scene-seconds, with 2 to 12 scenes")
+    plumbing.fail("--seconds must be from 40 to 120 and a multiple of --scene-seconds, with 2 to 12 scenes")
 if args.overview_frames < 0 or spacing % 1 or (args.scene_seconds / spacing) % 1 or spacing < 2:
-    vz.fail("--overview-frames must give a spacing of a whole number of seconds, at least 2, that "
+    plumbing.fail("--overview-frames must give a spacing of a whole number of seconds, at least 2, that "
             "divides --scene-seconds")
 if args.scene_seconds - spacing > 16:
-    vz.fail("a scene's overview span (--scene-seconds minus the overview spacing) must be at most 16 s, so that "
+    plumbing.fail("a scene's overview span (--scene-seconds minus the overview spacing) must be at most 16 s, so that "
             "one zoom of at most 16 frames at 1 fps or more covers it")
 if args.shape_size % 2 or not 16 <= args.shape_size <= 104:
-    vz.fail("--shape-size must be even, from 16 to 104")
+    plumbing.fail("--shape-size must be even, from 16 to 104")
 if args.num_shapes and args.events == "colours":
-    vz.fail("--num-shapes draws shape cards; with --events colours there are no shapes to tell apart")
+    plumbing.fail("--num-shapes draws shape cards; with --events colours there are no shapes to tell apart")
 if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
-    vz.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
+    plumbing.fail("--num-videos must be at least 2 and --num-test-videos from 1 to --num-videos - 1")
 counts = (args.num_base, args.num_text, args.num_shapes, args.num_clips, args.num_sft, args.num_rl, args.num_test)
 if min(counts) < 0 or not 0 <= args.reflection_frac <= 1:
-    vz.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
+    plumbing.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
 if args.events == "colours" and args.seconds // args.scene_seconds > 8:
-    vz.fail(f"--events colours leaves 8 scene colours (white, black, grey and brown are the flashes), so at most 8 "
+    plumbing.fail(f"--events colours leaves 8 scene colours (white, black, grey and brown are the flashes), so at most 8 "
             f"scenes: --seconds {args.seconds} / --scene-seconds {args.scene_seconds} makes "
             f"{args.seconds // args.scene_seconds}; use --seconds {8 * args.scene_seconds} or less, a longer "
             f"--scene-seconds, or --events shapes")
@@ -520,7 +522,7 @@ def draw_rows(rng, videos, num_rows, kinds, cursors):
             cursors[key] = [rng.sample(items, len(items)), 0]
         items, position = cursors[key]
         if not items:
-            vz.fail(f"no scene can hold a {kind} question; use more or longer videos")
+            plumbing.fail(f"no scene can hold a {kind} question; use more or longer videos")
         video, scenes, target = items[position % len(items)]
         cursors[key][1] += 1
         rows.append((*ask(rng, kind, video, scenes, target), scenes, target))

@@ -33,16 +33,16 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
+import plumbing
 import vz
 
-vz.stop_on_ctrl_c("interrupted: --resume continues from the newest step_N in --out")
+plumbing.stop_on_ctrl_c("interrupted: --resume continues from the newest step_N in --out")
 
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
 group = parser.add_argument_group("Data")
 group.add_argument("--model", required=True, help="local model directory to start from (usually the SFT result)")
 group.add_argument("--ref-model", help="frozen reference for the KL term (default: --model)")
@@ -60,18 +60,8 @@ group.add_argument("--max-batch-rows", type=int, default=0, help="most rollout r
                    "of a round decode together in one KV batch, and groups beyond the cap wait for rows to finish "
                    "(bounds the cache's memory); 0 = no cap")
 group.add_argument("--max-resample", type=int, default=4, help="extra prompt rounds to refill dropped groups; 0 = no refill")
-group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
-group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
-                   "100352, i.e. 128 visual tokens); 0 = keep")
-group.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
-                   "model's (0.5 unless it was trained otherwise)")
-group.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless "
-                   "it was trained otherwise)")
-group.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode")
-group.add_argument("--max-frames", type=int, default=128, help="frames per episode, overview included")
-group.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
-group.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn")
-group.add_argument("--max-total-tokens", type=int, default=32768, help="tokens per episode, frames included")
+plumbing.add_frame_flags(group)
+plumbing.add_budget_flags(group, vz.Limits())
 group = parser.add_argument_group("Objective")
 group.add_argument("--tool-bonus", type=float, default=0.5, help="reward bonus when correct after a zoom; 0 = off")
 group.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip_low")
@@ -85,41 +75,34 @@ group.add_argument("--max-steps", type=int, default=0, help="stop after this man
 group.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round")
 group.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded tokens per forward/backward")
 group.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
-group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
-group.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
-group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+plumbing.add_trainer_flags(group)
 group.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
-group.add_argument("--device", default="auto", help="cpu, cuda or auto")
 group = parser.add_argument_group("Checkpointing and logging")
+plumbing.add_checkpoint_flags(group)
 group.add_argument("--save-every", type=int, default=0, help="checkpoint step_N every N optimizer steps (a multiple "
                    "of --mini-batches); 0 = off")
-group.add_argument("--save-every-minutes", type=float, default=10, help="checkpoint step_N when this many minutes "
-                   "have passed since the last one, so a crash leaves something to --resume; 0 = off")
-group.add_argument("--keep-checkpoints", type=int, default=2, help="step_N directories kept, the newest; older ones "
-                   "are deleted once a new one is written (final/ is never deleted); 0 = keep all")
-group.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
 group.add_argument("--log-jsonl", help="append one JSON line of metrics per rollout round")
 group.add_argument("--episodes-jsonl", help="append a few decoded episodes here every --episodes-every rounds")
 group.add_argument("--episodes-every", type=int, default=10, help="rollout rounds between episode dumps")
 args = parser.parse_args()
 
 
-rank, local_rank, world_size, device = vz.compute_init(args.device)
+rank, local_rank, world_size, device = plumbing.compute_init(args.device)
 master = rank == 0
 if args.prompts_per_step % world_size:
-    vz.fail(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of processes ({world_size})")
+    plumbing.fail(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of processes ({world_size})")
 if args.max_batch_rows < 0:
-    vz.fail("--max-batch-rows must be >= 0")
+    plumbing.fail("--max-batch-rows must be >= 0")
 if args.rollouts < 2:
-    vz.fail("--rollouts must be at least 2: advantages are normalised within each group")
+    plumbing.fail("--rollouts must be at least 2: advantages are normalised within each group")
 if min(args.save_every, args.keep_checkpoints, args.max_steps) < 0 or args.save_every_minutes < 0:
-    vz.fail("--save-every, --save-every-minutes, --keep-checkpoints and --max-steps must be >= 0")
+    plumbing.fail("--save-every, --save-every-minutes, --keep-checkpoints and --max-steps must be >= 0")
 for flag in ("steps", "max_steps", "save_every"):  # checkpoints and stops fall between rollout rounds
     if getattr(args, flag) % args.mini_batches:
-        vz.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a multiple of --mini-batches {args.mini_batches}")
+        plumbing.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a multiple of --mini-batches {args.mini_batches}")
 if not os.path.isfile(args.data):
-    vz.fail(f"{args.data}: no such data file")
-overview = vz.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
+    plumbing.fail(f"{args.data}: no such data file")
+overview = plumbing.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens, args.max_total_tokens)
 num_rounds = args.steps // args.mini_batches
 last_round = min(args.steps, args.max_steps or args.steps) // args.mini_batches  # where --max-steps stops the run
@@ -134,15 +117,12 @@ if master:
 
 
 def load(path):
-    try:
-        return vz.load_model(path, "cpu", args.min_pixels, args.max_pixels)
-    except (OSError, ValueError) as e:
-        vz.fail(vz._one_line(e))
+    return plumbing.load_model_or_exit(path, "cpu", args.min_pixels, args.max_pixels)
 
 
-resume_dir, skipped = vz.resume_checkpoint(args.out, ("cursor", "param_groups")) if args.resume else (None, [])
+resume_dir, skipped = plumbing.resume_checkpoint(args.out, ("cursor", "param_groups")) if args.resume else (None, [])
 if args.resume and master:
-    vz.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
+    plumbing.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
 policy, tokenizer, vcfg = load(resume_dir or args.model)
 renderer = vz.Renderer(tokenizer, vcfg)
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # of the frozen copies; the policy stays fp32
@@ -154,12 +134,12 @@ rollout_model = None
 if world_size > 1:
     rollout_model, _, _ = load(resume_dir or args.model)  # a full copy: generation without collectives
     rollout_model.to(dtype).to(device).eval().requires_grad_(False)
-policy = vz.shard_model(policy.to(device), world_size)
+policy = plumbing.shard_model(policy.to(device), world_size)
 rollout_model = rollout_model or policy
 reference = None
 if args.kl_coef > 0:
     reference, _, _ = load(args.ref_model or args.model)
-    reference = vz.shard_model(reference.to(dtype).to(device).eval().requires_grad_(False), world_size)
+    reference = plumbing.shard_model(reference.to(dtype).to(device).eval().requires_grad_(False), world_size)
 trainable = [p for p in policy.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
 
@@ -169,34 +149,28 @@ optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
 
 system_prompt = open(args.system_prompt).read() if args.system_prompt else None
 base_dir = os.path.dirname(os.path.abspath(args.data))
-rows, reasons = vz.read_rows(args.data)
+rows, reasons = plumbing.read_rows(args.data)
 num_rows = len(rows) + len(reasons)
-prompts = []
-for number, (where, row) in enumerate(rows):
-    if number % world_size != rank:  # each rank checks a share, then all share the results
-        continue
-    try:
-        item = vz.question_row(row, base_dir)
-        # The prompt is rendered once here, so one that leaves no room for a turn is a skipped row now, not a
-        # crash hours into the run when it is first sampled.
-        with vz.open_video(item["video"]) as video:
-            prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
-                                     args.max_overview_frames, system_prompt)
-        why = vz.too_long(prompt, limits)
-        if why:
-            raise ValueError(why + " (raise --max-total-tokens or lower the overview)")
-        prompts.append((number, item))
-    except (ValueError, vz.VideoError) as e:
-        reasons.append((where, vz._one_line(e)))
-if world_size > 1:
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, (prompts, reasons))
-    prompts = [p for part, _ in gathered for p in part]
-    reasons = [r for _, part in gathered for r in part]
-prompts = [item for _, item in sorted(prompts, key=lambda p: p[0])]
-vz.report_rows(args.data, len(prompts), num_rows, reasons, args.max_bad_frac, master)
+
+
+def check_prompt(row):
+    item = vz.question_row(row, base_dir)
+    # The prompt is rendered once here, so one that leaves no room for a turn is a skipped row now, not a
+    # crash hours into the run when it is first sampled.
+    with plumbing.open_video(item["video"]) as video:
+        prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
+                                 args.max_overview_frames, system_prompt)
+    why = vz.too_long(prompt, limits)
+    if why:
+        raise ValueError(why + " (raise --max-total-tokens or lower the overview)")
+    return item
+
+
+prompts, bad = plumbing.check_rows(rows, check_prompt, (ValueError, plumbing.VideoError))
+reasons += bad
+plumbing.report_rows(args.data, len(prompts), num_rows, reasons, args.max_bad_frac, master)
 if len(prompts) < args.prompts_per_step:
-    vz.fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")
+    plumbing.fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")
 
 
 def prompt_at(cursor):
@@ -204,13 +178,6 @@ def prompt_at(cursor):
     epoch, index = divmod(cursor, len(prompts))
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
     return prompts[order[index]]
-
-
-def all_reduce(values, op=None):
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor.tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -235,13 +202,13 @@ def sample_groups(cursor):
             with contextlib.ExitStack() as stack:
                 groups = []
                 for index, item in zip(batch, items):
-                    video = stack.enter_context(vz.open_video(item["video"]))
+                    video = stack.enter_context(plumbing.open_video(item["video"]))
                     prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
                                              args.overview_fps, args.max_overview_frames, system_prompt)
                     # Seeded per prompt, not per rank: one process and several sample the same episodes.
                     groups.append((video, prompt, args.rollouts,
                                    torch.Generator().manual_seed(args.seed * 1_000_003 + index)))
-                with vz.autocast(device):
+                with plumbing.autocast(device):
                     rolled = vz.rollout_groups(rollout_model, renderer, groups, limits, args.temperature,
                                                args.top_p, args.max_batch_rows)
             for item, episodes in zip(items, rolled):
@@ -250,17 +217,15 @@ def sample_groups(cursor):
                 sampled.append(group)
                 if len({score[0] for score in scores}) > 1:
                     kept.append(group)
-        need = all_reduce([max(0, groups_per_rank - len(kept))])[0]
+        need = plumbing.all_reduce([max(0, groups_per_rank - len(kept))], device)[0]
         if need == 0:
             break
     return kept, sampled, cursor
 
 
-
-
 def forward_batches(batches):
     """Every rank must run as many forwards as the busiest one (FSDP collectives): pad with None."""
-    most = int(all_reduce([len(batches)], dist.ReduceOp.MAX)[0])
+    most = int(plumbing.all_reduce([len(batches)], device, "max")[0])
     return batches + [None] * (most - len(batches))
 
 
@@ -270,16 +235,54 @@ def as_rows(batch):
 
 # A stand-in for ranks with fewer micro-batches than the busiest: one black frame (so the vision tower
 # runs too: every sharded module must gather on every rank) and one trained token; its loss is x 0.
-_black = vz.Frame(0.0, torch.zeros(vcfg.factor * 2, vcfg.factor * 2, 3, dtype=torch.uint8).numpy())
+_black = plumbing.Frame(0.0, torch.zeros(vcfg.factor * 2, vcfg.factor * 2, 3, dtype=torch.uint8).numpy())
 _ids = renderer.message("user", [_black])[0] + renderer.assistant_header()[0] + renderer.encode("x")
 DUMMY_ROWS = [(_ids, [0] * (len(_ids) - 1) + [1], [_black])]
+
+def round_metrics(round_index, sampled, num_kept, sums, grad_norms, num_tokens, timings):
+    """The round's logged numbers, over every sampled episode (dropped groups included), all-reduced over ranks."""
+    episodes = [e for g in sampled for e in g["episodes"]]
+    scores = [s for g in sampled for s in g["scores"]]
+    turns = [t for e in episodes for t in e.turns]
+    local = [len(episodes), sum(s[0] for s in scores), sum(s[1] for s in scores), sum(s[2] for s in scores),
+             sum(e.num_zooms for e in episodes), sum(t["kind"] == "invalid" for t in turns),
+             sum(t["kind"] in ("zoom", "invalid", "refused") for t in turns), sum(len(e.frames) for e in episodes),
+             sum(sum(e.mask) for e in episodes), len(sampled), len(sampled) - num_kept]
+    local += [sums[key] for key in ("clipped_low", "clipped_high", "kl", "entropy", "ratio")]
+    (num_episodes, reward_sum, accuracy_sum, format_sum, zooms, invalid, calls, frames, response_tokens,
+     num_groups, num_dropped, clipped_low, clipped_high, kl, entropy, ratio) = plumbing.all_reduce(local, device)
+    per_episode, per_token = max(1.0, num_episodes), max(1.0, num_tokens)
+    return {
+        "round": round_index + 1, "step": (round_index + 1) * args.mini_batches, "reward": reward_sum / per_episode,
+        "accuracy": accuracy_sum / per_episode, "format": format_sum / per_episode, "zooms_per_ep": zooms / per_episode,
+        "invalid_call_rate": invalid / max(1.0, calls), "frames_per_ep": frames / per_episode,
+        "response_tokens": response_tokens / per_episode, "dropped_groups": num_dropped / max(1.0, num_groups),
+        "clipfrac_low": clipped_low / per_token, "clipfrac_high": clipped_high / per_token,
+        "kl": kl / per_token, "entropy": entropy / per_token,
+        "ratio": ratio / per_token, "grad_norm": sum(grad_norms) / len(grad_norms),
+        "episodes": int(num_episodes), **timings,
+    }
+
+
+def dump_episodes(round_index, sampled):
+    """A few decoded episodes of the round (two of the first two groups), for a person to read."""
+    for group in sampled[:2]:
+        for episode, score in list(zip(group["episodes"], group["scores"]))[:2]:
+            episodes_log.write(json.dumps({
+                "round": round_index + 1, "video": group["item"]["video"], "question": group["item"]["question"],
+                "answer": group["item"]["answer"], "reward": score[0], "stop": episode.stop,
+                "frame_times": [round(f.time, 2) for f in episode.frames],
+                "turns": [{k: t.get(k) for k in ("text", "kind", "segment", "fps", "num_frames", "error")}
+                          for t in episode.turns]}) + "\n")
+    episodes_log.flush()
+
 
 # -----------------------------------------------------------------------------
 # Training loop
 
 first_round, cursor = 0, 0
 if resume_dir:
-    state = vz.load_training_state(resume_dir, policy, optimizer)
+    state = plumbing.load_training_state(resume_dir, policy, optimizer)
     resumed_step = state.get("step", state.get("round", 0) * args.mini_batches)  # older checkpoints count rounds
     first_round, cursor = resumed_step // args.mini_batches, state["cursor"]
     if master:
@@ -308,9 +311,9 @@ for round_index in range(first_round, last_round):
     with torch.no_grad():
         for chunk in mini_batch_items:
             plan = []
-            for batch in forward_batches(vz.pack_by_tokens(chunk, lambda item: len(item[0].ids), args.micro_batch_tokens)):
+            for batch in forward_batches(plumbing.pack_by_tokens(chunk, lambda item: len(item[0].ids), args.micro_batch_tokens)):
                 rows = as_rows(batch) if batch else DUMMY_ROWS
-                with vz.autocast(device):
+                with plumbing.autocast(device):
                     old_logp, mask, _ = vz.token_logprobs(policy, renderer, rows)
                     ref_logp = vz.token_logprobs(reference, renderer, rows)[0] if reference is not None else None
                 plan.append((batch, rows, old_logp, ref_logp, mask))
@@ -321,10 +324,10 @@ for round_index in range(first_round, last_round):
     sums = {"clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0}
     grad_norms, num_tokens_total = [], 0.0
     for plan in plans:
-        num_tokens = max(1.0, all_reduce([sum(float(mask.sum()) for batch, _, _, _, mask in plan if batch)])[0])
+        num_tokens = max(1.0, plumbing.all_reduce([sum(float(mask.sum()) for batch, _, _, _, mask in plan if batch)], device)[0])
         num_tokens_total += num_tokens
         for batch, rows, old_logp, ref_logp, mask in plan:
-            with vz.autocast(device):
+            with plumbing.autocast(device):
                 logp, _, entropy = vz.token_logprobs(policy, renderer, rows, with_entropy=args.entropy_coef > 0)
             advantages = torch.tensor([a for _, a in batch] if batch else [0.0], device=logp.device)
             loss, stats = vz.pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens / world_size,
@@ -339,27 +342,7 @@ for round_index in range(first_round, last_round):
         optimizer.zero_grad(set_to_none=True)
     timings["update_s"] = time.time() - started
     # 6. Metrics over every sampled episode (dropped groups included), all-reduced over ranks.
-    episodes = [e for g in sampled for e in g["episodes"]]
-    scores = [s for g in sampled for s in g["scores"]]
-    turns = [t for e in episodes for t in e.turns]
-    local = [len(episodes), sum(s[0] for s in scores), sum(s[1] for s in scores), sum(s[2] for s in scores),
-             sum(e.num_zooms for e in episodes), sum(t["kind"] == "invalid" for t in turns),
-             sum(t["kind"] in ("zoom", "invalid", "refused") for t in turns), sum(len(e.frames) for e in episodes),
-             sum(sum(e.mask) for e in episodes), len(sampled), len(sampled) - len(groups)]
-    local += [sums[key] for key in ("clipped_low", "clipped_high", "kl", "entropy", "ratio")]
-    (num_episodes, reward_sum, accuracy_sum, format_sum, zooms, invalid, calls, frames, response_tokens,
-     num_groups, num_dropped, clipped_low, clipped_high, kl, entropy, ratio) = all_reduce(local)
-    per_episode = max(1.0, num_episodes)
-    metrics = {
-        "round": round_index + 1, "step": (round_index + 1) * args.mini_batches, "reward": reward_sum / per_episode,
-        "accuracy": accuracy_sum / per_episode, "format": format_sum / per_episode, "zooms_per_ep": zooms / per_episode,
-        "invalid_call_rate": invalid / max(1.0, calls), "frames_per_ep": frames / per_episode,
-        "response_tokens": response_tokens / per_episode, "dropped_groups": num_dropped / max(1.0, num_groups),
-        "clipfrac_low": clipped_low / max(1.0, num_tokens_total), "clipfrac_high": clipped_high / max(1.0, num_tokens_total),
-        "kl": kl / max(1.0, num_tokens_total), "entropy": entropy / max(1.0, num_tokens_total),
-        "ratio": ratio / max(1.0, num_tokens_total), "grad_norm": sum(grad_norms) / len(grad_norms),
-        "episodes": int(num_episodes), **timings,
-    }
+    metrics = round_metrics(round_index, sampled, len(groups), sums, grad_norms, num_tokens_total, timings)
     if master:
         elapsed = time.time() - run_started
         eta = elapsed / (round_index + 1 - first_round) * (last_round - round_index - 1)
@@ -367,27 +350,19 @@ for round_index in range(first_round, last_round):
               f"| format {metrics['format']:.2f} | zooms/ep {metrics['zooms_per_ep']:.2f} | kl {metrics['kl']:.4f} "
               f"| clipfrac {metrics['clipfrac_low'] + metrics['clipfrac_high']:.3f} | dropped {metrics['dropped_groups']:.2f} "
               f"| rollout {timings['rollout_s']:.1f}s logp {timings['logprob_s']:.1f}s update {timings['update_s']:.1f}s "
-              f"| eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
+              f"| eta {plumbing.format_eta(eta)}", flush=True)
         if log:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
         if episodes_log and round_index % args.episodes_every == 0:
-            for group in sampled[:2]:
-                for episode, score in list(zip(group["episodes"], group["scores"]))[:2]:
-                    episodes_log.write(json.dumps({
-                        "round": round_index + 1, "video": group["item"]["video"], "question": group["item"]["question"],
-                        "answer": group["item"]["answer"], "reward": score[0], "stop": episode.stop,
-                        "frame_times": [round(f.time, 2) for f in episode.frames],
-                        "turns": [{k: t.get(k) for k in ("text", "kind", "segment", "fps", "num_frames", "error")}
-                                  for t in episode.turns]}) + "\n")
-            episodes_log.flush()
+            dump_episodes(round_index, sampled)
     step = metrics["step"]  # optimizer steps so far: the unit of --steps, --max-steps and --save-every
-    if round_index + 1 < last_round and vz.checkpoint_due(step, args.save_every, args.save_every_minutes, last_saved,
+    if round_index + 1 < last_round and plumbing.checkpoint_due(step, args.save_every, args.save_every_minutes, last_saved,
                                                           device):
         path = os.path.join(args.out, f"step_{step}")
-        vz.save_checkpoint(path, policy, tokenizer, args.model, optimizer,
-                           {"step": step, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview)
-        vz.prune_checkpoints(args.out, args.keep_checkpoints, rank)  # only now: the new one is whole
+        plumbing.save_checkpoint(path, policy, tokenizer, args.model, optimizer,
+                                 {"step": step, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview,
+                                 keep=args.keep_checkpoints)
         last_saved = time.time()
         if master:
             print(f"saved {path}", flush=True)
@@ -397,9 +372,9 @@ for round_index in range(first_round, last_round):
 
 last_step = last_round * args.mini_batches
 final = os.path.join(args.out, "final" if last_round == num_rounds else f"step_{last_step}")
-vz.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
-                   {"step": last_step, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview)
-vz.prune_checkpoints(args.out, args.keep_checkpoints, rank)
+plumbing.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
+                         {"step": last_step, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview,
+                         keep=args.keep_checkpoints)
 if master:
     print(f"saved {final} ({time.time() - run_started:.1f} s)")
-vz.compute_cleanup()
+plumbing.compute_cleanup()

@@ -28,16 +28,16 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
+import plumbing
 import vz
 
-vz.stop_on_ctrl_c("interrupted: --resume continues from the newest step_N in --out")
+plumbing.stop_on_ctrl_c("interrupted: --resume continues from the newest step_N in --out")
 
 # -----------------------------------------------------------------------------
 # CLI
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=vz.HelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
 group = parser.add_argument_group("Data")
 group.add_argument("--model", required=True, help="local Hugging Face directory to start from")
 group.add_argument("--data", required=True, help="JSONL of trajectories (our layout or LLaMA-Factory 'messages'+'images'; see README)")
@@ -47,16 +47,8 @@ group.add_argument("--frame-cache", help="directory caching decoded frames (.npy
                    "so later epochs and runs do not decode again; off when unset")
 group.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more than this fraction of rows is unusable")
 group.add_argument("--system-prompt", help="file replacing the built-in system prompt (our layout only)")
-group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
-group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the paper: "
-                   "100352, i.e. 128 visual tokens); 0 = keep")
-group.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = the "
-                   "model's (0.5 unless it was trained otherwise)")
-group.add_argument("--max-overview-frames", type=int, default=0, help="overview frame cap; 0 = the model's (64 unless "
-                   "it was trained otherwise)")
-group.add_argument("--max-turns", type=int, default=5, help="assistant turns per trajectory")
-group.add_argument("--max-frames", type=int, default=128, help="frames per trajectory, overview included")
-group.add_argument("--max-frames-per-call", type=int, default=16, help="frames one zoom call may return")
+plumbing.add_frame_flags(group)
+plumbing.add_budget_flags(group, vz.Limits(), ("max_turns", "max_frames", "max_frames_per_call"))
 group = parser.add_argument_group("Optimization")
 group.add_argument("--epochs", type=int, default=1, help="passes over the data")
 group.add_argument("--batch-size", type=int, default=8, help="trajectories per optimizer step, all ranks together")
@@ -64,18 +56,11 @@ group.add_argument("--micro-batch-tokens", type=int, default=16384, help="padded
 group.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (cosine decay to 0)")
 group.add_argument("--warmup-frac", type=float, default=0.1, help="fraction of steps with linear warm-up")
 group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
-group.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
-group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+plumbing.add_trainer_flags(group)
 group.add_argument("--seed", type=int, default=0, help="seed for data order")
-group.add_argument("--device", default="auto", help="cpu, cuda or auto")
 group = parser.add_argument_group("Checkpointing and logging")
+plumbing.add_checkpoint_flags(group)
 group.add_argument("--save-every", type=int, default=0, help="checkpoint step_N every N optimizer steps; 0 = off")
-group.add_argument("--save-every-minutes", type=float, default=10, help="checkpoint step_N when this many minutes "
-                   "have passed since the last one, so a crash leaves something to --resume; 0 = off")
-group.add_argument("--keep-checkpoints", type=int, default=2, help="step_N directories kept, the newest; older ones "
-                   "are deleted once a new one is written (final/ is never deleted); 0 = keep all")
-group.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
 group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
                    "(the learning-rate schedule stays that of the whole run); 0 = all")
 group.add_argument("--log-jsonl", help="append one JSON line of metrics per step to this file")
@@ -88,18 +73,18 @@ group.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-da
 args = parser.parse_args()
 
 
-rank, local_rank, world_size, device = vz.compute_init(args.device)
+rank, local_rank, world_size, device = plumbing.compute_init(args.device)
 master = rank == 0
 if args.batch_size % world_size:
-    vz.fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+    plumbing.fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
 if min(args.save_every, args.keep_checkpoints, args.max_steps) < 0 or args.save_every_minutes < 0:
-    vz.fail("--save-every, --save-every-minutes, --keep-checkpoints and --max-steps must be >= 0")
+    plumbing.fail("--save-every, --save-every-minutes, --keep-checkpoints and --max-steps must be >= 0")
 for path in (args.data, args.eval_data):
     if path is not None and not os.path.isfile(path):
-        vz.fail(f"{path}: no such data file")
+        plumbing.fail(f"{path}: no such data file")
 if args.eval_every < 0:
-    vz.fail("--eval-every must be >= 0")
-overview = vz.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
+    plumbing.fail("--eval-every must be >= 0")
+overview = plumbing.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, max_total_tokens=args.max_len)
 if master:
     print("args:", json.dumps(vars(args)))
@@ -107,20 +92,18 @@ if master:
 # -----------------------------------------------------------------------------
 # Model
 
-resume_dir, skipped = vz.resume_checkpoint(args.out, ("step", "param_groups")) if args.resume else (None, [])
+resume_dir, skipped = plumbing.resume_checkpoint(args.out, ("step", "param_groups")) if args.resume else (None, [])
 if args.resume and master:
-    vz.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
-try:  # a resumed run loads its checkpoint only: weights, tokenizer and the frame bounds it trained with
-    model, tokenizer, vcfg = vz.load_model(resume_dir or args.model, "cpu", args.min_pixels, args.max_pixels)
-except (OSError, ValueError) as e:
-    vz.fail(vz._one_line(e))
+    plumbing.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
+# A resumed run loads its checkpoint only: weights, tokenizer and the frame bounds it trained with.
+model, tokenizer, vcfg = plumbing.load_model_or_exit(resume_dir or args.model, "cpu", args.min_pixels, args.max_pixels)
 renderer = vz.Renderer(tokenizer, vcfg)
 model.train()
 model.model.visual.requires_grad_(args.train_vision)
 if args.grad_checkpointing:
     model.gradient_checkpointing_enable()
 model.to(device)
-model = vz.shard_model(model, world_size)
+model = plumbing.shard_model(model, world_size)
 trainable = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
 if master:
@@ -135,8 +118,8 @@ def load_image(path):
     import av
     with av.open(path) as container:
         frame = next(container.decode(video=0))
-    height, width = vz.resize_shape(frame.height, frame.width, vcfg)
-    return vz.Frame(0.0, frame.reformat(width=width, height=height, format="rgb24",
+    height, width = plumbing.resize_shape(frame.height, frame.width, vcfg)
+    return plumbing.Frame(0.0, frame.reformat(width=width, height=height, format="rgb24",
                                         interpolation="BICUBIC").to_ndarray())
 
 
@@ -188,7 +171,7 @@ def render_row(row, base_dir, system_prompt):
         raise ValueError("turns must be a non-empty list of strings"
                          + ("" if isinstance(turns, list) else f" ({type(turns).__name__})"))
     path = item["video"]
-    with vz.open_video(path) as video:
+    with plumbing.open_video(path) as video:
         prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
                                  args.overview_fps, args.max_overview_frames, system_prompt)
         episode = vz.replay(renderer, video, prompt, turns, limits)
@@ -210,40 +193,31 @@ def lesson(row):
 def load_rows(path):
     system_prompt = open(args.system_prompt).read() if args.system_prompt else None
     base_dir = os.path.dirname(os.path.abspath(path))
-    numbered, unread = vz.read_rows(path)
-    rows, reasons = [], []
-    for index, (where, row) in enumerate(numbered):
-        if index % world_size != rank:  # each rank validates a share, then all share the results
-            continue
-        try:
-            if "messages" in row:
-                episode, source = render_messages(row, base_dir)
-            else:
-                episode, source = render_row(row, base_dir, system_prompt)
-            if len(episode.ids) > args.max_len:
-                raise ValueError(f"{len(episode.ids)} tokens > --max-len {args.max_len}")
-            if not any(episode.mask):
-                raise ValueError("no trainable tokens")
-            rows.append((index, {"ids": episode.ids, "mask": episode.mask, "lesson": lesson(row), **source}))
-        except (ValueError, KeyError, TypeError, OSError, vz.VideoError) as e:
-            reasons.append((where, vz._one_line(e)))
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (rows, reasons))
-        rows = [r for part, _ in gathered for r in part]
-        reasons = [r for _, part in gathered for r in part]
-    rows.sort()
-    reasons = unread + reasons
-    return [row for _, row in rows], reasons, len(numbered) + len(unread)
+
+    def check(row):
+        if "messages" in row:
+            episode, source = render_messages(row, base_dir)
+        else:
+            episode, source = render_row(row, base_dir, system_prompt)
+        if len(episode.ids) > args.max_len:
+            raise ValueError(f"{len(episode.ids)} tokens > --max-len {args.max_len}")
+        if not any(episode.mask):
+            raise ValueError("no trainable tokens")
+        return {"ids": episode.ids, "mask": episode.mask, "lesson": lesson(row), **source}
+
+    numbered, unread = plumbing.read_rows(path)
+    rows, reasons = plumbing.check_rows(numbered, check, (ValueError, KeyError, TypeError, OSError,
+                                                          plumbing.VideoError))
+    return rows, unread + reasons, len(numbered) + len(unread)
 
 
 started = time.time()
 rows, reasons, num_lines = load_rows(args.data)
-vz.report_rows(args.data, len(rows), num_lines, reasons, args.max_bad_frac, master)
+plumbing.report_rows(args.data, len(rows), num_lines, reasons, args.max_bad_frac, master)
 eval_rows = []
 if args.eval_data:
     eval_rows, eval_reasons, eval_lines = load_rows(args.eval_data)
-    vz.report_rows(args.eval_data, len(eval_rows), eval_lines, eval_reasons, args.max_bad_frac, master)
+    plumbing.report_rows(args.eval_data, len(eval_rows), eval_lines, eval_reasons, args.max_bad_frac, master)
 if master:
     print(f"rendered in {time.time() - started:.1f} s")
 
@@ -263,8 +237,8 @@ def frames_of(row):
         cached = os.path.join(args.frame_cache, hashlib.sha1(key.encode()).hexdigest() + ".npy")
         if os.path.exists(cached):
             images = np.load(cached, allow_pickle=False)  # plain uint8 array: nothing is unpickled
-            return [vz.Frame(t, image) for t, image in zip(row["times"], images)]
-    with vz.open_video(row["video"]) as video:
+            return [plumbing.Frame(t, image) for t, image in zip(row["times"], images)]
+    with plumbing.open_video(row["video"]) as video:
         frames = video.serve(row["times"], vcfg, seek=True)
     if cached:
         os.makedirs(args.frame_cache, exist_ok=True)
@@ -277,7 +251,7 @@ def frames_of(row):
 steps_per_epoch = len(rows) // args.batch_size
 total_steps = steps_per_epoch * args.epochs
 if steps_per_epoch == 0:
-    vz.fail(f"{len(rows)} usable rows make no full batch of --batch-size {args.batch_size}")
+    plumbing.fail(f"{len(rows)} usable rows make no full batch of --batch-size {args.batch_size}")
 
 
 def step_rows(step):
@@ -301,8 +275,8 @@ def evaluate(step):
     the same forwards on all ranks); the rows are few."""
     model.eval()
     totals = {}  # lesson -> [rows, rows sure, loss sum, tokens]
-    for group in vz.pack_by_tokens(eval_rows, lambda row: len(row["ids"]), args.micro_batch_tokens):
-        with vz.autocast(device):
+    for group in plumbing.pack_by_tokens(eval_rows, lambda row: len(row["ids"]), args.micro_batch_tokens):
+        with plumbing.autocast(device):
             logp, mask, _ = vz.token_logprobs(model, renderer, [(r["ids"], r["mask"], frames_of(r)) for r in group])
         for row, row_logp, row_mask in zip(group, logp, mask):
             trained = row_mask.bool()
@@ -323,19 +297,12 @@ def evaluate(step):
     return lessons
 
 
-def all_reduce(value):
-    tensor = torch.tensor(float(value), device=device)
-    if world_size > 1:
-        dist.all_reduce(tensor)
-    return tensor.item()
-
-
 # -----------------------------------------------------------------------------
 # Training loop
 
 first_step = 0
 if resume_dir:
-    state = vz.load_training_state(resume_dir, model, optimizer)
+    state = plumbing.load_training_state(resume_dir, model, optimizer)
     first_step = state["step"]
     if master:
         print(f"resumed from {resume_dir} at step {first_step}")
@@ -347,12 +314,12 @@ for step in range(first_step, last_step):
     step_started = time.time()
     batch = step_rows(step)[rank::world_size]
     # Token-level mean over the whole step: count every trained token on every rank first.
-    num_tokens = all_reduce(sum(sum(row["mask"][1:]) for row in batch))
+    num_tokens = plumbing.all_reduce([sum(sum(row["mask"][1:]) for row in batch)], device)[0]
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr_at(step)
     loss_sum = 0.0
-    for group in vz.pack_by_tokens(batch, lambda row: len(row["ids"]), args.micro_batch_tokens):
-        with vz.autocast(device):  # fp32 weights and AdamW moments; bf16 matmuls on GPU
+    for group in plumbing.pack_by_tokens(batch, lambda row: len(row["ids"]), args.micro_batch_tokens):
+        with plumbing.autocast(device):  # fp32 weights and AdamW moments; bf16 matmuls on GPU
             logp, mask, _ = vz.token_logprobs(model, renderer, [(r["ids"], r["mask"], frames_of(r)) for r in group])
         # FSDP averages gradients over ranks, so scale by world_size to get the sum / num_tokens.
         loss = -(logp * mask).sum() / num_tokens * world_size
@@ -361,8 +328,8 @@ for step in range(first_step, last_step):
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_value = all_reduce(loss_sum) / num_tokens
-    step_tokens = all_reduce(sum(len(row["ids"]) for row in batch))
+    loss_value = plumbing.all_reduce([loss_sum], device)[0] / num_tokens
+    step_tokens = plumbing.all_reduce([sum(len(row["ids"]) for row in batch)], device)[0]
     tokens_seen += step_tokens
     elapsed = time.time() - run_started
     eta = elapsed / (step + 1 - first_step) * (last_step - step - 1)
@@ -371,19 +338,17 @@ for step in range(first_step, last_step):
                "step_s": time.time() - step_started}
     if master:
         print(f"step {step + 1}/{last_step} | loss {loss_value:.4f} | lr {lr_at(step):.2e} | grad {float(grad_norm):.3f} "
-              f"| tok/s {metrics['tok_s']:.0f} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s",
-              flush=True)
+              f"| tok/s {metrics['tok_s']:.0f} | eta {plumbing.format_eta(eta)}", flush=True)
         if log:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
     if eval_rows and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < last_step:
         evaluate(step + 1)
-    if step + 1 < last_step and vz.checkpoint_due(step + 1, args.save_every, args.save_every_minutes, last_saved,
+    if step + 1 < last_step and plumbing.checkpoint_due(step + 1, args.save_every, args.save_every_minutes, last_saved,
                                                   device):
         path = os.path.join(args.out, f"step_{step + 1}")
-        vz.save_checkpoint(path, model, tokenizer, args.model, optimizer, {"step": step + 1, "args": vars(args)},
-                           rank, vcfg, overview)
-        vz.prune_checkpoints(args.out, args.keep_checkpoints, rank)  # only now: the new one is whole
+        plumbing.save_checkpoint(path, model, tokenizer, args.model, optimizer, {"step": step + 1, "args": vars(args)},
+                                 rank, vcfg, overview, keep=args.keep_checkpoints)
         last_saved = time.time()
         if master:
             print(f"saved {path}", flush=True)
@@ -394,11 +359,10 @@ for step in range(first_step, last_step):
 if eval_rows:
     evaluate(last_step)
 final = os.path.join(args.out, "final" if last_step == total_steps else f"step_{last_step}")
-vz.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank,
-                   vcfg, overview)
-vz.prune_checkpoints(args.out, args.keep_checkpoints, rank)
+plumbing.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank,
+                         vcfg, overview, keep=args.keep_checkpoints)
 if master:
     print(f"saved {final} ({time.time() - run_started:.1f} s)")
     if log:
         log.close()
-vz.compute_cleanup()
+plumbing.compute_cleanup()

@@ -19,7 +19,7 @@ cd "$(dirname "$0")"
 
 # ---------------------------------------------------------------------------------------------------------------
 # bash train_world.sh base OUT: the base model alone, our stand-in for a pretrained VLM, from random weights
-# (about 6 hours on 2 cores; resumable: rerun the same command). The world is 40-second videos of four 10 s scenes
+# (4.7 hours with one torch thread: assets/base/metrics.json; resumable: rerun the same command). The world is 40-second videos of four 10 s scenes
 # whose whole picture flashes white, black, grey or brown between the 0.5 fps overview frames (synth.py --events
 # colours --walk). The base sees one-turn, no-tool lessons only, never the agent protocol: the overview read scene
 # by scene ("Find red: 0s blue vs red no, 10s red vs red yes.") and a scene's dense 2 fps clip read frame by frame
@@ -42,15 +42,16 @@ if [ "${1:-}" = base ]; then
   # its tokenizer fitted to the world's text, the cold-start trajectories' included, so the method needs no new one.
   [ -f "$OUT/init/model.safetensors" ] || python - "$OUT" <<'PY'
 import json, sys
-import vz
+sys.path.insert(0, "tests")
+import tiny
 out = sys.argv[1]
 rows = [json.loads(line) for name in ("lessons", "sft") for line in open(f"{out}/world/{name}.jsonl")]
 corpus = [row["question"] + "\n" + "\n".join(row["options"]) for row in rows]
 corpus += [turn for row in rows for turn in row.get("turns", [])]
 corpus += [message["content"] for row in rows for message in row.get("messages", [])]
-vz.write_tiny_checkpoint(f"{out}/init", corpus, seed=0, hidden_size=256, num_layers=2, vision_hidden_size=64,
-                         head_dim=32, rope_theta=10000.0, whole_numbers=True,
-                         note="tiny VideoZoomer base model: train_world.sh base (synth.py --events colours --walk world)")
+tiny.write_tiny_checkpoint(f"{out}/init", corpus, seed=0, hidden_size=256, num_layers=2, vision_hidden_size=64,
+                           head_dim=32, rope_theta=10000.0, whole_numbers=True,
+                           note="tiny VideoZoomer base model: train_world.sh base (synth.py --events colours --walk world)")
 PY
   command=(python train_sft.py --model "$OUT/init" --data "$OUT/world/lessons.jsonl" --out "$OUT/base"
            --eval-data "$OUT/heldout/lessons.jsonl" --eval-every 500 --system-prompt "$OUT/no_tool.txt"

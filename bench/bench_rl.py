@@ -19,7 +19,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-import vz  # noqa: E402
+import tiny  # noqa: E402
 from scripted import OPTIONS, QUESTION, train_scripted  # noqa: E402
 from videos import write_index_video  # noqa: E402
 
@@ -32,7 +32,7 @@ args = parser.parse_args()
 work = tempfile.mkdtemp(prefix="bench_rl_")
 video_path = os.path.join(work, "v.mp4")
 write_index_video(video_path, num_frames=100, fps=5, gop=25)
-model, renderer, video, _, _ = train_scripted(vz.write_tiny_checkpoint(os.path.join(work, "tiny")), video_path)
+model, renderer, video, _, _ = train_scripted(tiny.write_tiny_checkpoint(os.path.join(work, "tiny")), video_path)
 video.close()
 model_dir = os.path.join(work, "scripted")
 model.save_pretrained(model_dir)

@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import plumbing  # noqa: E402
+import tiny  # noqa: E402
 import vz  # noqa: E402
 from videos import write_index_video  # noqa: E402
 
@@ -43,10 +45,10 @@ torch.set_num_threads(2)
 work = tempfile.mkdtemp(prefix="bench_rollout_")
 video_path = os.path.join(work, "video.mp4")
 write_index_video(video_path, num_frames=args.seconds * 5, fps=5, gop=50)
-model, tokenizer, vcfg = vz.load_model(vz.write_tiny_checkpoint(os.path.join(work, "model"), hidden_size=args.hidden_size,
+model, tokenizer, vcfg = plumbing.load_model(tiny.write_tiny_checkpoint(os.path.join(work, "model"), hidden_size=args.hidden_size,
                                                                 num_layers=args.layers))
 renderer = vz.Renderer(tokenizer, vcfg)
-video = vz.open_video(video_path)
+video = plumbing.open_video(video_path)
 limits = vz.Limits(max_new_tokens=128, max_total_tokens=32768)
 prompt = vz.build_prompt(renderer, video, "What happens after the first minute?", ["A. x", "B. y", "C. z"], limits)
 

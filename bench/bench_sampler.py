@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import av  # noqa: E402
 
+import plumbing  # noqa: E402
 import vz  # noqa: E402
 from videos import read_index, write_bench_video  # noqa: E402
 
@@ -83,11 +84,8 @@ class Clock:
 
 
 def overview_targets(duration):
-    """The overview's target times, from its definition (not from vz's code)."""
-    n = math.ceil(duration * OVERVIEW_FPS - 1e-9)
-    if n > MAX_FRAMES:
-        return [k * duration / MAX_FRAMES for k in range(MAX_FRAMES)]
-    return [k / OVERVIEW_FPS for k in range(max(n, 1))]
+    """The overview's target times: the policy's own (the baselines decode the same frames differently)."""
+    return vz.overview_times(duration, OVERVIEW_FPS, MAX_FRAMES)
 
 
 def open_like(path, video):
@@ -110,7 +108,7 @@ def rgb(frame, size):
 
 def run_ours(path, cfg):
     clock = Clock()
-    with vz.open_video(path) as video:
+    with plumbing.open_video(path) as video:
         with clock.timing():
             frames = vz.sample_overview(video, cfg, fps=OVERVIEW_FPS, max_frames=MAX_FRAMES)
     return clock, [read_index(f.image) for f in frames]
@@ -177,7 +175,7 @@ def run_limit(path, video, targets, size, all_pts, keys):
 
 def run_clip(path, cfg, start, end, num_frames):
     clock = Clock()
-    with vz.open_video(path) as video:
+    with plumbing.open_video(path) as video:
         with clock.timing():
             frames = vz.sample_clip(video, cfg, start, end, num_frames)
     return clock, [read_index(f.image) for f in frames]
@@ -203,10 +201,10 @@ def main():
     args = parser.parse_args()
 
     path = bench_video(args.cache_dir, args.seconds, args.preset)
-    cfg = vz.VisionConfig()
-    with vz.open_video(path) as video:
+    cfg = plumbing.VisionConfig()
+    with plumbing.open_video(path) as video:
         duration = video.duration
-        size = vz.resize_shape(video.height, video.width, cfg)
+        size = plumbing.resize_shape(video.height, video.width, cfg)
         targets = overview_targets(duration)
         all_pts, keys = frame_table(path)
         start_pts = video.stream.start_time or 0
@@ -237,7 +235,7 @@ def main():
     mid = duration / 2
     start, end, n = mid - 2.0, mid + 2.0, 16
     clip_expected = sorted({bisect.bisect_right(all_pts, start_pts + math.floor(t / tb + EPS)) - 1
-                            for t in clip_times(start, end, n)})
+                            for t in vz.clip_times(start, end, n)})
     clips = []
     for _ in range(args.repeats):
         clock, clip_idx = run_clip(path, cfg, start, end, n)
@@ -259,13 +257,6 @@ def main():
     print(f"limit_efficiency: {limit_s / ours_s:.3f}")
     print(f"clip_s: {clip_s:.3f}")
     print(f"ratio: {decode_all_s / ours_s:.2f}")
-
-
-def clip_times(start, end, num_frames):
-    """Evenly spaced from start to end inclusive, from the clip's definition."""
-    if num_frames == 1:
-        return [start]
-    return [start + k * (end - start) / (num_frames - 1) for k in range(num_frames)]
 
 
 if __name__ == "__main__":

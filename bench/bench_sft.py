@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import plumbing  # noqa: E402
+import tiny  # noqa: E402
 import vz  # noqa: E402
 from videos import write_index_video  # noqa: E402
 
@@ -36,7 +38,7 @@ args = parser.parse_args()
 if args.child is None:
     work = tempfile.mkdtemp(prefix="bench_sft_")
     write_index_video(os.path.join(work, "video.mp4"), num_frames=1500, fps=5, gop=50)
-    vz.write_tiny_checkpoint(os.path.join(work, "model"))
+    tiny.write_tiny_checkpoint(os.path.join(work, "model"))
     results = {}
     for child in ("plain", "checkpointing"):
         out = subprocess.run([sys.executable, __file__, "--child", child, "--work", work, "--steps", str(args.steps),
@@ -49,10 +51,10 @@ if args.child is None:
     sys.exit()
 
 torch.set_num_threads(2)
-model, tokenizer, vcfg = vz.load_model(os.path.join(args.work, "model"))
+model, tokenizer, vcfg = plumbing.load_model(os.path.join(args.work, "model"))
 renderer = vz.Renderer(tokenizer, vcfg)
 limits = vz.Limits()
-with vz.open_video(os.path.join(args.work, "video.mp4")) as video:
+with plumbing.open_video(os.path.join(args.work, "video.mp4")) as video:
     prompt = vz.build_prompt(renderer, video, "What happens?", ["A. x", "B. y"], limits)
     batch = []
     for k in range(args.trajectories):

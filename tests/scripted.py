@@ -3,6 +3,7 @@ tiny model follow them (no pytest here: the benchmarks run with the run-time req
 
 import torch
 
+import plumbing
 import vz
 
 # Scripted trajectories for the 20 s index video: a rejected call, its fix, an answer; and one that
@@ -26,9 +27,9 @@ def train_scripted(model_dir, video_path, steps=100):
     Training uses replay(), the same renderer and environment the rollout uses; the loss is on
     trainable tokens only. Returns (model, renderer, video, prompt, limits).
     """
-    model, tokenizer, vcfg = vz.load_model(model_dir)
+    model, tokenizer, vcfg = plumbing.load_model(model_dir)
     renderer = vz.Renderer(tokenizer, vcfg)
-    video = vz.open_video(video_path)
+    video = plumbing.open_video(video_path)
     # The second script's fourth zoom is refused for the token budget, and its answer still fits in it.
     limits = vz.Limits(max_new_tokens=64, max_total_tokens=4160)
     prompt = vz.build_prompt(renderer, video, QUESTION, OPTIONS, limits, overview_fps=0.25)

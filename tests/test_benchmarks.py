@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 
-import vz
+import pytest
+
+import evaluation
 from scripted import OPTIONS, QUESTION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +51,7 @@ def test_each_layout_gives_its_questions_options_answers_and_categories(index_vi
     videos = layout_files(tmp_path, index_video)
 
     def read(name, layout=None):
-        found, rows, reasons = vz.read_benchmark(str(tmp_path / name), layout, str(videos))
+        found, rows, reasons = evaluation.read_benchmark(str(tmp_path / name), layout, str(videos))
         return found, [row for _, row in rows], reasons
 
     layout, rows, reasons = read("lvb_val.json")
@@ -98,6 +100,7 @@ def table(out):
     return [line.split()[:6] for line in kinds] + [line for line in lines[len(kinds):] if " questions in " not in line]
 
 
+@pytest.mark.slow
 def test_a_benchmark_runs_with_a_missing_video_counted_and_its_categories_tabled(scripted_dir, index_video,
                                                                                 tmp_path):
     videos = layout_files(tmp_path, index_video)
@@ -122,6 +125,7 @@ def question_set(tmp_path, index_video, count):
     return data
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_table(scripted_dir, index_video, tmp_path):
     data = question_set(tmp_path, index_video, 8)
     common = ["--data", str(data), "--batch-size", "2"]
@@ -144,6 +148,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_table(scripted_dir, index_v
     assert len(open(results).readlines()) == 8
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_results(scripted_dir, index_video, tmp_path):
     data = question_set(tmp_path, index_video, 5)
     one = run_infer(scripted_dir, "--data", str(data), "--results", str(tmp_path / "one.jsonl")).stdout

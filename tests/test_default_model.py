@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here trains a model or runs a script end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -83,11 +85,11 @@ def test_accuracy_on_a_fresh_held_out_world(env, tmp_path):
 
 
 def test_the_shipped_base_loads_with_its_metrics():
-    # assets/base is what train_world.sh base installed: it loads through vz.load_model, and metrics.json
+    # assets/base is what train_world.sh base installed: it loads through plumbing.load_model, and metrics.json
     # names the command, the steps and the held-out lessons it was scored on.
     sys.path.insert(0, REPO)
-    import vz
-    model, tokenizer, vcfg = vz.load_model(os.path.join(REPO, "assets", "base"))
+    import plumbing
+    model, tokenizer, vcfg = plumbing.load_model(os.path.join(REPO, "assets", "base"))
     assert "train_world.sh base" in model.config.videozoomer_note
     assert sum(p.numel() for p in model.parameters()) > 1e6 and tokenizer.convert_tokens_to_ids("<|im_end|>") is not None
     with open(os.path.join(REPO, "assets", "base", "metrics.json")) as f:

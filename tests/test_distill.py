@@ -15,6 +15,7 @@ import time
 import av
 import pytest
 
+import plumbing
 import vz
 from scripted import OPTIONS, QUESTION, imitate
 from videos import read_index, write_index_video
@@ -129,9 +130,9 @@ def test_http_teacher_rows_retries_and_images(data, server, tiny_dir, tmp_path):
             checked += 1
     assert checked >= 5 + 4  # overview (0.25 fps over 20 s) and one zoom's frames
     # The rows replay to the tokens train_sft.py trains on, and they train for a step.
-    model, tokenizer, vcfg = vz.load_model(tiny_dir)
+    model, tokenizer, vcfg = plumbing.load_model(tiny_dir)
     renderer = vz.Renderer(tokenizer, vcfg)
-    with vz.open_video(reflection["video"]) as video:
+    with plumbing.open_video(reflection["video"]) as video:
         prompt = vz.build_prompt(renderer, video, reflection["question"], reflection["options"], overview_fps=0.25)
         episode = vz.replay(renderer, video, prompt, reflection["turns"])
     assert [t["kind"] for t in episode.turns] == ["zoom", "zoom", "answer"]
@@ -232,13 +233,13 @@ def test_local_teacher_reflects(data, tiny_dir, index_video, tmp_path):
     # its zoom's reply, to zoom again and answer C. Asked a question whose answer is C, its attempt is wrong and
     # its reflection is kept: the recorded zoom, then the new turns, without the instruction, replaying whole.
     import shutil
-    model, tokenizer, vcfg = vz.load_model(tiny_dir)
+    model, tokenizer, vcfg = plumbing.load_model(tiny_dir)
     renderer = vz.Renderer(tokenizer, vcfg)
     limits = vz.Limits(max_new_tokens=64)
     question = "Which index comes later?"
     zoom_again = '<think>Those frames missed it.</think><video_zoom> {"segment": [10, 12], "fps": 2} </video_zoom>'
     answer_c = "<think>Now it shows.</think><answer>C</answer>"
-    video = vz.open_video(str(data / "v.mp4"))
+    video = plumbing.open_video(str(data / "v.mp4"))
     prompt = vz.build_prompt(renderer, video, question, OPTIONS, limits, overview_fps=0.25)
     plain = vz.replay(renderer, video, prompt, [ZOOM, "<think>Seen it.</think><answer>B</answer>"], limits)
     told = vz.replay(renderer, video, prompt, [ZOOM], limits)

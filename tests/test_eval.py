@@ -10,6 +10,8 @@ import pytest
 
 from scripted import OPTIONS, QUESTION
 
+pytestmark = pytest.mark.slow  # every test here trains a model or runs a script end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -95,7 +97,7 @@ def test_pixel_bounds_override(scripted_dir, index_video, tmp_path):
     # --max-pixels shrinks every frame (320x180 -> 84x56: 6 visual tokens instead of 66), and train_sft.py
     # saves the bounds it trained with into the checkpoint's preprocessor_config.json.
     import re
-    import vz
+    import plumbing
 
     def prompt_tokens(*extra):
         out = run_infer("--video", index_video, "--question", QUESTION, "--model", scripted_dir,
@@ -117,7 +119,7 @@ def test_pixel_bounds_override(scripted_dir, index_video, tmp_path):
                              str(data), "--out", str(tmp_path / "run"), "--batch-size", "1", "--max-pixels", "6272",
                              "--min-pixels", "3136"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    saved = vz.load_vision_config(str(tmp_path / "run" / "final"))
+    saved = plumbing.load_vision_config(str(tmp_path / "run" / "final"))
     assert (saved.min_pixels, saved.max_pixels) == (3136, 6272)
 
 

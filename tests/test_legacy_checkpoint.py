@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import plumbing
 import vz
 from conftest import write_qwen25_tokenizer
 from test_rollout import full_forward_logits, text_ids
@@ -128,7 +129,7 @@ def legacy(tmp_path_factory):
 def test_published_layout_loads_with_every_weight_in_place(legacy):
     out_dir, state = legacy
     assert "model.layers.0.self_attn.q_proj.weight" in state and "visual.blocks.0.attn.qkv.weight" in state
-    model, tokenizer, vcfg = vz.load_model(out_dir)
+    model, tokenizer, vcfg = plumbing.load_model(out_dir)
     text = model.config.text_config
     assert text.rope_parameters["mrope_section"] == [16, 24, 24] and text.hidden_size == HIDDEN
     assert model.config.vision_config.depth == VISION_DEPTH and vcfg.max_pixels == 12845056
@@ -143,9 +144,9 @@ def test_published_layout_loads_with_every_weight_in_place(legacy):
 
 @pytest.fixture(scope="module")
 def loaded(legacy, index_video):
-    model, tokenizer, vcfg = vz.load_model(legacy[0], min_pixels=3136, max_pixels=160 * 90)
+    model, tokenizer, vcfg = plumbing.load_model(legacy[0], min_pixels=3136, max_pixels=160 * 90)
     renderer = vz.Renderer(tokenizer, vcfg)
-    with vz.open_video(index_video) as video:
+    with plumbing.open_video(index_video) as video:
         frames = vz.sample_clip(video, vcfg, 0.0, 10.0, 4)
     return model, renderer, frames
 

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+import plumbing
 import vz
 
 DURATION = 20.0
@@ -288,7 +289,7 @@ def test_parse_turn_never_raises():
 @pytest.fixture(scope="module")
 def episode_setup(tiny, index_video):
     _, renderer = tiny
-    with vz.open_video(index_video) as video:
+    with plumbing.open_video(index_video) as video:
         prompt = vz.build_prompt(renderer, video, "q?", ["A. x", "B. y"], vz.Limits(), overview_fps=0.25)
         yield renderer, video, prompt
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+import plumbing
 import vz
+from tiny import write_tiny_tokenizer
 
 SCRIPT = ['<think>Look.</think><video_zoom> {"segment": [12, 13], "fps": 2} </video_zoom>',
           '<think>Done.</think><answer>\\boxed{B}</answer>']
@@ -44,8 +46,8 @@ Continue reasoning in <think></think>, then zoom again or give your final answer
 def qwen_episode(qwen_tokenizer, index_video):
     """The scripted conversation rendered with the real Qwen2.5 vocabulary: 2 overview frames
     (20 s video, capped at 2 frames, so t = 0 and 10), one zoom of 2 frames, an answer."""
-    renderer = vz.Renderer(qwen_tokenizer, vz.VisionConfig())
-    with vz.open_video(index_video) as video:
+    renderer = vz.Renderer(qwen_tokenizer, plumbing.VisionConfig())
+    with plumbing.open_video(index_video) as video:
         prompt = vz.build_prompt(renderer, video, "Which index?", ["one", "two"], vz.Limits(), 0.5, 2)
         return renderer, vz.replay(renderer, video, prompt, SCRIPT)
 
@@ -87,15 +89,15 @@ def test_patchify_matches_transformers_processor(index_video):
     # default config and for one with other pixel bounds.
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    for vcfg in (vz.VisionConfig(), vz.VisionConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 40)):
+    for vcfg in (plumbing.VisionConfig(), plumbing.VisionConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 40)):
         processor = Qwen2VLImageProcessorPil(
             size={"shortest_edge": vcfg.min_pixels, "longest_edge": vcfg.max_pixels},
             patch_size=vcfg.patch_size, merge_size=vcfg.merge_size, temporal_patch_size=vcfg.temporal_patch_size,
             image_mean=list(vcfg.image_mean), image_std=list(vcfg.image_std))
-        with vz.open_video(index_video) as video:
+        with plumbing.open_video(index_video) as video:
             frames = vz.sample_clip(video, vcfg, 3.0, 5.0, 3)
         for frame in frames:
-            ours, grid = vz.patchify(frame.image, vcfg)
+            ours, grid = plumbing.patchify(frame.image, vcfg)
             reference = processor(images=[Image.fromarray(frame.image)], return_tensors="pt")
             assert grid.tolist() == reference["image_grid_thw"][0].tolist()
             assert ours.shape == reference["pixel_values"].shape
@@ -112,8 +114,8 @@ def test_load_vision_config_reads_both_layouts(tmp_path):
                                 "image_mean": [0.5, 0.5, 0.5]})):
         path.mkdir()
         (path / "preprocessor_config.json").write_text(json.dumps(cfg))
-    assert (vz.load_vision_config(str(new)).min_pixels, vz.load_vision_config(str(new)).max_pixels) == (3136, 50176)
-    loaded = vz.load_vision_config(str(legacy))
+    assert (plumbing.load_vision_config(str(new)).min_pixels, plumbing.load_vision_config(str(new)).max_pixels) == (3136, 50176)
+    loaded = plumbing.load_vision_config(str(legacy))
     assert (loaded.min_pixels, loaded.max_pixels, loaded.image_mean) == (6272, 12544, (0.5, 0.5, 0.5))
 
 
@@ -130,8 +132,8 @@ def test_tiny_tokenizer_whole_numbers(tmp_path):
     round-trips, and the default splits digits one by one as Qwen does."""
     corpus = ["<frame12_time24.00s> red", '{"segment": [110, 118], "fps": 2}'] * 20
     text = '<frame12_time24.00s> red {"segment": [110, 118], "fps": 2}'
-    whole = vz.write_tiny_tokenizer(str(tmp_path / "whole"), corpus, whole_numbers=True)
-    digits = vz.write_tiny_tokenizer(str(tmp_path / "digits"), corpus)
+    whole = write_tiny_tokenizer(str(tmp_path / "whole"), corpus, whole_numbers=True)
+    digits = write_tiny_tokenizer(str(tmp_path / "digits"), corpus)
     pieces = [whole.decode([i]) for i in whole.encode(text)]
     assert {"12", "24", "110", "118"} <= set(pieces)
     assert all(len(p) == 1 for p in [digits.decode([i]) for i in digits.encode(text)] if p.isdigit())

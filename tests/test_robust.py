@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import plumbing
 import vz
 
 DURATION, MAX_FRAMES = 20.0, 16
@@ -41,7 +42,7 @@ def test_echoed_key_is_safe(tiny, index_video, key, how):
     assert len(error.splitlines()) == 1 and error.isascii() and len(error) < 200, error
     assert "<" not in error and ">" not in error, error
     # The environment's reply goes through the real renderer without raising.
-    with vz.open_video(index_video) as video:
+    with plumbing.open_video(index_video) as video:
         prompt = vz.build_prompt(renderer, video, "q?", ["A. x", "B. y"], vz.Limits(), overview_fps=0.25)
         episode = vz.replay(renderer, video, prompt, [call(body), "<think>ok</think><answer>A</answer>"],
                             vz.Limits(max_total_tokens=10 ** 6))  # room for the 50 KB turn itself
@@ -127,7 +128,7 @@ def test_zero_frames_error_does_not_print_one():
 
 def test_clip_of_float_span_returns_all_frames(tiny, index_video):
     _, renderer = tiny
-    with vz.open_video(index_video) as video:
+    with plumbing.open_video(index_video) as video:
         action, _ = vz.parse_turn(call('{"segment": [0.1, 0.3], "fps": 10}'), video.duration, MAX_FRAMES)
         frames = vz.sample_clip(video, renderer.vcfg, action.start, action.end, action.num_frames)
     assert [round(f.time, 2) for f in frames] == [0.0, 0.2]  # 5 fps source: the frames showing at 0.1 and 0.3
@@ -145,7 +146,7 @@ def test_garbage_json_in_model_dir_is_named(tiny_dir, tmp_path, name, content):
     shutil.copytree(tiny_dir, damaged)
     (damaged / name).write_bytes(content)
     with pytest.raises(ValueError) as error:
-        vz.load_model(str(damaged))
+        plumbing.load_model(str(damaged))
     assert str(damaged / name) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -183,20 +184,20 @@ DAMAGE = [
 def test_resume_skips_a_damaged_newest_checkpoint(tiny_dir, tmp_path, capsys, damage, reason):
     fake_step(tiny_dir, tmp_path, 2)
     damage(fake_step(tiny_dir, tmp_path, 10))
-    resume_dir, skipped = vz.resume_checkpoint(str(tmp_path), ("step", "param_groups"))
+    resume_dir, skipped = plumbing.resume_checkpoint(str(tmp_path), ("step", "param_groups"))
     assert resume_dir == str(tmp_path / "step_2")
     assert [name for name, _ in skipped] == ["step_10"] and reason in skipped[0][1], skipped
-    vz.report_resume(str(tmp_path), resume_dir, skipped)
+    plumbing.report_resume(str(tmp_path), resume_dir, skipped)
     (line,) = capsys.readouterr().out.splitlines()
     assert "skipped" in line and "step_10" in line and reason in line
-    vz.load_model(resume_dir)  # what it picked loads
+    plumbing.load_model(resume_dir)  # what it picked loads
 
 
 def test_resume_without_a_complete_checkpoint_says_so(tiny_dir, tmp_path, capsys):
     truncate(fake_step(tiny_dir, tmp_path, 3) / "model.safetensors")
-    resume_dir, skipped = vz.resume_checkpoint(str(tmp_path), ("step", "param_groups"))
+    resume_dir, skipped = plumbing.resume_checkpoint(str(tmp_path), ("step", "param_groups"))
     assert resume_dir is None and skipped[0][0] == "step_3"
-    vz.report_resume(str(tmp_path), resume_dir, skipped)
+    plumbing.report_resume(str(tmp_path), resume_dir, skipped)
     assert "no complete step_N checkpoint" in capsys.readouterr().out
 
 
@@ -265,6 +266,7 @@ def run_script(script, *args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_bad_rows_are_skipped_with_their_line_and_reason_in_every_script(scripted_dir, index_video, tmp_path):
     common = ["--model", scripted_dir, "--overview-fps", "0.25", "--max-bad-frac", "0.95"]
     sft = tmp_path / "sft.jsonl"
@@ -286,6 +288,7 @@ def test_bad_rows_are_skipped_with_their_line_and_reason_in_every_script(scripte
 # -----------------------------------------------------------------------------
 # Issue 22, item 2: a one-frame video is told as such; a whole-video call is not told to widen its segment
 
+@pytest.mark.slow
 def test_one_frame_video_zoom_error_says_what_the_video_is(tiny, tmp_path):
     import subprocess
     import sys
@@ -293,7 +296,7 @@ def test_one_frame_video_zoom_error_says_what_the_video_is(tiny, tmp_path):
     model, renderer = tiny
     path = str(tmp_path / "one.mp4")
     write_index_video(path, num_frames=1, fps=5, gop=25)
-    with vz.open_video(path) as video:
+    with plumbing.open_video(path) as video:
         assert video.num_frames == 1 and video.duration == pytest.approx(0.2)
         prompt = vz.build_prompt(renderer, video, "What is shown?", [], vz.Limits())
         episode = vz.Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames))
@@ -345,8 +348,8 @@ def test_damaged_middle_resumes_at_the_next_keyframe_and_reports_what_is_lost(ti
     source, path = str(tmp_path / "index.mp4"), str(tmp_path / "damaged.mp4")
     write_index_video(source, num_frames=200, fps=10, gop=20)  # 20 s, a keyframe every 2 s
     damaged_copy(source, path, seed)
-    vcfg = vz.VisionConfig(min_pixels=64 * 28 * 28, max_pixels=320 * 180)
-    with vz.open_video(path) as video:
+    vcfg = plumbing.VisionConfig(min_pixels=64 * 28 * 28, max_pixels=320 * 180)
+    with plumbing.open_video(path) as video:
         overview = vz.sample_overview(video, vcfg)
         (lost_from, lost_to), = video.holes  # one damaged stretch, found while decoding
         assert 4.0 < lost_from < lost_to < 18.0

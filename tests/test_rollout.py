@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+import plumbing
 import vz
 
 
@@ -21,7 +22,7 @@ def full_forward_logits(model, renderer, ids, frames):
 @pytest.fixture(scope="module")
 def frames(index_video, tiny):
     _, renderer = tiny
-    with vz.open_video(index_video) as video:
+    with plumbing.open_video(index_video) as video:
         return vz.sample_clip(video, renderer.vcfg, 0.0, 10.0, 6)
 
 
@@ -93,14 +94,17 @@ def run(scripted, seed, num_rollouts=8, temperature=1.0, **limits):
     return vz.rollout(model, renderer, video, prompt, num_rollouts, limits, temperature, 1.0, generator)
 
 
+@pytest.mark.slow
 def test_same_seed_same_episodes(scripted):
     assert episode_summary(run(scripted, 3)) == episode_summary(run(scripted, 3))
 
 
+@pytest.mark.slow
 def test_greedy_is_seed_independent(scripted):
     assert episode_summary(run(scripted, 1, 2, 0.0)) == episode_summary(run(scripted, 2, 2, 0.0))
 
 
+@pytest.mark.slow
 def test_scripted_model_zooms_and_answers(scripted):
     # Guards the property tests below against passing vacuously: greedy, the trained model follows its
     # first script (rejected call, fixed call with frames back, answer); sampled, it zooms often.
@@ -118,6 +122,7 @@ def test_scripted_model_zooms_and_answers(scripted):
     dict(max_total_tokens=1200),  # token budget tighter than the zoom replies
     dict(max_new_tokens=8),  # turns cut by their cap
 ])
+@pytest.mark.slow
 def test_limits_and_mask(scripted, limits):
     model, renderer, video, prompt, default_limits = scripted
     episodes = run(scripted, 5, 12, 0.7, **limits)
@@ -154,7 +159,7 @@ def test_a_refusal_that_does_not_fit_ends_the_episode_within_its_budget(tiny, in
     # in the budget not even the refusal fits: the episode ends there ("length"), never past its budget.
     from scripted import OPTIONS, QUESTION, SCRIPTS
     _, renderer = tiny
-    with vz.open_video(index_video) as video:
+    with plumbing.open_video(index_video) as video:
         for total, stop in ((4160, "answer"), (4096, "length")):
             limits = vz.Limits(max_new_tokens=64, max_total_tokens=total)
             prompt = vz.build_prompt(renderer, video, QUESTION, OPTIONS, limits, overview_fps=0.25)
@@ -163,6 +168,7 @@ def test_a_refusal_that_does_not_fit_ends_the_episode_within_its_budget(tiny, in
             assert len(episode.ids) <= total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature,max_batch_rows", [(0.0, 0), (0.7, 0), (0.7, 6)])
 def test_prompts_batched_together_give_their_episodes_alone(scripted, temperature, max_batch_rows):
     # vz.rollout_groups: the rows of several prompts (different lengths, different row counts, each its
@@ -172,7 +178,7 @@ def test_prompts_batched_together_give_their_episodes_alone(scripted, temperatur
     # sampling of one prompt does not depend on who shares its batch.
     from scripted import OPTIONS, QUESTION
     model, renderer, video, prompt, limits = scripted
-    with vz.open_video(video.path) as other_video:
+    with plumbing.open_video(video.path) as other_video:
         long_prompt = vz.build_prompt(renderer, other_video, QUESTION + " Look carefully.", OPTIONS, limits, 0.5)
         specs = [(video, prompt, 3, 11), (other_video, long_prompt, 2, 12), (video, prompt, 4, 13)]
 

@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 
+import plumbing
 import vz
 
 HEIGHT, WIDTH, ROWS, COLS = 112, 224, 2, 3
@@ -62,15 +63,15 @@ def test_frames_reach_the_model_upright(tmp_path, degrees, hflip, vflip, upright
     path = tmp_path / f"rot{degrees}_{int(hflip)}{int(vflip)}.mp4"
     write(path, degrees, hflip, vflip)
     expected = upright(pattern())
-    cfg = vz.VisionConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 40)
-    with vz.open_video(str(path)) as video:
+    cfg = plumbing.VisionConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 40)
+    with plumbing.open_video(str(path)) as video:
         assert (video.height, video.width) == expected.shape[:2]  # what infer prints is the upright size
         overview = vz.sample_overview(video, cfg, fps=2, max_frames=4)
         clip = vz.sample_clip(video, cfg, 0.5, 1.5, 3)
     for frame in overview + clip:
         height, width = frame.image.shape[:2]
         # The pixel bounds apply to the upright frame: sides are multiples of 28 in its orientation.
-        assert (height, width) == vz.resize_shape(expected.shape[0], expected.shape[1], cfg)
+        assert (height, width) == plumbing.resize_shape(expected.shape[0], expected.shape[1], cfg)
         assert frame.image.flags["C_CONTIGUOUS"]
         np.testing.assert_allclose(cells(frame.image), cells(expected), atol=10)
     assert [round(f.time, 2) for f in clip] == [0.5, 1.0, 1.5]  # times are untouched by the turn
@@ -79,11 +80,11 @@ def test_frames_reach_the_model_upright(tmp_path, degrees, hflip, vflip, upright
 def test_rotated_frames_patchify_like_upright_ones(tmp_path):
     # A turned frame is a plain array to patchify: same grid as an unrotated video of the upright size.
     write(tmp_path / "rot90.mp4", 90)
-    cfg = vz.VisionConfig()
-    with vz.open_video(str(tmp_path / "rot90.mp4")) as video:
+    cfg = plumbing.VisionConfig()
+    with plumbing.open_video(str(tmp_path / "rot90.mp4")) as video:
         (frame,) = vz.sample_clip(video, cfg, 0.0, 1.0, 1)
-    _, grid = vz.patchify(frame.image, cfg)
-    height, width = vz.resize_shape(WIDTH, HEIGHT, cfg)
+    _, grid = plumbing.patchify(frame.image, cfg)
+    height, width = plumbing.resize_shape(WIDTH, HEIGHT, cfg)
     assert grid.tolist() == [1, height // 14, width // 14]
 
 
@@ -107,8 +108,8 @@ def test_frame_side_data_pyav_cannot_read_is_a_warning(tmp_path, capsys):
             packet.pts = packet.dts = index
             packet.stream, packet.time_base = stream, stream.time_base
             out.mux(packet)
-    with vz.open_video(path) as video:
-        frames = vz.sample_clip(video, vz.VisionConfig(), 0.0, 2.0, 4)
+    with plumbing.open_video(path) as video:
+        frames = vz.sample_clip(video, plumbing.VisionConfig(), 0.0, 2.0, 4)
     assert (video.width, video.height) == (WIDTH, HEIGHT) and len(frames) == 4
     assert np.abs(cells(frames[0].image) - cells(pattern())).max() <= 8  # as stored: not turned
     assert capsys.readouterr().err.count("cannot read this video's frame side data") == 1

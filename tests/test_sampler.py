@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+import plumbing
 import vz
 from videos import probe_frame_times, probe_packets, read_index, write_index_video
 
-CFG = vz.VisionConfig()
+CFG = plumbing.VisionConfig()
 EPS = 1e-6  # a target within EPS of a frame's pts time counts as that frame's time
 
 
@@ -136,15 +137,15 @@ RESIZE_CASES = [
 @pytest.mark.parametrize("height,width", RESIZE_CASES)
 def test_resize_shape_matches_transformers(height, width):
     expected = smart_resize(height, width, factor=28, min_pixels=CFG.min_pixels, max_pixels=CFG.max_pixels)
-    assert vz.resize_shape(height, width, CFG) == expected
+    assert plumbing.resize_shape(height, width, CFG) == expected
 
 
 @pytest.mark.parametrize("bounds", [(3136, 1003520), (25088, 401408)])
 def test_resize_shape_uses_the_config_bounds(bounds):
     # Qwen2.5-VL's own preprocessor bounds and a 4x larger max: the bounds come from vcfg.
-    cfg = vz.VisionConfig(min_pixels=bounds[0], max_pixels=bounds[1])
+    cfg = plumbing.VisionConfig(min_pixels=bounds[0], max_pixels=bounds[1])
     for height, width in RESIZE_CASES:
-        assert vz.resize_shape(height, width, cfg) == smart_resize(height, width, 28, *bounds), (height, width)
+        assert plumbing.resize_shape(height, width, cfg) == smart_resize(height, width, 28, *bounds), (height, width)
 
 
 # -----------------------------------------------------------------------------
@@ -153,9 +154,9 @@ def test_resize_shape_uses_the_config_bounds(bounds):
 @pytest.mark.parametrize("name", CFR)
 def test_overview_cfr(videos, name):
     v = videos[name]
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         frames = vz.sample_overview(video, CFG, fps=0.5, max_frames=64)
-        shape = vz.resize_shape(video.height, video.width, CFG)
+        shape = plumbing.resize_shape(video.height, video.width, CFG)
     assert shape == (168, 308)
     # 60 s at 0.5 fps: targets 0, 2, ..., 58, each exactly on a frame's pts (frame 50k)
     assert served(frames, v["times"], shape) == [50 * k for k in range(30)]
@@ -164,10 +165,10 @@ def test_overview_cfr(videos, name):
 
 def test_overview_long_video_is_capped(videos):
     v = videos["long"]
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         frames = vz.sample_overview(video, CFG, fps=0.5, max_frames=64)
         duration = video.duration
-        shape = vz.resize_shape(video.height, video.width, CFG)
+        shape = plumbing.resize_shape(video.height, video.width, CFG)
     # 200 s at 0.5 fps = 100 targets > 64: instead k * duration / 64 for k < 64
     expected = [showing(v["times"], k * duration / 64) for k in range(64)]
     assert len(set(expected)) == 64
@@ -184,7 +185,7 @@ def test_overview_long_video_is_capped(videos):
 def test_frame_size_follows_resize_shape(tmp_path, height, width):
     path = str(tmp_path / "size.mp4")
     times = write_index_video(path, num_frames=10, fps=5, width=width, height=height, gop=5)
-    with vz.open_video(path) as video:
+    with plumbing.open_video(path) as video:
         assert (video.height, video.width) == (height, width)
         frames = vz.sample_overview(video, CFG, fps=2.5)  # 2 s at 2.5 fps: targets 0, 0.4, ..., 1.6
     shape = smart_resize(height, width, 28, CFG.min_pixels, CFG.max_pixels)
@@ -213,9 +214,9 @@ CLIP_CASES = [
 @pytest.mark.parametrize("start,end,num_frames,expected", CLIP_CASES)
 def test_clip_cfr(videos, name, start, end, num_frames, expected):
     v = videos[name]
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         frames = vz.sample_clip(video, CFG, start, end, num_frames)
-        shape = vz.resize_shape(video.height, video.width, CFG)
+        shape = plumbing.resize_shape(video.height, video.width, CFG)
     check_clip(expected, v["times"], start, end, num_frames)  # the table agrees with the definition
     assert served(frames, v["times"], shape) == expected
 
@@ -225,7 +226,7 @@ def test_clip_up_to_the_duration(videos, name):
     # end == video.duration (the caller's clamp): the last frame must be reachable, and served there
     v = videos[name]
     times = v["times"]
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         end = video.duration
         start = max(0.0, end - 2.0)
         frames = vz.sample_clip(video, CFG, start, end, 4)
@@ -264,7 +265,7 @@ KEYFRAME_TARGETS = [
 def test_single_targets_near_keyframes(videos, name, t, expected):
     v = videos[name]
     assert showing(v["times"], t) == expected
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         frames = vz.sample_clip(video, CFG, t, t, 1)
     assert served(frames, v["times"], (168, 308)) == [expected]
 
@@ -274,7 +275,7 @@ def test_targets_near_keyframes_in_one_video(videos, name):
     # All KEYFRAME_TARGETS in one increasing sequence through one open video: the sampler's
     # decoder state carries over from one call to the next (forward decode vs re-seek).
     v = videos[name]
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         got = []
         for t, _ in KEYFRAME_TARGETS:
             got += served(vz.sample_clip(video, CFG, t, t, 1), v["times"], (168, 308))
@@ -308,7 +309,7 @@ VFR_CLIPS = [
 def test_vfr_overview(videos, name):
     v = videos[name]
     times = v["times"]
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         frames = vz.sample_overview(video, CFG, fps=0.5, max_frames=64)
         duration = video.duration
     n = int(np.ceil(duration * 0.5 - 1e-9))
@@ -323,7 +324,7 @@ def test_vfr_clip(videos, name, start, end, num_frames):
     v = videos[name]
     times = v["times"]
     assert end <= times[-1] + VFR_LAST_DUR  # within the video, as the caller guarantees
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         frames = vz.sample_clip(video, CFG, start, end, num_frames)
     check_clip(served(frames, times, (168, 308)), times, start, end, num_frames)
 
@@ -336,7 +337,7 @@ def test_nonzero_start(videos, name):
     v = videos[name]
     times = v["times"]
     assert times[0] == 0.0
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         overview = vz.sample_overview(video, CFG, fps=0.5, max_frames=64)
         clip = vz.sample_clip(video, CFG, 0.0, 0.3, 4)
         clip2 = vz.sample_clip(video, CFG, 7.93, 8.13, 6)  # across keyframe 200 (8.0 s)
@@ -365,7 +366,7 @@ def test_duration(videos, name, true_duration, frame):
     v = videos[name]
     if true_duration is None:
         true_duration = v["times"][-1] + VFR_LAST_DUR
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         assert video.duration == pytest.approx(true_duration, abs=frame + 1e-3)
 
 
@@ -378,8 +379,8 @@ def test_bad_input_raises_video_error(tmp_path, content):
     path = tmp_path / "bad.mp4"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(vz.VideoError) as e:
-        vz.open_video(str(path))
+    with pytest.raises(plumbing.VideoError) as e:
+        plumbing.open_video(str(path))
     assert "\n" not in str(e.value)
 
 
@@ -388,7 +389,7 @@ def test_serve_any_order(videos, name):
     # Video.serve in episode order (overview, then clips that go back in time), as train_sft.py
     # re-decodes a trajectory's frames: each time is served by the frame showing then, whatever came before.
     v = videos[name]
-    with vz.open_video(v["path"]) as video:
+    with plumbing.open_video(v["path"]) as video:
         times = [0.0, 8.0, 16.0, 3.3, 3.5, 12.0, 0.5, 15.9, 15.9, 2.0]
-        got = served(video.serve(times, CFG), v["times"], vz.resize_shape(video.height, video.width, CFG))
+        got = served(video.serve(times, CFG), v["times"], plumbing.resize_shape(video.height, video.width, CFG))
     assert got == [showing(v["times"], t) for t in times]

@@ -16,6 +16,7 @@ import av
 import numpy as np
 import pytest
 
+import plumbing
 import vz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +55,8 @@ def overviews(world, rows):
     out = {}
     for row in sum(rows.values(), []):
         if row["video"] not in out:
-            with vz.open_video(str(world / "a" / row["video"])) as video:
-                out[row["video"]] = vz.sample_overview(video, vz.VisionConfig())
+            with plumbing.open_video(str(world / "a" / row["video"])) as video:
+                out[row["video"]] = vz.sample_overview(video, plumbing.VisionConfig())
     return out
 
 
@@ -119,10 +120,10 @@ def test_flashes_hidden_from_overview_but_shown_by_a_zoom(world, rows, overviews
         assert len(row["meta"]["events"]) == (1 if row["kind"] == "needle" else "ABCD".index(row["answer"]) + 1)
         shown = [f for f in overviews[row["video"]] if scene["start"] <= f.time < scene["end"]]
         assert shown and all(shape_pixels(f.image, scene["rgb"]) < 0.005 for f in shown), row["question"]
-        with vz.open_video(str(world / "a" / row["video"])) as video:
+        with plumbing.open_video(str(world / "a" / row["video"])) as video:
             for event in row["meta"]["events"]:
                 middle = (event["start"] + event["end"]) / 2
-                (frame,) = vz.sample_clip(video, vz.VisionConfig(), middle, middle + 0.1, 1)
+                (frame,) = vz.sample_clip(video, plumbing.VisionConfig(), middle, middle + 0.1, 1)
                 assert shape_pixels(frame.image, scene["rgb"]) > 0.02, event
                 num_events += 1
     assert num_events > 10
@@ -175,7 +176,7 @@ def test_glance_and_base_answers_match_the_overview(rows, overviews):
 def test_trajectories_replay_to_their_answer_and_say_what_the_frames_show(world, rows, tiny):
     _, renderer = tiny
     for row in rows["sft"] + rows["base"]:
-        with vz.open_video(str(world / "a" / row["video"])) as video:
+        with plumbing.open_video(str(world / "a" / row["video"])) as video:
             prompt = vz.build_prompt(renderer, video, row["question"], row["options"])
             episode = vz.replay(renderer, video, prompt, row["turns"], vz.Limits())
         kinds = [turn["kind"] for turn in episode.turns]
@@ -297,7 +298,7 @@ def test_with_walk_answers_read_each_zoomed_frame_then_walk_the_options(walk_row
         assert last.endswith(f"yes.</think><answer>{row['answer']}</answer>"), last
         if row["kind"] not in ("needle", "count"):
             continue
-        with vz.open_video(str(world / "walk" / row["video"])) as video:
+        with plumbing.open_video(str(world / "walk" / row["video"])) as video:
             prompt = vz.build_prompt(renderer, video, row["question"], row["options"])
             episode = vz.replay(renderer, video, prompt, row["turns"], vz.Limits())
         assert episode.stop == "answer" and episode.answer.letter == row["answer"]
@@ -385,8 +386,8 @@ def test_clip_rows_ask_of_a_zooms_frames_and_answer_by_reading_them(world, walk_
         if row["video"] not in videos:
             with av.open(str(world / "clips" / row["video"])) as container:
                 videos[row["video"]] = [f.to_ndarray(format="rgb24").astype(int) for f in container.decode(video=0)]
-        with vz.open_video(str(world / "clips" / row["video"])) as video:  # what a zoom on the scene returns
-            zoomed = vz.sample_clip(video, vz.VisionConfig(), scene["first_seen"], scene["last_seen"], 16)
+        with plumbing.open_video(str(world / "clips" / row["video"])) as video:  # what a zoom on the scene returns
+            zoomed = vz.sample_clip(video, plumbing.VisionConfig(), scene["first_seen"], scene["last_seen"], 16)
         system, user, assistant = row["messages"]
         assert system["content"] == vz.system_text(vz.Limits(), vz.NO_TOOL_PROMPT)
         assert user["content"] == ("".join(f"{vz.frame_tag(j, f.time)}<image>\n" for j, f in enumerate(zoomed))
@@ -441,8 +442,8 @@ def test_coarse_overview_shows_each_scene_plain_at_its_two_frames(coarse):
     overviews, checked = {}, Counter()
     for row in sum(rows.values(), []):
         if row["video"] not in overviews:  # the agent's overview: 8 frames spread uniformly
-            with vz.open_video(str(root / row["video"])) as video:
-                overviews[row["video"]] = vz.sample_overview(video, vz.VisionConfig(), 0.5, 8)
+            with plumbing.open_video(str(root / row["video"])) as video:
+                overviews[row["video"]] = vz.sample_overview(video, plumbing.VisionConfig(), 0.5, 8)
         frames = overviews[row["video"]]
         assert [round(f.time, 2) for f in frames] == [15 * k for k in range(8)]
         seen = [scene_colour(f.image, palette) for f in frames]
@@ -460,22 +461,22 @@ def test_coarse_overview_shows_each_scene_plain_at_its_two_frames(coarse):
 
 def test_coarse_teacher_zooms_a_scene_span_at_1_fps_and_reads_each_frame(coarse):
     root, rows = coarse
-    native = vz.VisionConfig(patch_size=1, merge_size=1)  # frames at the video's 224x128, where the boxes are
+    native = plumbing.VisionConfig(patch_size=1, merge_size=1)  # frames at the video's 224x128, where the boxes are
     checked = Counter()
     for row in [r for r in rows["sft"] if r["kind"] in ("needle", "count")]:
         scene, events = row["meta"]["scene"], row["meta"]["events"]
         assert all(x1 - x0 == y1 - y0 == 96 for x0, y0, x1, y1 in (ev["box"] for ev in events))
-        with vz.open_video(str(root / row["video"])) as video:
+        with plumbing.open_video(str(root / row["video"])) as video:
             calls = [vz.parse_turn(turn, video.duration, 16) for turn in row["turns"][:-1]]
             assert all(ok and isinstance(call, vz.Zoom) for call, ok in calls), row["turns"]
             zoom = calls[-1][0]  # the right zoom: the scene's overview span at 1 fps, 15 frames ~1.07 s apart
             assert (zoom.start, zoom.end, zoom.fps, zoom.num_frames) == (scene["start"], scene["start"] + 15, 1, 15)
-            frames = vz.sample_clip(video, vz.VisionConfig(), zoom.start, zoom.end, zoom.num_frames)
+            frames = vz.sample_clip(video, plumbing.VisionConfig(), zoom.start, zoom.end, zoom.num_frames)
             full = vz.sample_clip(video, native, zoom.start, zoom.end, zoom.num_frames)
             if row["teacher"] == "reflection":  # first the same span too sparse: 0.25 fps, 3 plain frames
                 sparse = calls[0][0]
                 assert len(calls) == 2 and (sparse.start, sparse.end, sparse.fps) == (zoom.start, zoom.end, 0.25)
-                sparse_frames = vz.sample_clip(video, vz.VisionConfig(), sparse.start, sparse.end, sparse.num_frames)
+                sparse_frames = vz.sample_clip(video, plumbing.VisionConfig(), sparse.start, sparse.end, sparse.num_frames)
                 assert len(sparse_frames) == 3 and all(shape_pixels(f.image, scene["rgb"]) < 0.005
                                                        for f in sparse_frames)
         # The frame showing at each call time: the source frame (5 fps) at or just before it.
@@ -528,14 +529,14 @@ def test_colour_events_flash_the_whole_picture_between_overview_frames_and_the_w
     assert result.returncode == 0, result.stderr
     rows = load(tmp_path)
     clips = [json.loads(line) for line in open(tmp_path / "clips.jsonl")]
-    small = vz.VisionConfig(min_pixels=784, max_pixels=1792)
+    small = plumbing.VisionConfig(min_pixels=784, max_pixels=1792)
     scene_rgb = {s["colour"]: s["rgb"] for row in sum(rows.values(), [])
                  for s in row["meta"].get("scenes", []) + [row["meta"]["scene"]]}
     assert len(scene_rgb) > 4 and not set(scene_rgb) & set(FLASH_RGB)  # no scene takes a flash colour
     palette = dict(FLASH_RGB, **scene_rgb)
     checked = Counter()
     for row in rows["base"] + rows["sft"]:
-        with vz.open_video(str(tmp_path / row["video"])) as video:
+        with plumbing.open_video(str(tmp_path / row["video"])) as video:
             overview = vz.sample_overview(video, small)
             assert overview[0].image.shape == (28, 56, 3)
             seen = [picture_colour(f.image, palette) for f in overview]
@@ -597,7 +598,7 @@ def test_default_flags_write_the_world_the_shipped_model_was_trained_for(tmp_pat
     assert result.returncode == 0, result.stderr
     sft = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
     test = [json.loads(line) for line in open(tmp_path / "test.jsonl")]
-    with vz.open_video(str(tmp_path / test[0]["video"])) as video:
+    with plumbing.open_video(str(tmp_path / test[0]["video"])) as video:
         assert video.duration == pytest.approx(40.0, abs=0.01)
     needles = [row for row in sft + test if row["kind"] == "needle"]
     assert needles and all(row["options"] == ["A. white", "B. black", "C. grey", "D. brown"] for row in needles)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import plumbing
 import vz
 from scripted import OPTIONS, QUESTION, SCRIPTS
 from videos import write_index_video
@@ -70,14 +71,14 @@ def test_two_processes_match_one(data_dir, tiny_dir, tmp_path):
         assert frozen and all(torch.equal(final[k], start[k]) for k in frozen)
         assert not torch.equal(final["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
     # The checkpoint loads through the normal path.
-    model, _, _ = vz.load_model(str(tmp_path / "run2" / "final"))
+    model, _, _ = plumbing.load_model(str(tmp_path / "run2" / "final"))
     assert model.config.model_type == "qwen2_5_vl"
     # It records the overview it trained on (0.25 fps, the default cap), which the next stage and infer.py take
     # for flags left at 0; a model without the record gets docs/protocol.md's 0.5 fps and 64 frames.
-    assert vz.load_overview(str(tmp_path / "run2" / "final")) == (0.25, 64)
-    assert vz.load_overview(tiny_dir) == (0.5, 64)
+    assert plumbing.load_overview(str(tmp_path / "run2" / "final")) == (0.25, 64)
+    assert plumbing.load_overview(tiny_dir) == (0.5, 64)
     flags = argparse.Namespace(overview_fps=0, max_overview_frames=16)
-    vz.resolve_overview(flags, str(tmp_path / "run2" / "final"))
+    plumbing.resolve_overview(flags, str(tmp_path / "run2" / "final"))
     assert (flags.overview_fps, flags.max_overview_frames) == (0.25, 16)
 
 
@@ -179,9 +180,9 @@ def test_prune_keeps_the_newest_complete_steps_in_numeric_order(tmp_path):
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "trainer_state.json").write_text("{}")
-    vz.prune_checkpoints(str(tmp_path), 2, rank=0)
+    plumbing.prune_checkpoints(str(tmp_path), 2, rank=0)
     assert sorted(os.listdir(tmp_path)) == ["final", "step_10", "step_11", "step_9"]
-    vz.prune_checkpoints(str(tmp_path), 0, rank=0)  # 0 keeps all
+    plumbing.prune_checkpoints(str(tmp_path), 0, rank=0)  # 0 keeps all
     assert len(os.listdir(tmp_path)) == 4
 
 

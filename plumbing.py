@@ -1,0 +1,970 @@
+"""The plumbing VideoZoomer stands on: nothing here is the method, and a reader learning it may skip this file.
+
+1. Video files: PyAV decoding with the quirks of real files (B-frames, variable frame rate, rotation, damage),
+   seeks planned in pts, frames resized and patchified as Qwen2.5-VL expects.
+2. Model files: the Qwen2.5-VL preprocessing constants, loading a local checkpoint, a KV cache that grows in place.
+3. Training files: autocast, FSDP2 sharding, checkpoints written atomically and found again for --resume.
+4. Data files: rows with the file's own line numbers, a count of the bad ones.
+5. torchrun set-up and the command-line helpers every script shares.
+
+vz.py (the method) and the scripts import this module; it imports nothing of ours.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# 1. Video files
+
+
+class VideoError(Exception):
+    """A video we cannot use; the message is one line, meant for the user."""
+
+
+@dataclass
+class VisionConfig:
+    """Preprocessing constants; the defaults are Qwen2.5-VL's with the paper's pixel bounds."""
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    min_pixels: int = 25088  # 32 merged patches
+    max_pixels: int = 100352  # 128 merged patches: at most 128 visual tokens per frame
+
+    @property
+    def factor(self):
+        return self.patch_size * self.merge_size
+
+
+def read_preprocessor(model_dir):
+    """A model directory's preprocessor_config.json: the frame constants, and the overview our trainers add."""
+    return read_json(os.path.join(model_dir, "preprocessor_config.json"))
+
+
+def load_vision_config(model_dir):
+    """Read preprocessor_config.json (new `size` keys or legacy min/max_pixels)."""
+    cfg = read_preprocessor(model_dir)
+    size = cfg.get("size") or {}
+    defaults = VisionConfig()
+    return VisionConfig(
+        patch_size=cfg.get("patch_size", defaults.patch_size),
+        merge_size=cfg.get("merge_size", defaults.merge_size),
+        temporal_patch_size=cfg.get("temporal_patch_size", defaults.temporal_patch_size),
+        image_mean=tuple(cfg.get("image_mean", defaults.image_mean)),
+        image_std=tuple(cfg.get("image_std", defaults.image_std)),
+        min_pixels=size.get("shortest_edge", cfg.get("min_pixels", defaults.min_pixels)),
+        max_pixels=size.get("longest_edge", cfg.get("max_pixels", defaults.max_pixels)),
+    )
+
+
+def load_overview(model_dir):
+    """(fps, max_frames) of the overview a model was trained with: preprocessor_config.json's
+    `videozoomer_overview`, which our trainers write, else docs/protocol.md's 0.5 fps and 64 frames."""
+    overview = read_preprocessor(model_dir).get("videozoomer_overview") or {}
+    return float(overview.get("fps", 0.5)), int(overview.get("max_frames", 64))
+
+
+def resolve_overview(args, model_dir):
+    """Fill --overview-fps / --max-overview-frames left at 0 from the model (load_overview) and return them as
+    (fps, max_frames); one error line when model_dir is not a model directory, and when a value is negative."""
+    try:
+        fps, max_frames = load_overview(model_dir)
+    except (OSError, ValueError) as e:
+        fail(f"{model_dir}: not a model directory ({one_line(e)})")
+    if args.overview_fps < 0 or args.max_overview_frames < 0:
+        fail("--overview-fps and --max-overview-frames must be positive, or 0 for the model's")
+    args.overview_fps = args.overview_fps or fps
+    args.max_overview_frames = args.max_overview_frames or max_frames
+    return args.overview_fps, args.max_overview_frames
+
+
+def resize_shape(height, width, vcfg):
+    """(h, w) with sides multiples of patch*merge, aspect kept, pixels in [min, max]."""
+    factor = vcfg.factor
+    if max(height, width) / min(height, width) > 200:
+        raise VideoError(f"aspect ratio {width}x{height} is too extreme (over 200:1)")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > vcfg.max_pixels:
+        scale = math.sqrt(height * width / vcfg.max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < vcfg.min_pixels:
+        scale = math.sqrt(vcfg.min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+@dataclass
+class Frame:
+    time: float  # seconds since the video's first frame, from the source frame's own pts
+    image: np.ndarray  # (h, w, 3) uint8 RGB, already resized
+    _patches: tuple = field(default=None, repr=False)
+
+    def patches(self, vcfg):
+        """(pixel_values, grid_thw) for the vision tower, computed once per frame."""
+        if self._patches is None:
+            self._patches = patchify(self.image, vcfg)
+        return self._patches
+
+
+def patchify(image, vcfg):
+    """(h, w, 3) uint8 -> pixel_values (h/p * w/p, 3*T*p*p) and grid_thw (3,), Qwen2.5-VL's layout.
+
+    Patches are ordered merge-window by merge-window (the merger fuses each m x m window), and the
+    single image is repeated on the temporal axis to fill one temporal patch.
+    """
+    height, width, channels = image.shape
+    p, m, t = vcfg.patch_size, vcfg.merge_size, vcfg.temporal_patch_size
+    assert height % (p * m) == 0 and width % (p * m) == 0, f"frame {width}x{height} is not patch-aligned"
+    mean = torch.tensor(vcfg.image_mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(vcfg.image_std, dtype=torch.float32).view(-1, 1, 1)
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0  # (C, H, W)
+    x = (x - mean) / std
+    grid_h, grid_w = height // p, width // p
+    x = x.unsqueeze(0).expand(t, -1, -1, -1)  # (T, C, H, W)
+    x = x.reshape(t, channels, grid_h // m, m, p, grid_w // m, m, p)
+    x = x.permute(2, 5, 3, 6, 1, 0, 4, 7)  # (gh/m, gw/m, m, m, C, T, p, p)
+    pixel_values = x.reshape(grid_h * grid_w, channels * t * p * p).contiguous()
+    return pixel_values, torch.tensor([1, grid_h, grid_w])
+
+
+class Hole:
+    """Stands in the frame sequence where the video cannot be decoded, from `pts` to the next frame."""
+
+    def __init__(self, pts):
+        self.pts = pts
+
+
+class Video:
+    """One open video stream. Times are seconds since its first frame; seeks are planned in pts."""
+
+    def __init__(self, path):
+        self.path = path
+        self.holes, self.warned, self.duration = [], set(), None
+        if os.path.isdir(path):
+            raise VideoError(f"{path}: is a directory, not a video file")
+        if not os.path.isfile(path):
+            raise VideoError(f"{path}: no such file")
+        if os.path.getsize(path) == 0:
+            raise VideoError(f"{path}: file is empty")
+        try:
+            self.container = av.open(path)
+        except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+            raise VideoError(f"{path}: not a readable video ({one_line(e)})") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise VideoError(f"{path}: has no video stream")
+        self.stream = self.container.streams.video[0]
+        if self.stream.codec_context is None:
+            self.close()
+            raise VideoError(f"{path}: no decoder for its video codec")
+        self.time_base = self.stream.time_base or Fraction(1, 1000000)
+        self.width, self.height = self.stream.codec_context.width, self.stream.codec_context.height
+        if not self.width or not self.height:
+            self.close()
+            raise VideoError(f"{path}: video stream has no frame size")
+        self.orientation = self._orientation()
+        if self.orientation[0]:  # a portrait phone video stored landscape: sizes are the upright frame's
+            self.width, self.height = self.height, self.width
+        self.start_pts = self.stream.start_time or 0
+        self.num_frames = self.stream.frames or None  # as the container states it (None: not stated)
+        # Index entries carry DTS; a keyframe's pts is >= its dts, so a seek planned from them can land
+        # one GOP late, which _frames() detects and undoes by seeking further back.
+        self.keyframe_dts = [e.timestamp for e in self.stream.index_entries if e.is_keyframe]
+        try:
+            self.duration = self._probe_duration()
+        except VideoError:
+            self.close()
+            raise
+        # Clips already served, by their times and size: the clip sampler fills it (vz.sample_clip).
+        self.clips = {}
+
+    def _orientation(self):
+        """(transpose, flip_columns, flip_rows) that turn a decoded frame upright, as a player shows it.
+
+        Phones store the picture as the sensor saw it and a display matrix beside it; PyAV 18 exposes
+        the matrix on decoded frames only, so the first frame is decoded once here. With y pointing
+        down, the matrix maps a stored pixel (x, y) to (a x + c y, b x + d y) on screen: |a| >= |b|
+        keeps the axes (a < 0 mirrors columns, d < 0 rows); otherwise the axes swap (checked against
+        ffmpeg's own autorotation for 0/90/180/270 degrees, each also mirrored either way)."""
+        frame = next((f for f in self._decode() if not isinstance(f, Hole)), None)
+        try:
+            matrix = frame.side_data.get("DISPLAYMATRIX") if frame is not None else None
+        except ValueError as e:  # a kind of side data PyAV does not know (a camera's EXIF in MJPEG: type 31)
+            self.warn(f"PyAV cannot read this video's frame side data ({one_line(e)}), so a rotation stored "
+                       f"there is not applied: frames are shown as stored")
+            return (False, False, False)
+        if matrix is None:
+            return (False, False, False)
+        a, b, _, c, d = struct.unpack("<9i", bytes(matrix))[:5]
+        if abs(a) >= abs(b):
+            return (False, a < 0, d < 0)
+        return (True, c < 0, b < 0)
+
+    def _probe_duration(self):
+        """End of the last frame in seconds since the first, read from the last packets.
+
+        Headers disagree across containers (Matroska's counts from 0, not from the first frame;
+        an mp4 with variable frame rate and B-frames derives it from synthetic dts), so demux the
+        tail, no decoding, and take the largest pts + packet duration.
+        """
+        if self.stream.duration:
+            header = self.stream.duration
+        elif self.container.duration:
+            header = math.ceil(self.container.duration / 1e6 / self.time_base)
+        else:
+            header = 1 << 60  # unknown: seek past the end; the demuxer lands on the last keyframe
+        back = math.ceil(10 / self.time_base)
+        for _ in range(8):
+            try:
+                self.container.seek(self.start_pts + header, stream=self.stream, backward=True, any_frame=False)
+                packets = [p for p in self.container.demux(self.stream) if p.pts is not None]
+            except av.FFmpegError:
+                packets = []
+            if packets:
+                break
+            header = max(header - back, 0) if header < 1 << 60 else 0
+            back *= 2
+        if not packets:
+            raise VideoError(f"{self.path}: video stream has no readable frames")
+        # With B-frames, packet durations are dts steps: only the last-shown frame's own one counts.
+        last = max(packets, key=lambda p: p.pts)
+        pts = sorted(p.pts for p in packets)
+        gaps = [b - a for a, b in zip(pts, pts[1:]) if b > a]
+        typical = sorted(gaps)[len(gaps) // 2] if gaps else 1 / (self.stream.average_rate or 25) / self.time_base
+        return float((last.pts + (last.duration or typical) - self.start_pts) * self.time_base)
+
+    def _time(self, pts):
+        return float((pts - self.start_pts) * self.time_base)
+
+    def _ticks(self, seconds):
+        # Floor with a little slack so 2.0 s maps onto a frame stamped at exactly 2.0 s.
+        return self.start_pts + math.floor(seconds / self.time_base + 1e-6)
+
+    def _frames(self, ticks):
+        """Yield (frame, next_pts) in display order, starting with the frame showing at `ticks`."""
+        back, one_second = 0, math.ceil(1 / self.time_base)
+        while True:
+            target = ticks - back
+            if target <= self.start_pts:
+                decoded = self._rewind()
+            else:
+                try:
+                    self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
+                    decoded = self._decode()
+                except av.FFmpegError:
+                    decoded = self._rewind()  # unseekable input: decode from the start
+                    target = self.start_pts
+            first = next(decoded, None)
+            if target <= self.start_pts and first is None:
+                return
+            if first is not None and (first.pts <= ticks or target <= self.start_pts):
+                break
+            # Landed on a keyframe shown after `ticks` (seek planned on DTS, or a format without an
+            # index that seeks forward), or past the end: go further back.
+            back = back * 2 or one_second
+        current = first
+        for frame in decoded:
+            if frame.pts <= current.pts:
+                continue  # leftovers from before the keyframe
+            if frame.pts <= ticks:
+                current = frame
+                continue
+            yield current, frame.pts
+            current = frame
+        yield current, math.inf
+
+    def _rewind(self):
+        """Decode from the very first frame: reopening is the one rewind every container honours."""
+        self.container.close()
+        self.container = av.open(self.path)
+        self.stream = self.container.streams.video[0]
+        return self._decode()
+
+    def _decode(self):
+        """Frames in decode order, and a Hole for each stretch that cannot be decoded.
+
+        A damaged packet makes the decoder fail, and the frames it puts out next are drawn from
+        broken references: as a player does, everything from the first failure on is dropped until
+        a keyframe shown later comes out; frames shown before the failure still count. Where the
+        damage runs to the end (or the demuxer gives up), the hole does too.
+        """
+        broken, frame = None, None  # broken: pts of the first undecodable frame since the last good keyframe
+        try:
+            for packet in self.container.demux(self.stream):
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:
+                    if packet.pts is not None:
+                        broken = packet.pts if broken is None else min(broken, packet.pts)
+                    continue
+                for frame in frames:
+                    if frame.pts is None:
+                        continue
+                    if frame.is_corrupt:
+                        broken = frame.pts if broken is None else min(broken, frame.pts)
+                    elif broken is None or frame.pts < broken:
+                        yield frame
+                    elif frame.key_frame:
+                        yield self._hole(broken, frame.pts)
+                        broken = None
+                        yield frame
+        except av.FFmpegError as e:
+            # The demuxer gave up (a cut or mangled file): nothing after the last frame can be served.
+            self.warn(f"decoding stopped early ({one_line(e)})")
+            if broken is None and frame is not None and frame.pts is not None:
+                broken = frame.pts + 1
+        if broken is not None:
+            yield self._hole(broken, None)
+
+    def _hole(self, start, end):
+        if self.duration is None:  # still opening the file: holes are noted once it is open
+            return Hole(start)
+        a, b = self._time(start), self.duration if end is None else self._time(end)
+        # Where decoding starts changes where it fails: keep the union of what was seen, warn as it grows.
+        overlapping = [(x, y) for x, y in self.holes if x <= b and y >= a]
+        merged = (min([a] + [x for x, _ in overlapping]), max([b] + [y for _, y in overlapping]))
+        if merged not in overlapping:
+            self.holes = sorted(set(self.holes) - set(overlapping) | {merged})
+            self.warn(f"the video is damaged from {merged[0]:.2f}s to {merged[1]:.2f}s: no frame there can be decoded")
+        return Hole(start)
+
+    def warn(self, message):
+        if message not in self.warned:
+            self.warned.add(message)
+            print(f"warning: {self.path}: {message}", file=sys.stderr)
+
+    def damage_in(self, start, end):
+        """The damaged stretches that overlap [start, end] seconds, as (from, to) pairs."""
+        return [(a, b) for a, b in self.holes if a <= end and b > start]
+
+    def _keyframe_after(self, pts, ticks):
+        """True when a keyframe lies between the decoder's position and `ticks`: seeking is cheaper."""
+        if not self.keyframe_dts:
+            return ticks - pts > 1 / self.time_base
+        i = np.searchsorted(self.keyframe_dts, ticks, side="right") - 1
+        return i >= 0 and self.keyframe_dts[i] > pts
+
+    def _rgb(self, frame, size):
+        """The frame resized to `size` (upright height, width) in FFmpeg, then turned upright."""
+        height, width = size
+        transpose, flip_columns, flip_rows = self.orientation
+        if transpose:
+            height, width = width, height
+        image = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC").to_ndarray()
+        if transpose or flip_columns or flip_rows:
+            image = image.transpose(1, 0, 2) if transpose else image
+            image = image[:, ::-1] if flip_columns else image
+            image = np.ascontiguousarray(image[::-1] if flip_rows else image)
+        return Frame(time=self._time(frame.pts), image=image)
+
+    def serve(self, times, vcfg, seek=True, skip_damaged=False):
+        """The frames showing at the given times (seconds). Increasing times decode forward and seek
+        over gaps with a keyframe in them (seek=False: never); a time before the last one seeks back.
+        A time inside a damaged stretch raises VideoError, or with skip_damaged gets no frame."""
+        size = resize_shape(self.height, self.width, vcfg)
+        out, frames, current = [], None, None
+        for seconds in times:
+            ticks = self._ticks(seconds)
+            # Seek only when it is cheaper than decoding on: going back, or a keyframe lies before `ticks`.
+            if (current is None or ticks < current[0].pts
+                    or (seek and self._keyframe_after(current[0].pts, ticks))):
+                frames = self._frames(ticks)
+                current = next(frames, None)
+                if current is None:
+                    raise VideoError(f"{self.path}: no decodable frame at {seconds:.2f}s")
+            while current[1] <= ticks:
+                current = next(frames)
+            if not isinstance(current[0], Hole):
+                out.append(self._rgb(current[0], size))
+            elif not skip_damaged:
+                raise VideoError(f"{self.path}: no decodable frame at {seconds:.2f}s (the file is damaged there)")
+        return out
+
+    def serve_span(self, times, vcfg):
+        """The frames showing at increasing `times`, from one seek and a forward decode, never a frame twice.
+        When [times[0], times[-1]] shows fewer source frames than asked, all of them are returned."""
+        size, num_frames = resize_shape(self.height, self.width, vcfg), len(times)
+        targets = [self._ticks(t) for t in times]
+        span, span_pts, picked = [], [], []  # span: frames showing in [start, end], kept while few
+        k = 0
+        for frame, next_pts in self._frames(targets[0]):
+            while k < len(targets) and targets[k] < next_pts:
+                picked.append(frame)
+                k += 1
+            if not isinstance(frame, Hole):  # a damaged stretch serves none of its targets
+                span_pts.append(frame.pts)
+                if len(span) <= num_frames:
+                    span.append(frame)
+            if k == len(targets):
+                break
+        picked = [frame for frame in picked if not isinstance(frame, Hole)]
+        if len(span_pts) <= num_frames:
+            chosen = span
+        elif len({f.pts for f in picked}) == len(picked):
+            chosen = picked
+        else:
+            # Irregular frame times sent two targets to one frame: pick evenly by frame index instead.
+            index = np.round(np.linspace(0, len(span_pts) - 1, num_frames)).astype(int)
+            return self.serve([self._time(span_pts[i]) for i in index], vcfg, seek=False)
+        return [self._rgb(f, size) for f in chosen]
+
+    def close(self):
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def encode_image(image, codec="mjpeg"):
+    """(h, w, 3) uint8 RGB -> the bytes of one JPEG ("mjpeg") or PNG ("png") image, encoded with PyAV."""
+    context = av.CodecContext.create(codec, "w")
+    pix_fmt = "yuvj420p" if codec == "mjpeg" else "rgb24"
+    context.width, context.height, context.pix_fmt = image.shape[1], image.shape[0], pix_fmt
+    context.time_base = Fraction(1, 25)
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+    return b"".join(bytes(packet) for packet in context.encode(frame) + context.encode(None))
+
+
+def jpeg_data_url(image):
+    """(h, w, 3) uint8 RGB -> a base64 JPEG data URL (the viewer's pages, teacher requests)."""
+    import base64
+    return "data:image/jpeg;base64," + base64.b64encode(encode_image(image)).decode()
+
+
+def one_line(error):
+    """A user-facing one-line reason; FFmpeg errors without their errno and file name."""
+    if isinstance(error, av.FFmpegError) and error.strerror:
+        return error.strerror
+    return " ".join(str(error).split())
+
+
+def open_video(path):
+    return Video(path)
+
+
+# -----------------------------------------------------------------------------
+# 2. Model files: preprocessing constants, a local checkpoint, the KV cache's storage
+
+
+def read_json(path):
+    """A JSON object from path; ValueError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
+
+
+def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
+    """(model, tokenizer, vision config) from a local Hugging Face directory; safetensors only.
+    min_pixels/max_pixels override the checkpoint's frame-size bounds (the base Qwen2.5-VL allows
+    12.8M pixels a frame; the paper uses 100,352); trainers save the bounds they used."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one bar per load is noise in a per-turn transcript
+    for name in ("config.json", "preprocessor_config.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise FileNotFoundError(f"{model_dir}: not a model directory (no {name})")
+    # transformers' JSON errors do not name the file ("Expecting value: line 1 column 1"): check each first.
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(model_dir, name)):
+            read_json(os.path.join(model_dir, name))
+    model_type = read_json(os.path.join(model_dir, "config.json")).get("model_type")
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"{model_dir}: model_type is {model_type!r}, expected 'qwen2_5_vl'")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    vcfg = load_vision_config(model_dir)
+    vcfg.min_pixels = min_pixels or vcfg.min_pixels
+    vcfg.max_pixels = max_pixels or vcfg.max_pixels
+    if not 0 < vcfg.min_pixels <= vcfg.max_pixels or vcfg.max_pixels < vcfg.factor ** 2:
+        raise ValueError(f"pixel bounds [{vcfg.min_pixels}, {vcfg.max_pixels}] are empty or below one "
+                         f"{vcfg.factor}x{vcfg.factor} patch group")
+    return model.to(device).eval(), tokenizer, vcfg
+
+
+def load_model_or_exit(model_dir, device="cpu", min_pixels=None, max_pixels=None):
+    """load_model for a script: a directory that is not a model is the user's mistake, one error line."""
+    try:
+        return load_model(model_dir, device, min_pixels, max_pixels)
+    except (OSError, ValueError) as e:
+        fail(one_line(e))
+
+
+def left_pad(tensor, width, dim):
+    """Zeros in front of `tensor` along `dim` up to `width`."""
+    shape = list(tensor.shape)
+    shape[dim] = width - tensor.shape[dim]
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+
+def growing_cache(model):
+    """A transformers Cache whose layers keep their keys and values in buffers with room to spare."""
+    from transformers.cache_utils import Cache
+    return Cache(layers=[growing_layer_class()() for _ in range(model.config.get_text_config().num_hidden_layers)])
+
+
+@functools.cache
+def growing_layer_class():
+    """DynamicLayer appends with torch.cat, which copies the whole cache on every decoded token (65% of a
+    32-row decode step here); this layer writes the new states in place and returns views. After a
+    select, repeat or join (which build new tensors) the next update moves them into a fresh buffer."""
+    from transformers.cache_utils import DynamicLayer
+
+    def append(cached, buffer, new):
+        length = cached.shape[-2] if cached.dim() == 4 else 0
+        end = length + new.shape[-2]
+        if (buffer is None or buffer.shape[:2] != new.shape[:2] or buffer.shape[-2] < end
+                or (length and cached.data_ptr() != buffer.data_ptr())):
+            buffer = new.new_empty(*new.shape[:2], end + max(256, end // 4), new.shape[-1])
+            if length:
+                buffer[:, :, :length] = cached
+        buffer[:, :, length:end] = new
+        return buffer[:, :, :end], buffer
+
+    class GrowingLayer(DynamicLayer):
+        key_buffer = value_buffer = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.key_buffer = append(self.keys, self.key_buffer, key_states)
+            self.values, self.value_buffer = append(self.values, self.value_buffer, value_states)
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+# -----------------------------------------------------------------------------
+# 3. Training files: precision, sharding, checkpoints
+
+
+def autocast(device):
+    """bf16 compute on CUDA over fp32 weights (an lr of 1e-6 would vanish in bf16 weights); off on CPU."""
+    import contextlib
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def shard_model(model, world_size):
+    """FSDP2: fully_shard each decoder and vision block, then the root. No-op for one process."""
+    if world_size == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+    for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank, vcfg, overview, keep=None):
+    """Write an HF-format checkpoint (+ optimizer and trainer state) into out_dir atomically.
+
+    Every rank must call it (gathering sharded weights is collective); rank 0 writes into a temporary
+    directory and renames it, so a crash never leaves half a checkpoint. Safetensors and JSON only.
+    keep: then keep only the newest `keep` step_N directories beside out_dir (prune_checkpoints).
+    """
+    import shutil
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    if rank != 0:
+        return
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # gathered copies no longer share storage: keep one, as HF does
+    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    preprocessor = read_preprocessor(model_dir)
+    # The frame-size bounds this model was trained with (the start model's, or --min/--max-pixels).
+    preprocessor["size"] = {"shortest_edge": vcfg.min_pixels, "longest_edge": vcfg.max_pixels}
+    for key, value in (("min_pixels", vcfg.min_pixels), ("max_pixels", vcfg.max_pixels)):
+        if key in preprocessor:
+            preprocessor[key] = value
+    # And the overview it was trained on, (fps, max frames): infer.py and later stages default to it.
+    preprocessor["videozoomer_overview"] = {"fps": overview[0], "max_frames": overview[1]}
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor, f, indent=2)
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if optim is not None:
+        for name, slots in optim["state"].items():
+            for slot, value in slots.items():
+                tensors[f"state/{name}/{slot}"] = torch.as_tensor(value).clone()
+        state = dict(state, param_groups=optim["param_groups"])
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    if keep is not None:  # only now, the new one whole, may older ones go: a crash in between still leaves one
+        prune_checkpoints(os.path.dirname(out_dir.rstrip("/")) or ".", keep, rank)
+
+
+def load_training_state(checkpoint_dir, model, optimizer):
+    """Restore optimizer moments and the RNG from a checkpoint written by save_checkpoint."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(checkpoint_dir, "optimizer.safetensors"))
+    slots = {}
+    for key, value in tensors.items():
+        if key.startswith("state/"):
+            name, slot = key[len("state/"):].rsplit("/", 1)
+            slots.setdefault(name, {})[slot] = value
+    set_optimizer_state_dict(model, optimizer, {"state": slots, "param_groups": state["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
+
+
+def _safetensors_problem(path):
+    """None when a .safetensors file is whole (its header parses and its data reaches the declared end)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or int.from_bytes(head, "little") > size - 8:
+            return f"{os.path.basename(path)} is truncated"
+        try:
+            header = json.loads(f.read(int.from_bytes(head, "little")))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"{os.path.basename(path)} has a damaged header"
+    if 8 + int.from_bytes(head, "little") + end != size:
+        return f"{os.path.basename(path)} is truncated"
+    return None
+
+
+def checkpoint_problem(path, state_keys=("param_groups",)):
+    """Why a step_N checkpoint cannot be resumed from (one line), or None when it loads whole."""
+    try:
+        state = read_json(os.path.join(path, "trainer_state.json"))
+        missing = [key for key in state_keys if key not in state]
+        if missing:
+            return f"trainer_state.json lacks {missing[0]!r}"
+        for name in ("config.json", "preprocessor_config.json"):
+            read_json(os.path.join(path, name))
+        weights = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+        if not any(n.startswith("model") for n in weights):
+            return "no model.safetensors"
+        if "optimizer.safetensors" not in weights:
+            return "no optimizer.safetensors"
+        for name in sorted(weights):
+            problem = _safetensors_problem(os.path.join(path, name))
+            if problem:
+                return problem
+    except (OSError, ValueError) as e:
+        return one_line(e).replace(path + os.sep, "")
+    return None
+
+
+def resume_checkpoint(out_dir, state_keys=("param_groups",)):
+    """-> (newest step_N in out_dir that loads whole or None, [(skipped step_N, why)]), newest first."""
+    if not os.path.isdir(out_dir):
+        return None, []
+    names = sorted((n for n in os.listdir(out_dir) if re.fullmatch(r"step_\d+", n)), key=lambda n: -int(n[5:]))
+    skipped = []
+    for name in names:
+        problem = checkpoint_problem(os.path.join(out_dir, name), state_keys)
+        if problem is None:
+            return os.path.join(out_dir, name), skipped
+        skipped.append((name, problem))
+    return None, skipped
+
+
+def report_resume(out_dir, resume_dir, skipped):
+    """One line per skipped checkpoint, and one when --resume finds nothing to resume from."""
+    for name, problem in skipped:
+        print(f"resume: skipped {os.path.join(out_dir, name)} ({problem})")
+    if resume_dir is None:
+        print(f"resume: no complete step_N checkpoint in {out_dir}; starting over from --model at step 0"
+              + (" (the damaged ones are overwritten as training reaches their steps)" if skipped else ""))
+
+
+def checkpoint_due(step, save_every, save_every_minutes, last_saved, device):
+    """Save after this optimizer step? Every save_every steps, or once save_every_minutes have passed since
+    last_saved (a time.time()); 0 turns either off. Rank 0's clock decides for all: saving is collective."""
+    due = bool(save_every) and step % save_every == 0
+    if save_every_minutes and not due:
+        import torch.distributed as dist
+        late = torch.tensor(float(time.time() - last_saved >= 60 * save_every_minutes), device=device)
+        if dist.is_initialized():
+            dist.broadcast(late, 0)
+        due = bool(late.item())
+    return due
+
+
+def prune_checkpoints(out_dir, keep, rank):
+    """Keep the newest `keep` complete step_N directories of out_dir, delete the older ones (rank 0; call it
+    only after the newest is completely written, so a crash in between still leaves one). 0 = keep all."""
+    import shutil
+    if rank != 0 or keep <= 0 or not os.path.isdir(out_dir):
+        return
+    steps = sorted((int(name[5:]), name) for name in os.listdir(out_dir)
+                   if re.fullmatch(r"step_\d+", name) and os.path.isfile(os.path.join(out_dir, name, "trainer_state.json")))
+    for _, name in steps[:-keep]:
+        shutil.rmtree(os.path.join(out_dir, name))
+
+
+# -----------------------------------------------------------------------------
+# 4. Data files: rows located by the file's own line numbers
+
+
+def read_rows(path):
+    """-> (rows, reasons): [(where, dict)] and [(where, why)] from a JSONL file or a .json list, where is
+    'line N' (the file's own line number) or 'item N'. A UTF-8 BOM is fine; a line that is not UTF-8 or
+    not a JSON object is a reason, never an exception. A missing, unreadable or empty file is fatal."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        fail(f"{path}: cannot read the data file ({e.strerror or one_line(e)})")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        fail(f"{path}: the data file is empty")
+    if data.lstrip()[:1] == b"[":  # a JSON list (the released RL data ships one): one row per element
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            fail(f"{path}: not a JSON list ({one_line(e)})")
+        numbered = [(f"item {number}", item) for number, item in enumerate(items, 1)]
+    else:
+        numbered = []
+        for number, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {number}", json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                numbered.append((f"line {number}", ValueError(f"not UTF-8 text (byte {e.start + 1})")))
+            except ValueError as e:
+                numbered.append((f"line {number}", ValueError(f"not JSON ({one_line(e)})")))
+    rows, reasons = [], []
+    for where, row in numbered:
+        if isinstance(row, Exception):
+            reasons.append((where, str(row)))
+        elif not isinstance(row, dict):
+            reasons.append((where, f"not a JSON object (a {type(row).__name__})"))
+        else:
+            rows.append((where, row))
+    return rows, reasons
+
+
+def text_field(row, key, required=True):
+    """row[key] as a string; a missing optional key is ''. ValueError names the key and what it holds."""
+    value = row.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        held = "missing" if value is None else f"{type(value).__name__} {one_line(repr(value))[:40]}"
+        raise ValueError(f"{key} must be a {'non-empty ' if required else ''}string ({held})")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# 5. torchrun and the command line
+
+
+def torchrun_env():
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) without torchrun."""
+    return tuple(int(os.environ.get(key, default)) for key, default in
+                 (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+
+
+def compute_init(device_arg="auto"):
+    """Read torchrun's env; one process and no group when it is unset. Returns (rank, local_rank, world, device)."""
+    import torch.distributed as dist
+    rank, local_rank, world_size = torchrun_env()
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, local_rank, world_size, device
+
+
+def all_reduce(values, device, op="sum"):
+    """A list of numbers summed (op="max": the largest) over all ranks, in float64; as given with one process."""
+    import torch.distributed as dist
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def check_rows(numbered, check, errors):
+    """[(where, row)] -> ([check(row) for the good rows, in file order], [(where, why) for the others]).
+    Each rank checks rows rank, rank + world, ... (rendering a row costs a video decode), then all share the
+    results. errors: the exception types that make a row a reason instead of a crash."""
+    import torch.distributed as dist
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    kept, reasons = [], []
+    for index, (where, row) in enumerate(numbered):
+        if index % world_size != rank:
+            continue
+        try:
+            kept.append((index, check(row)))
+        except errors as e:
+            reasons.append((where, one_line(e)))
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (kept, reasons))
+        kept = [item for part, _ in gathered for item in part]
+        reasons = [reason for _, part in gathered for reason in part]
+    return [value for _, value in sorted(kept, key=lambda item: item[0])], reasons
+
+
+def format_eta(seconds):
+    """12345.6 -> '3h25m45s', the eta of every step line."""
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{int(seconds % 60):02d}s"
+
+
+def fail(message):
+    """A user's mistake: one line on stderr and exit code 2, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help as the scripts want it: the module docstring as written (usage examples included), and every
+    flag's default after its help, except where there is none to show (None, or off for a switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_frame_flags(group):
+    """The frame-size and overview flags of every script that loads a model: 0 keeps the model's own value."""
+    group.add_argument("--min-pixels", type=int, default=0, help="override the checkpoint's min pixels per frame; 0 = keep")
+    group.add_argument("--max-pixels", type=int, default=0, help="override the checkpoint's max pixels per frame (the "
+                       "paper: 100352, i.e. 128 visual tokens); 0 = keep")
+    group.add_argument("--overview-fps", type=float, default=0, help="overview sampling rate, frames per second; 0 = "
+                       "the model's (0.5 unless it was trained otherwise)")
+    group.add_argument("--max-overview-frames", type=int, default=0,
+                       help="overview frame cap, above which frames are spread uniformly; 0 = the model's (64 unless "
+                       "it was trained otherwise)")
+
+
+def add_trainer_flags(group):
+    """The flags both trainers share: what is trained, and on what device."""
+    group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
+    group.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
+    group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    group.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+
+def add_checkpoint_flags(group):
+    """How both trainers keep and find their checkpoints."""
+    group.add_argument("--save-every-minutes", type=float, default=10, help="checkpoint step_N when this many minutes "
+                       "have passed since the last one, so a crash leaves something to --resume; 0 = off")
+    group.add_argument("--keep-checkpoints", type=int, default=2, help="step_N directories kept, the newest; older ones "
+                       "are deleted once a new one is written (final/ is never deleted); 0 = keep all")
+    group.add_argument("--resume", action="store_true", help="continue from the newest step_N in --out")
+
+
+BUDGET_HELP = {"max_turns": "assistant turns per episode (so max-turns - 1 zooms)",
+               "max_frames": "frames per episode, overview included", "max_frames_per_call": "frames one zoom call may return",
+               "max_new_tokens": "tokens the model may write in one turn",
+               "max_total_tokens": "tokens per episode, frames included"}
+
+
+def add_budget_flags(group, limits, names=tuple(BUDGET_HELP)):
+    """--max-turns, --max-frames, ...: one flag per episode budget in `names`, its default from `limits` (vz.Limits)."""
+    for name in names:
+        group.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(limits, name), help=BUDGET_HELP[name])
+
+
+def stop_on_ctrl_c(message="interrupted"):
+    """Ctrl-C (SIGINT) anywhere in the script: one line on stderr, exit code 130 (128 + SIGINT, as a shell
+    reports it), no traceback. Under torchrun every rank gets it; rank 0 prints, and none waits for the others
+    (os._exit skips compute_cleanup's barrier, which would hang). Files the scripts write go through a
+    temporary name and os.replace, so an interrupted script leaves each one whole or not there."""
+    import signal
+    default_hook, interrupted = sys.excepthook, []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    def hook(kind, value, traceback):
+        # After a Ctrl-C, an error is its echo too: a collective whose peer rank has just exited fails.
+        if not (issubclass(kind, KeyboardInterrupt) or interrupted):
+            return default_hook(kind, value, traceback)
+        if os.environ.get("RANK", "0") == "0":
+            print(message, file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more to say
+                pass
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.excepthook = hook
+
+
+def report_rows(path, num_usable, num_rows, reasons, max_bad_frac, verbose=True):
+    """Print how many data rows are usable and the first 20 reasons; stop if too many are bad.
+    reasons: [(where, why)], where as read_rows gives it ('line 10', 'item 3')."""
+    reasons = sorted(reasons, key=lambda reason: int(reason[0].split()[1]))  # in file order
+    if verbose:
+        print(f"data: {num_usable} usable of {num_rows} rows")
+        for where, reason in reasons[:20]:
+            print(f"  skipped {where}: {reason}")
+        if len(reasons) > 20:
+            print(f"  ... and {len(reasons) - 20} more skipped rows")
+    if num_rows == 0 or len(reasons) > max_bad_frac * num_rows:
+        fail(f"{path}: {len(reasons)} of {num_rows} rows are unusable (more than --max-bad-frac {max_bad_frac})")
+
+
+def pack_by_tokens(items, length, max_tokens):
+    """Group items, longest first, so that items x longest length stays within max_tokens (padded)."""
+    groups, current = [], []
+    for item in sorted(items, key=lambda it: -length(it)):
+        if current and (len(current) + 1) * length(current[0]) > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(item)
+    return groups + [current] if current else groups
+
+
+def compute_cleanup():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()  # gloo aborts at exit if one rank tears down while another is still talking
+        dist.destroy_process_group()
