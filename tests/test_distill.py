@@ -20,6 +20,8 @@ import vz
 from scripted import OPTIONS, QUESTION, imitate
 from videos import read_index, write_index_video
 
+pytestmark = pytest.mark.slow  # every test here trains a model or runs a script end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZOOM = '<think>Look closer.</think><video_zoom> {"segment": [4, 6], "fps": 2} </video_zoom>'
 

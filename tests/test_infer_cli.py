@@ -19,6 +19,8 @@ import pytest
 
 from videos import write_index_video
 
+pytestmark = pytest.mark.slow  # every test here trains a model or runs a script end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(REPO, "infer.py")
 # transformers draws a progress bar on stderr while it loads the weights; it is not ours to judge.

@@ -20,6 +20,8 @@ import vz
 from conftest import write_qwen25_tokenizer
 from test_rollout import full_forward_logits, text_ids
 
+pytestmark = pytest.mark.slow  # builds the published-layout model (half a minute): the full suite's
+
 HIDDEN, LAYERS, VISION_HIDDEN, VISION_DEPTH = 256, 2, 64, 2
 
 # The 7B's config.json as published, with its sizes cut down (marked) and every other key kept.

@@ -19,6 +19,8 @@ import pytest
 import plumbing
 import vz
 
+pytestmark = pytest.mark.slow  # every test here trains a model or runs a script end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shapes world of 60 s videos, reasoning not walked (the flags after it may override these)
 SMALL = ["--num-videos", "8", "--num-test-videos", "2", "--seconds", "60", "--num-base", "30", "--num-sft", "30",

@@ -14,6 +14,8 @@ import torch
 import vz
 from scripted import OPTIONS, QUESTION
 
+pytestmark = pytest.mark.slow  # every test here trains a model or runs a script end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

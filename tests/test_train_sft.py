@@ -17,6 +17,8 @@ import vz
 from scripted import OPTIONS, QUESTION, SCRIPTS
 from videos import write_index_video
 
+pytestmark = pytest.mark.slow  # every test here trains a model or runs a script end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZOOM_THEN_ANSWER = ['<think>Look.</think><video_zoom> {"segment": [%d, %d], "fps": 2} </video_zoom>',
                     '<think>Done.</think><answer>B</answer>']
