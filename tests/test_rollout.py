@@ -101,6 +101,16 @@ def test_greedy_is_seed_independent(scripted):
     assert episode_summary(run(scripted, 1, 2, 0.0)) == episode_summary(run(scripted, 2, 2, 0.0))
 
 
+def test_scripted_model_follows_its_script_by_a_margin(scripted):
+    # Every greedy outcome the tests assert (here, in test_eval and test_benchmarks) is this script, so it
+    # must not hang on an argmax that CPU rounding can flip: every generated token of SCRIPTS[0] beats the
+    # next-best token by MIN_MARGIN logits on this machine, with the rollout's own prompt.
+    from scripted import MIN_MARGIN, script_margins
+    model, renderer, video, prompt, _ = scripted
+    margins = script_margins(model, renderer, video, prompt)
+    assert len(margins) > 40 and min(margins) >= MIN_MARGIN, sorted(margins)[:5]
+
+
 def test_scripted_model_zooms_and_answers(scripted):
     # Guards the property tests below against passing vacuously: greedy, the trained model follows its
     # first script (rejected call, fixed call with frames back, answer); sampled, it zooms often.
