@@ -51,16 +51,22 @@ def load_scripted(video_path, model_dir=ASSET):
     return model, renderer, video, prompt, LIMITS
 
 
+def full_forward_logits(model, renderer, ids, frames):
+    """Reference: the whole conversation at once, positions computed by transformers itself."""
+    ids = torch.tensor(ids)[None]
+    pixels, grids = zip(*[frame.patches(renderer.vcfg) for frame in frames]) if frames else ((), ())
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=torch.cat(pixels) if frames else None,
+                     image_grid_thw=torch.stack(grids) if frames else None,
+                     mm_token_type_ids=(ids == renderer.image_pad).int()).logits[0]
+
+
 def script_margins(model, renderer, video, prompt, texts=SCRIPTS[0]):
     """For each generated token of the replayed script: its logit minus the best other token's logit
-    (one full forward, positions computed by transformers). Greedy decoding follows the script on any
+    (one full forward). Greedy decoding follows the script on any
     machine where every margin is well above the machine's rounding."""
     episode = vz.replay(renderer, video, prompt, texts, LIMITS)
-    ids = torch.tensor(episode.ids)[None]
-    pixels, grids = zip(*[frame.patches(renderer.vcfg) for frame in episode.frames])
-    with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=torch.cat(pixels), image_grid_thw=torch.stack(grids),
-                       mm_token_type_ids=(ids == renderer.image_pad).int()).logits[0]
+    logits = full_forward_logits(model, renderer, episode.ids, episode.frames)
     margins = []
     for position in [i for i, trained in enumerate(episode.mask) if trained]:
         row = logits[position - 1].clone()  # the logits that predict this position's token

@@ -6,16 +6,7 @@ import pytest
 import torch
 
 import vz
-
-
-def full_forward_logits(model, renderer, ids, frames):
-    """Reference: the whole conversation at once, positions computed by transformers itself."""
-    ids = torch.tensor(ids)[None]
-    pixels, grids = zip(*[frame.patches(renderer.vcfg) for frame in frames]) if frames else ((), ())
-    with torch.no_grad():
-        return model(input_ids=ids, pixel_values=torch.cat(pixels) if frames else None,
-                     image_grid_thw=torch.stack(grids) if frames else None,
-                     mm_token_type_ids=(ids == renderer.image_pad).int()).logits[0]
+from scripted import full_forward_logits
 
 
 @pytest.fixture(scope="module")
