@@ -595,7 +595,14 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    optim = None
+    if optimizer is not None and not optimizer.state:
+        # Never stepped (every group so far had equal rewards). get_optimizer_state_dict would make the moments
+        # by taking a zero step, and that step would count in AdamW's bias correction: the run that saved and
+        # the run resumed from the save would both drift from one that did not.
+        optim = {"state": {}, "param_groups": []}
+    elif optimizer is not None:
+        optim = get_optimizer_state_dict(model, optimizer, options=options)
     if rank != 0:
         return
     tmp = out_dir.rstrip("/") + ".tmp"
@@ -642,8 +649,9 @@ def load_training_state(checkpoint_dir, model, optimizer):
         if key.startswith("state/"):
             name, slot = key[len("state/"):].rsplit("/", 1)
             slots.setdefault(name, {})[slot] = value
-    set_optimizer_state_dict(model, optimizer, {"state": slots, "param_groups": state["param_groups"]},
-                             options=StateDictOptions(full_state_dict=True))
+    if slots:  # none when saved before the first optimizer step: the new optimizer is then already right
+        set_optimizer_state_dict(model, optimizer, {"state": slots, "param_groups": state["param_groups"]},
+                                 options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(tensors["rng.torch"])
     return state
 

@@ -2,7 +2,7 @@
 
     python bench/bench_rl.py [--rollouts 8] [--prompts 2] [--rounds 3]
 
-The tiny model is first trained for a few seconds to follow two zoom scripts (tests/scripted.py), so
+The tiny model is the one trained to follow two zoom scripts (tests/scripted.py, tests/assets/scripted), so
 its rollouts really call the tool and its groups have reward variance; then train_rl.py runs for
 --rounds steps as a subprocess, and the last step's timings (from its --log-jsonl) are printed.
 Last line: `step_s: X` (rollout + log-probs + update of the last step).
@@ -11,7 +11,6 @@ Last line: `step_s: X` (rollout + log-probs + update of the last step).
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,8 +18,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-import tiny  # noqa: E402
-from scripted import OPTIONS, QUESTION, train_scripted  # noqa: E402
+from scripted import ASSET, OPTIONS, QUESTION  # noqa: E402
 from videos import write_index_video  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,12 +30,7 @@ args = parser.parse_args()
 work = tempfile.mkdtemp(prefix="bench_rl_")
 video_path = os.path.join(work, "v.mp4")
 write_index_video(video_path, num_frames=100, fps=5, gop=25)
-model, renderer, video, _, _ = train_scripted(tiny.write_tiny_checkpoint(os.path.join(work, "tiny")), video_path)
-video.close()
-model_dir = os.path.join(work, "scripted")
-model.save_pretrained(model_dir)
-renderer.tokenizer.save_pretrained(model_dir)
-shutil.copy(os.path.join(work, "tiny", "preprocessor_config.json"), model_dir)
+model_dir = ASSET
 data = os.path.join(work, "rl.jsonl")
 with open(data, "w") as f:
     for answer in "ACAC":

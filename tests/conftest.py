@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny real Qwen2.5-VL checkpoint, real H.264 videos, a scripted-trained model."""
+"""Shared fixtures: a tiny real Qwen2.5-VL checkpoint, real H.264 videos, the shipped scripted model."""
 
 import os
 import sys
@@ -11,11 +11,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import plumbing  # noqa: E402
 import vz  # noqa: E402
-from scripted import train_scripted  # noqa: E402
+from scripted import ASSET, load_scripted  # noqa: E402
 from tiny import QWEN_SPECIAL_TOKENS, QWEN_SPLIT, write_tiny_checkpoint  # noqa: E402
 from videos import write_index_video  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "trained: the outcome follows from trained weights (tests/assets/scripted, "
+                                       "assets/model, assets/base); .ci/run runs these again on other CPU kernels")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if {"scripted", "scripted_dir"} & set(item.fixturenames) or item.module.__name__ == "test_default_model":
+            item.add_marker("trained")
 
 
 @pytest.fixture(scope="session")
@@ -66,20 +77,17 @@ def qwen_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def scripted(tiny_dir, index_video):
-    """A tiny model trained to imitate SCRIPTS: (model, renderer, video, prompt, limits)."""
-    trained = train_scripted(tiny_dir, index_video)
-    yield trained
-    trained[2].close()
+def scripted(index_video):
+    """The shipped model that imitates SCRIPTS (tests/assets/scripted): (model, renderer, video, prompt, limits)."""
+    loaded = load_scripted(index_video)
+    yield loaded
+    loaded[2].close()
 
 
 @pytest.fixture(scope="session")
-def scripted_dir(scripted, tiny_dir, tmp_path_factory):
-    """The scripted model saved as a checkpoint directory, for the training scripts."""
+def scripted_dir(tmp_path_factory):
+    """A copy of the shipped scripted checkpoint, for the scripts (a test may write beside it)."""
     import shutil
-    out_dir = str(tmp_path_factory.mktemp("scripted"))
-    model, renderer = scripted[0], scripted[1]
-    model.save_pretrained(out_dir)
-    renderer.tokenizer.save_pretrained(out_dir)
-    shutil.copy(os.path.join(tiny_dir, "preprocessor_config.json"), out_dir)
+    out_dir = str(tmp_path_factory.mktemp("scripted") / "model")
+    shutil.copytree(ASSET, out_dir)
     return out_dir

@@ -201,6 +201,38 @@ def test_resume_without_a_complete_checkpoint_says_so(tiny_dir, tmp_path, capsys
     assert "no complete step_N checkpoint" in capsys.readouterr().out
 
 
+def test_a_save_before_the_first_optimizer_step_changes_nothing(tiny_dir, tmp_path):
+    # RL may save before any step (every group so far had equal rewards). Saving must not create AdamW moments
+    # (a zero step that bias correction counts), here or in the run resumed from it: three runs, same weights.
+    import torch
+
+    def run(saves, resume_from=None):
+        model, tokenizer, vcfg = plumbing.load_model(resume_from or tiny_dir)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        if resume_from:
+            plumbing.load_training_state(resume_from, model, optimizer)
+        steps = range(1 if resume_from else 0, 3)
+        for step in steps:
+            if saves:
+                plumbing.save_checkpoint(str(tmp_path / f"step_{step}"), model, tokenizer, tiny_dir, optimizer,
+                                   {"step": step}, 0, vcfg, (1.0, 8))
+                if step == 0:
+                    assert not optimizer.state
+            if step == 0:
+                continue  # the round whose groups were all dropped: no gradient, no step
+            generator = torch.Generator().manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return model.state_dict()
+
+    straight = run(saves=False)
+    saving = run(saves=True)
+    resumed = run(saves=False, resume_from=str(tmp_path / "step_1"))
+    assert all(torch.equal(straight[k], saving[k]) and torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 # -----------------------------------------------------------------------------
 # 6-10. Bad data rows, through the real scripts: skipped at load with the file's line number and the reason
 
