@@ -18,8 +18,9 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 """
 
 import argparse
-import hashlib
 import glob
+import hashlib
+import html
 import itertools
 import json
 import os
@@ -30,7 +31,6 @@ import time
 
 import torch
 
-import evaluation
 import plumbing
 import vz
 
@@ -53,7 +53,7 @@ group.add_argument("--data", help="question set to evaluate: our JSONL (video, q
                    "the released RL layout, or a benchmark as released (LongVideoBench lvb_val.json, MLVU's json/ "
                    "directory or one task file, Video-MME parquet/JSON, LVBench video_info.meta.jsonl); prints "
                    "accuracy overall, per kind and per benchmark category, last line 'accuracy: X'")
-group.add_argument("--layout", choices=evaluation.LAYOUTS, help="the --data layout, when its fields do not tell it")
+group.add_argument("--layout", choices=plumbing.LAYOUTS, help="the --data layout, when its fields do not tell it")
 group.add_argument("--video-dir", help="with --data: directory the videos are found in by the layout's own id or "
                    "path field (default: the data file's directory)")
 group.add_argument("--max-missing-frac", type=float, default=0.1, help="with --data: stop before loading the model if "
@@ -171,7 +171,7 @@ questions = [{"video": args.video, "question": args.question, "options": args.op
               "answer": demo_row["answer"] if demo else None, "kind": demo_row["kind"] if demo else ""}]
 if args.data:
     base_dir = args.video_dir or os.path.dirname(os.path.abspath(args.data))
-    layout, rows, reasons = evaluation.read_benchmark(args.data, args.layout, args.video_dir)
+    layout, rows, reasons = plumbing.read_benchmark(args.data, args.layout, args.video_dir)
     num_rows = len(rows) + len(reasons)
     questions = []
     for where, row in rows:
@@ -315,6 +315,96 @@ def trajectory_record(item, video, prompt, episode, seconds):
 
 
 # -----------------------------------------------------------------------------
+# The trajectory viewer (--html): frames embedded as JPEG, encoded with PyAV
+
+
+CSS = ("body{font-family:sans-serif;margin:1em}section{border-top:2px solid #888;margin-top:1.5em}"
+       "figure{display:inline-block;margin:2px;font-size:70%;text-align:center}"
+       "img.overview{height:72px;display:block}img.zoom{height:144px;display:block}"
+       ".timeline{position:relative;height:18px;background:#eee;margin:.5em 0 1.6em}"
+       ".tick{position:absolute;width:1px;height:18px;background:#555}"
+       ".second{position:absolute;top:19px;font-size:70%;transform:translateX(-50%)}"
+       ".segment{position:absolute;height:18px;background:rgba(230,120,0,.6)}"
+       "pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}.right{color:green}.wrong{color:#b00}"
+       "table{border-collapse:collapse}td,th{padding:0 .6em;text-align:right}")
+
+
+def write_html(path, records, model, data):
+    """A self-contained page: a header (model, data file, accuracy by kind, an index of the questions),
+    then per question its timeline, the overview strip and each zoom's frames, all with their times.
+    Every distinct frame is embedded once, in a JSON table that a few lines of script put into the
+    <img> elements, so an overview shared by many questions about one video costs its bytes once."""
+    table = {}
+
+    def strip(frames, group):
+        figures = []
+        for f in frames:
+            key = hashlib.sha1(f.image.tobytes() + str(f.image.shape).encode()).hexdigest()[:16]
+            if key not in table:
+                table[key] = plumbing.jpeg_data_url(f.image)
+            figures.append(f'<figure class="{group}"><img class="{group}" data-time="{f.time:.3f}" data-frame="{key}" '
+                           f'alt="{f.time:.2f}s"><figcaption>{f.time:.2f}s</figcaption></figure>')
+        return "".join(figures)
+
+    def verdict(r):
+        return "" if r["correct"] is None else ('<b class="right">right</b>' if r["correct"] else '<b class="wrong">wrong</b>')
+
+    parts = [f"<!doctype html><meta charset='utf-8'><title>VideoZoomer trajectories</title><style>{CSS}</style>",
+             f"<h1>VideoZoomer trajectories</h1><p>model: {html.escape(str(model))}"
+             + (f" | data: {html.escape(str(data))}" if data else "") + "</p>"]
+    scored = [r for r in records if r["correct"] is not None]
+    if scored:
+        rows = "".join(f"<tr><td>{html.escape(kind or '-')}</td><td>{len(group)}</td>"
+                       f"<td>{sum(r['correct'] for r in group) / len(group):.3f}</td>"
+                       f"<td>{sum(r['num_zooms'] for r in group) / len(group):.2f}</td></tr>"
+                       for kind in sorted({r["kind"] for r in scored}) + ["all"]
+                       for group in [[r for r in scored if kind in ("all", r["kind"])]])
+        parts.append(f"<table><tr><th>kind</th><th>n</th><th>accuracy</th><th>zooms/q</th></tr>{rows}</table>")
+    if len(records) > 1:
+        parts.append("<ol>" + "".join(f'<li><a href="#q{i}">{html.escape(r["question"][:80])}</a> {verdict(r)}</li>'
+                                      for i, r in enumerate(records)) + "</ol>")
+    for index, r in enumerate(records):
+        frames, overview, duration = r["_frames"], r["_num_overview"], r["duration"]
+        truth = f" | truth: {html.escape(str(r['truth']))} {verdict(r)}" if r["truth"] is not None else ""
+        parts.append(f'<section class="question" id="q{index}" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
+                     f"<p>video: {html.escape(str(r['video']))} ({duration:.1f}s) | kind: {html.escape(r['kind'] or '-')}</p>"
+                     f"<pre>{html.escape(vz.format_question('', r['options']).strip())}</pre>"
+                     f"<p>answer: <b>{html.escape(str(r['answer']))}</b>{truth} | {r['num_zooms']} zooms, "
+                     f"{r['num_frames']} frames, stop {r['stop']}</p>")
+        step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if duration / s <= 10), 7200)
+        parts.append('<div class="timeline">' + "".join(
+            f'<span class="tick" style="left:{100 * f.time / duration:.3f}%"></span>' for f in frames[:overview]) + "".join(
+            f'<span class="second" style="left:{100 * s / duration:.3f}%">{s:g}s</span>'
+            for s in range(0, int(duration) + 1, step)))
+        for turn in r["turns"]:
+            if turn["kind"] == "zoom":
+                start, end = turn["segment"]
+                parts.append(f'<span class="segment" data-segment="{start:.3f},{end:.3f}" title="{start:.2f}-{end:.2f}s" '
+                             f'style="left:{100 * start / duration:.3f}%;width:{100 * (end - start) / duration:.3f}%"></span>')
+        parts.append(f"</div><h4>overview ({overview} frames)</h4>{strip(frames[:overview], 'overview')}")
+        used = overview
+        for turn in r["turns"]:
+            parts.append(f"<h4>turn {turn['turn']}: {turn['kind']}</h4><pre>{html.escape(turn['text'])}</pre>")
+            if turn["kind"] == "zoom":
+                returned = frames[used:used + turn["num_frames"]]
+                used += turn["num_frames"]
+                parts.append(f'<p>zoom {turn["segment"][0]:.2f}-{turn["segment"][1]:.2f}s at {turn["fps"]:g} fps</p>'
+                             f'<div class="zoomframes" data-turn="{turn["turn"]}">{strip(returned, "zoom")}</div>')
+            elif turn.get("error"):
+                parts.append(f"<p>tool error: {html.escape(turn['error'])}</p>")
+        parts.append("</section>")
+    # Data URLs are base64 and the keys hex, so the JSON cannot close the script element early.
+    parts.append(f'<script type="application/json" id="frames">{json.dumps(table)}</script>'
+                 "<script>const frames = JSON.parse(document.getElementById('frames').textContent);"
+                 "for (const img of document.querySelectorAll('img[data-frame]')) img.src = frames[img.dataset.frame];"
+                 "</script>")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
 # Run: one video, or a question set
 
 
@@ -328,7 +418,7 @@ if args.data:
                 os.remove(path)
     if args.resume:
         paths = [args.results] + sorted(glob.glob(glob.escape(args.results) + ".rank*[0-9]"))
-        done_before = {r["key"]: r for path in paths for r in evaluation.read_results(path) if "key" in r}
+        done_before = {r["key"]: r for path in paths for r in plumbing.read_results(path) if "key" in r}
     todo = [i for i, q in enumerate(questions) if q["key"] not in done_before][rank::world_size]
     if rank == 0 and args.resume:
         print(f"resume: {len(done_before)} questions already in {args.results}; {len(questions) - len(done_before)} to go")
@@ -343,7 +433,7 @@ if args.data:
             return
         record["key"], record["categories"] = questions[index]["key"], questions[index]["categories"]
         if results_file:  # one whole line per question, on disk before the next one starts
-            results_file.write(json.dumps(evaluation.public_fields(record)) + "\n")
+            results_file.write(json.dumps({k: v for k, v in record.items() if not k.startswith("_")}) + "\n")
             results_file.flush()
             os.fsync(results_file.fileno())
         right.append(bool(record["correct"]))
@@ -369,9 +459,9 @@ if args.data:
             sys.exit(0)
         while not all(os.path.exists(f"{args.results}.rank{r}.done") for r in range(world_size)):
             time.sleep(0.5)
-        merged = {r["key"]: r for r in evaluation.read_results(args.results) if "key" in r}
+        merged = {r["key"]: r for r in plumbing.read_results(args.results) if "key" in r}
         for r in range(world_size):
-            merged.update((rec["key"], rec) for rec in evaluation.read_results(f"{args.results}.rank{r}") if "key" in rec)
+            merged.update((rec["key"], rec) for rec in plumbing.read_results(f"{args.results}.rank{r}") if "key" in rec)
         with open(args.results + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(merged[q["key"]]) + "\n" for q in questions if q["key"] in merged)
         os.replace(args.results + ".tmp", args.results)
@@ -423,14 +513,14 @@ else:
 if args.json:
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
-        public = [evaluation.public_fields(r) for r in records]
+        public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
         json.dump({"args": vars(args), "model": model_dir, "complete": not interrupted, "trajectories": public}
                   if args.data
                   else dict(public[0], args=vars(args), model=model_dir), f, indent=2)
     os.replace(tmp, args.json)
     print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
 if args.html:
-    evaluation.write_html(args.html, [r for r in records if "_frames" in r], model_dir, args.data)  # this run's own
+    write_html(args.html, [r for r in records if "_frames" in r], model_dir, args.data)  # this run's own
     print(f"page written to {args.html}")
 if args.data:
     print(f"accuracy: {mean('correct', records):.4f}")  # the last line, for scripts

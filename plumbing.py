@@ -4,7 +4,8 @@
    seeks planned in pts, frames resized and patchified as Qwen2.5-VL expects.
 2. Model files: the Qwen2.5-VL preprocessing constants, loading a local checkpoint, a KV cache that grows in place.
 3. Training files: autocast, FSDP2 sharding, checkpoints written atomically and found again for --resume.
-4. Data files: rows with the file's own line numbers, a count of the bad ones.
+4. Data files: rows with the file's own line numbers, a count of the bad ones; the paper's benchmarks as
+   released; a results file that a kill cut short.
 5. torchrun set-up and the command-line helpers every script shares.
 
 vz.py (the method) and the scripts import this module; it imports nothing of ours.
@@ -798,6 +799,158 @@ def text_field(row, key, required=True):
         held = "missing" if value is None else f"{type(value).__name__} {one_line(repr(value))[:40]}"
         raise ValueError(f"{key} must be a {'non-empty ' if required else ''}string ({held})")
     return value
+
+
+def read_results(path):
+    """The records of a results JSONL; a line cut short by a kill (the last one) is dropped."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks as released (infer.py --data): each layout's rows -> our question rows (video, question, options, answer, kind,
+# categories). Field names are the releases' own, as lmms-eval's task code and the benchmarks' READMEs give them.
+
+LAYOUTS = ("ours", "longvideobench", "mlvu", "videomme", "lvbench")
+
+
+def _lettered(candidates):
+    if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates) or len(candidates) < 2:
+        raise ValueError("candidates must be a list of at least two strings")
+    return [f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(candidates)]
+
+
+def _longvideobench(row, video_dir):
+    # lvb_val.json: video_path, question, candidates, correct_choice (index), question_category, duration_group
+    options = _lettered(row.get("candidates"))
+    choice = row.get("correct_choice")
+    if not isinstance(choice, int) or not 0 <= choice < len(options):
+        raise ValueError("correct_choice must be the index of one of the candidates")
+    return {"video": [os.path.join(video_dir, text_field(row, "video_path"))], "question": text_field(row, "question"),
+            "options": options, "answer": chr(ord("A") + choice), "kind": "longvideobench",
+            "categories": {"category": str(row.get("question_category", "")),
+                           "duration": str(row.get("duration_group", ""))}}
+
+
+def _mlvu(row, video_dir, task):
+    # MLVU dev json/<n>_<task>.json: video, question, candidates, answer (the right candidate's text), question_type;
+    # the video under video/<n>_<task>/ (or straight under --video-dir)
+    options, answer = _lettered(row.get("candidates")), text_field(row, "answer")
+    if answer not in row["candidates"]:
+        raise ValueError("answer is not one of the candidates")
+    video = text_field(row, "video")
+    return {"video": [os.path.join(video_dir, task, video), os.path.join(video_dir, video),
+                      os.path.join(video_dir, task.split("_", 1)[-1], video)],
+            "question": text_field(row, "question"), "options": options,
+            "answer": chr(ord("A") + row["candidates"].index(answer)), "kind": "mlvu",
+            "categories": {"task": str(row.get("question_type", task))}}
+
+
+def _videomme(row, video_dir):
+    # Video-MME (parquet or JSON): videoID, question, options (already lettered), answer (a letter), duration,
+    # task_type; the video is <videoID>.mp4
+    options = row.get("options")
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ValueError("options must be a list of strings")
+    return {"video": [os.path.join(video_dir, text_field(row, "videoID") + ext) for ext in (".mp4", ".mkv", ".webm")],
+            "question": text_field(row, "question"), "options": [re.sub(r"^([A-Z])\.\s*", r"\1. ", o) for o in options],
+            "answer": text_field(row, "answer"), "kind": "videomme",
+            "categories": {"duration": str(row.get("duration", "")), "task": str(row.get("task_type", ""))}}
+
+
+def _lvbench(video_row, video_dir):
+    # LVBench video_info.meta.jsonl: one row per video (key), its questions in qa: question with the options
+    # inline as "(A) ...", answer (a letter), question_type (a list); the video is <key>.mp4
+    key, questions = text_field(video_row, "key"), video_row.get("qa")
+    if not isinstance(questions, list):
+        raise ValueError("qa must be a list of questions")
+    out = []
+    for qa in questions:
+        text = text_field(qa, "question")
+        parts = re.split(r"\n\s*\(([A-Z])\)\s*", text)
+        if len(parts) < 5:
+            raise ValueError("a question has no inline options \"(A) ...\"")
+        types = qa.get("question_type") or []
+        out.append({"video": [os.path.join(video_dir, key + ".mp4")], "question": parts[0].strip(),
+                    "options": [f"{letter}. {option.strip()}" for letter, option in zip(parts[1::2], parts[2::2])],
+                    "answer": text_field(qa, "answer"), "kind": "lvbench",
+                    "categories": {"type": ", ".join(types) if isinstance(types, list) else str(types)}})
+    return out
+
+
+def _read_parquet(path):
+    """(numbered rows, unread reasons) of a parquet file, as read_rows gives for JSON (a parquet row is always whole)."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        fail(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give the JSON release")
+    try:
+        return [(f"item {i + 1}", row) for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist())], []
+    except (OSError, ValueError) as e:
+        fail(f"{path}: not a readable parquet file ({one_line(e)})")
+
+
+def detect_layout(row):
+    """The layout a row's fields say it is in, or None."""
+    if not isinstance(row, dict):
+        return None
+    if "candidates" in row and "correct_choice" in row:
+        return "longvideobench"
+    if "candidates" in row:
+        return "mlvu"
+    if "videoID" in row:
+        return "videomme"
+    if "qa" in row and "key" in row:
+        return "lvbench"
+    if "question" in row or "problem" in row:
+        return "ours"
+    return None
+
+
+def read_benchmark(path, layout=None, video_dir=None):
+    """-> (layout, [(where, row)], reasons): a question file (or MLVU's directory of task files) read as our
+    question rows. A benchmark's row has `video` a list of candidate paths (the first that exists is the video)
+    and `categories` ({name: value}); our layout's rows are as in the file (vz.question_row reads them, paths
+    against video_dir or the file's directory). Unreadable rows are reasons [(where, why)]."""
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".json")) if os.path.isdir(path) \
+        else [path]
+    rows, reasons = [], []
+    for name in files:
+        numbered, unread = _read_parquet(name) if name.endswith(".parquet") else read_rows(name)
+        suffix = f" of {os.path.basename(name)}" if len(files) > 1 else ""
+        rows += [(where + suffix, name, row) for where, row in numbered]
+        reasons += [(where + suffix, why) for where, why in unread]
+    if layout is None:
+        layout = next(filter(None, (detect_layout(row) for _, _, row in rows)), None)
+        if layout is None:
+            fail(f"{path}: cannot tell the benchmark layout from its fields; name it with --layout "
+                 f"({', '.join(LAYOUTS)})")
+    questions = []
+    for where, name, row in rows:
+        base = video_dir or os.path.dirname(os.path.abspath(name))
+        try:
+            if layout == "ours":  # our questions or the released RL layout: question_row reads them as today
+                items = [row]
+            elif layout == "longvideobench":
+                items = [_longvideobench(row, base)]
+            elif layout == "mlvu":
+                items = [_mlvu(row, base, os.path.splitext(os.path.basename(name))[0])]
+            elif layout == "videomme":
+                items = [_videomme(row, base)]
+            else:
+                items = _lvbench(row, base)
+            questions += [(where if len(items) == 1 else f"{where} question {k + 1}", item)
+                          for k, item in enumerate(items)]
+        except (ValueError, TypeError, AttributeError) as e:
+            reasons.append((where, one_line(e)))
+    return layout, questions, reasons
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-import evaluation
+import plumbing
 from scripted import OPTIONS, QUESTION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_each_layout_gives_its_questions_options_answers_and_categories(index_vi
     videos = layout_files(tmp_path, index_video)
 
     def read(name, layout=None):
-        found, rows, reasons = evaluation.read_benchmark(str(tmp_path / name), layout, str(videos))
+        found, rows, reasons = plumbing.read_benchmark(str(tmp_path / name), layout, str(videos))
         return found, [row for _, row in rows], reasons
 
     layout, rows, reasons = read("lvb_val.json")
