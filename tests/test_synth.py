@@ -338,6 +338,18 @@ def test_text_rows_say_in_words_what_the_overview_shows(rows, overviews):
         assert assistant["content"].endswith(f"<answer>{row['answer']}</answer>")
 
 
+def assert_sft_trains_on(path, rows, tiny_dir, tiny, tmp_path):
+    """train_sft.py takes one step on all of path's rows in one batch, on every answer token of each."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_sft.py"), "--model", tiny_dir, "--data",
+                             str(path), "--out", str(tmp_path / "out"), "--batch-size", str(len(rows)),
+                             "--max-steps", "1", "--train-vision", "--log-jsonl", str(tmp_path / "log.jsonl")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, renderer = tiny
+    (log,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log["trained_tokens"] == sum(len(renderer.encode(row["messages"][2]["content"])) + 1 for row in rows)
+
+
 def test_shape_cards_show_the_shape_they_name_and_train(world, walk_rows, tiny_dir, tiny, tmp_path):
     """--num-shapes: shapes.jsonl holds one PNG frame per row, the shape it names drawn in it (told apart here by
     how much of its box it fills), in the LLaMA-Factory layout that train_sft.py trains on; the other files
@@ -360,15 +372,7 @@ def test_shape_cards_show_the_shape_they_name_and_train(world, walk_rows, tiny_d
         walked = [f"{o} vs {shape} {'yes.' if o[3:] == shape else 'no,'}" for o in card["options"]]
         assert assistant["content"] == (f"<think>0 {shape}. {' '.join(walked[:'ABCD'.index(card['answer']) + 1])}"
                                         f"</think><answer>{card['answer']}</answer>")
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, os.path.join(REPO, "train_sft.py"), "--model", tiny_dir, "--data",
-                             str(world / "cards" / "shapes.jsonl"), "--out", str(out), "--batch-size", "24",
-                             "--max-steps", "1", "--train-vision", "--log-jsonl", str(tmp_path / "log.jsonl")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _, renderer = tiny
-    (log,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert log["trained_tokens"] == sum(len(renderer.encode(card["messages"][2]["content"])) + 1 for card in cards)
+    assert_sft_trains_on(world / "cards" / "shapes.jsonl", cards, tiny_dir, tiny, tmp_path)
 
 
 def test_clip_rows_ask_of_a_zooms_frames_and_answer_by_reading_them(world, walk_rows, tiny_dir, tiny, tmp_path):
@@ -412,15 +416,7 @@ def test_clip_rows_ask_of_a_zooms_frames_and_answer_by_reading_them(world, walk_
         assert row["answer"] == "ABCD"[upto]
         assert assistant["content"] == (f"<think>{', '.join(entries)}. {' '.join(walked[:upto + 1])}</think>"
                                         f"<answer>{row['answer']}</answer>")
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, os.path.join(REPO, "train_sft.py"), "--model", tiny_dir, "--data",
-                             str(world / "clips" / "clips.jsonl"), "--out", str(out), "--batch-size", "10",
-                             "--max-steps", "1", "--train-vision", "--log-jsonl", str(tmp_path / "log.jsonl")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _, renderer = tiny
-    (log,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert log["trained_tokens"] == sum(len(renderer.encode(row["messages"][2]["content"])) + 1 for row in clips)
+    assert_sft_trains_on(world / "clips" / "clips.jsonl", clips, tiny_dir, tiny, tmp_path)
 
 
 COARSE = ["--num-videos", "6", "--num-test-videos", "2", "--seconds", "120", "--scene-seconds", "30",
