@@ -90,7 +90,6 @@ def test_same_seed_same_episodes(scripted):
     assert episode_summary(run(scripted, 3)) == episode_summary(run(scripted, 3))
 
 
-@pytest.mark.slow
 def test_greedy_is_seed_independent(scripted):
     assert episode_summary(run(scripted, 1, 2, 0.0)) == episode_summary(run(scripted, 2, 2, 0.0))
 
@@ -105,7 +104,6 @@ def test_scripted_model_follows_its_script_by_a_margin(scripted):
     assert len(margins) > 40 and min(margins) >= MIN_MARGIN, sorted(margins)[:5]
 
 
-@pytest.mark.slow
 def test_scripted_model_zooms_and_answers(scripted):
     # Guards the property tests below against passing vacuously: greedy, the trained model follows its
     # first script (rejected call, fixed call with frames back, answer); sampled, it zooms often.
@@ -123,7 +121,6 @@ def test_scripted_model_zooms_and_answers(scripted):
     dict(max_total_tokens=1200),  # token budget tighter than the zoom replies
     dict(max_new_tokens=8),  # turns cut by their cap
 ])
-@pytest.mark.slow
 def test_limits_and_mask(scripted, limits):
     model, renderer, video, prompt, default_limits = scripted
     episodes = run(scripted, 5, 12, 0.7, **limits)
@@ -169,7 +166,6 @@ def test_a_refusal_that_does_not_fit_ends_the_episode_within_its_budget(tiny, in
             assert len(episode.ids) <= total
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("temperature,max_batch_rows", [(0.0, 0), (0.7, 0), (0.7, 6)])
 def test_prompts_batched_together_give_their_episodes_alone(scripted, temperature, max_batch_rows):
     # vz.rollout_groups: the rows of several prompts (different lengths, different row counts, each its
