@@ -19,17 +19,24 @@ Every row is train_sft.py's layout (plus teacher and source), or with --layout l
 (messages and images; frames as PNG files beside --out), and is checked with vz.replay against
 --check-model's tokenizer (default --teacher-dir). Output is append-only, one whole line per row, flushed;
 --resume skips questions already in --out and drops a trailing partial line. Teacher output is data only.
+Every request is bounded: --timeout seconds in all, and a reply of at most 32 bytes per --max-new-tokens token.
+A transport failure, a 429 or 5xx (after its Retry-After) or a reply we cannot read is retried, then counted
+with its reason; a failed sample of a question keeps the exemplars its earlier samples found.
 """
 
 import argparse
+import email.utils
 import hashlib
+import http.client
 import json
+import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,13 +44,18 @@ from concurrent.futures import ThreadPoolExecutor
 import plumbing
 import vz
 
+MAX_RETRY_AFTER = 60  # seconds: a server's longer Retry-After is cut to this
+# A reply's bound in bytes per max_tokens token: generous, as JSON may escape one CJK character as 6 bytes
+# and a token may hold several; a teacher that runs on past it is broken, and its reply is refused unread.
+MAX_BYTES_PER_TOKEN = 32
+
 # -----------------------------------------------------------------------------
 # CLI
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
 group = parser.add_argument_group("Data")
 group.add_argument("--data", required=True, help="questions: our RL layout or the released RL layout (JSONL or .json list)")
-group.add_argument("--out", required=True, help="output JSONL of SFT trajectories (appended to)")
+group.add_argument("--out", required=True, help="output JSONL of SFT trajectories (appended to; its folder must exist)")
 group.add_argument("--layout", choices=("ours", "llama-factory"), default="ours",
                    help="rows as ours (video, question, turns) or LLaMA-Factory's (messages with <image>, images: "
                         "PNG files under OUT_images/); train_sft.py reads both")
@@ -52,21 +64,28 @@ group.add_argument("--max-bad-frac", type=float, default=0.1, help="stop if more
 group = parser.add_argument_group("Teacher")
 group.add_argument("--teacher-url", help="base URL of an OpenAI-compatible server, e.g. http://localhost:8000/v1")
 group.add_argument("--teacher-model", help="model name sent to --teacher-url (also the rows' source)")
-group.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (unset = none)")
+group.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key, printable ASCII only (unset = none)")
 group.add_argument("--teacher-dir", help="local Qwen2.5-VL directory run through vz.rollout instead of a server")
 group.add_argument("--check-model", help="model directory whose tokenizer vz.replay checks rows with; default --teacher-dir")
 group.add_argument("--system-prompt", help="file replacing the built-in system prompt")
 group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the attempts")
-group.add_argument("--samples", type=int, default=4, help="attempts per question")
+group.add_argument("--samples", type=int, default=4,
+                   help="attempts per question; one that fails for good ends the question's sampling, keeping "
+                        "what the earlier ones found")
 group.add_argument("--keep", type=int, default=1, help="distinct right exemplars kept per question")
 group.add_argument("--require-zoom", nargs="*", default=[], metavar="KIND", help="kinds whose exemplars must zoom")
 group.add_argument("--no-reflection", action="store_true", help="do not ask for reflection trajectories")
 group = parser.add_argument_group("Job")
 group.add_argument("--workers", type=int, default=8, help="questions in flight at once (threads)")
-group.add_argument("--timeout", type=float, default=120, help="seconds per request before it is retried")
-group.add_argument("--max-retries", type=int, default=5, help="retries per request (connection errors, timeouts, "
-                   "429, 5xx)")
-group.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
+group.add_argument("--timeout", type=float, default=120,
+                   help="seconds one request may take in all (connect, send, wait, every byte of the reply) "
+                        "before it is retried")
+group.add_argument("--max-retries", type=int, default=5,
+                   help="retries per request (transport errors, timeouts, 429, 5xx, replies that cannot be read)")
+group.add_argument("--backoff", type=float, default=1.0,
+                   help="first retry delay in seconds, doubled each retry; a 429/503's Retry-After, if longer, "
+                        f"wins (capped at {MAX_RETRY_AFTER} s)")
 group = parser.add_argument_group("Protocol")
 group.add_argument("--overview-fps", type=float, default=0.5, help="overview sampling rate, frames per second")
 group.add_argument("--max-overview-frames", type=int, default=64, help="overview frame cap")
@@ -78,8 +97,34 @@ if bool(args.teacher_url) == bool(args.teacher_dir):
     plumbing.fail("give either --teacher-url (with --teacher-model) or --teacher-dir")
 if args.teacher_url and not args.teacher_model:
     plumbing.fail("--teacher-url needs --teacher-model")
+if args.teacher_url:
+    try:
+        teacher_url = urllib.parse.urlsplit(args.teacher_url)
+        teacher_url.port  # raises on a port that is not a number
+    except ValueError as e:
+        plumbing.fail(f"--teacher-url {args.teacher_url}: {e}")
+    if teacher_url.scheme not in ("http", "https") or not teacher_url.hostname:
+        plumbing.fail(f"--teacher-url {args.teacher_url}: give http:// or https://, a host and the API's path")
 if args.samples < 1 or args.keep < 1 or args.workers < 1 or args.max_retries < 0:
     plumbing.fail("--samples, --keep and --workers must be at least 1, --max-retries at least 0")
+if not args.timeout > 0 or not args.backoff >= 0 or args.max_new_tokens < 1:
+    plumbing.fail("--timeout must be more than 0 seconds, --backoff at least 0, --max-new-tokens at least 1")
+# The output is checked before any model loads or request goes out: a typo must not cost a teacher's work.
+out_folder = os.path.dirname(os.path.abspath(args.out))
+if os.path.isdir(args.out):
+    plumbing.fail(f"--out {args.out} is a directory; give the path of a JSONL file")
+if not os.path.isdir(out_folder):
+    plumbing.fail(f"--out {args.out}: folder {out_folder} does not exist")
+if not os.access(args.out if os.path.exists(args.out) else out_folder, os.W_OK):
+    plumbing.fail(f"--out {args.out}: not writable")
+api_key = os.environ.get(args.api_key_env) if args.teacher_url else None
+if api_key:  # an HTTP header carries printable ASCII only; say so rather than blame the server for it
+    bad = [i for i, char in enumerate(api_key) if not "!" <= char <= "~"]
+    if bad:
+        what = {"\r": "a carriage return (\\r: a key file with Windows line endings?)", "\n": "a newline",
+                " ": "a space", "\t": "a tab"}.get(api_key[bad[0]], "a non-ASCII or control character")
+        plumbing.fail(f"${args.api_key_env} holds {what} at character {bad[0] + 1} of {len(api_key)}; "
+                "an HTTP header cannot carry it, so fix the key")
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens)
 system_prompt = None
 if args.system_prompt:
@@ -157,6 +202,14 @@ class GaveUp(Exception):
     """A request that still failed after --max-retries retries: the question is skipped."""
 
 
+class Retry(Exception):
+    """A failed request worth repeating: reason (counted if the retries run out) and the server's Retry-After."""
+
+    def __init__(self, reason, wait=0.0):
+        super().__init__(reason)
+        self.wait = wait
+
+
 counters = Counter()  # requests, tokens
 lock = threading.Lock()  # counters, and the local teacher's one model
 write_lock = threading.Lock()  # rows and the tallies beside them; Ctrl-C waits for it, so no line is cut
@@ -179,42 +232,145 @@ def content(parts, urls):
     return out
 
 
+def post(url, body, headers, max_bytes):
+    """POST body to url; (status, reason, headers, reply bytes) within --timeout seconds in all, else Retry.
+    A socket timeout restarts on every byte, so a server trickling bytes would hold a worker for ever: a
+    watchdog shuts the socket down at the deadline instead, which ends any read blocked on it. A reply over
+    max_bytes is refused unread (by its Content-Length) or as soon as that many bytes came."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    proxy = urllib.request.getproxies().get(parts.scheme)  # $http_proxy / $https_proxy, as urllib honours them
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        proxy = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        connection = kind(proxy.hostname, proxy.port, timeout=args.timeout)
+        if parts.scheme == "https":
+            connection.set_tunnel(parts.hostname, parts.port)  # CONNECT, then TLS to the server itself
+        else:
+            target = url  # a plain HTTP proxy takes the whole URL
+    else:
+        connection = kind(parts.hostname, parts.port, timeout=args.timeout)
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError):
+            pass  # not connected yet (connect checks expired) or already closed
+
+    watchdog = threading.Timer(args.timeout, expire)
+    watchdog.start()
+    try:
+        connection.connect()
+        if expired.is_set():
+            raise TimeoutError
+        connection.request("POST", target, body, headers)
+        response = connection.getresponse()
+        if response.length is not None and response.length > max_bytes:
+            raise Retry(f"reply too long: over {MAX_BYTES_PER_TOKEN} bytes per token of max_tokens")
+        chunks, size = [], 0
+        while chunk := response.read(65536):
+            size += len(chunk)
+            if size > max_bytes:
+                raise Retry(f"reply too long: over {MAX_BYTES_PER_TOKEN} bytes per token of max_tokens")
+            chunks.append(chunk)
+        if expired.is_set():  # the shut socket reads as an end of file: what came may look whole, and is not
+            raise TimeoutError
+        if response.length:  # http.client ends a read quietly at EOF, however much Content-Length promised
+            raise http.client.IncompleteRead(b"".join(chunks), response.length)
+        return response.status, response.reason, response.headers, b"".join(chunks)
+    except (http.client.HTTPException, OSError, ValueError) as e:
+        # HTTPException: IncompleteRead, BadStatusLine, LineTooLong, ...; ValueError: a chunk size not in hex
+        if expired.is_set():
+            raise Retry(f"timeout: no whole reply within --timeout {args.timeout:g} s") from None
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise Retry(f"connection: {detail}") from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+
+
+def retry_after(value):
+    """Seconds a Retry-After header asks for (a number or an HTTP date), at most MAX_RETRY_AFTER; 0 if unreadable."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return 0.0
+    return min(seconds, MAX_RETRY_AFTER) if seconds > 0 else 0.0  # NaN and negatives: 0
+
+
+def read_reply(data):
+    """(text, tokens) of a chat-completions reply, or Retry naming why it cannot be read. Servers differ: content
+    may be a string, null or a list of text parts; usage is only counted when it is a finite number."""
+    try:
+        reply = json.loads(data)
+    except (ValueError, RecursionError):
+        raise Retry("malformed reply: not JSON") from None
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)
+            and isinstance(choices[0].get("message"), dict)):
+        raise Retry("malformed reply: no choices[0].message")
+    message = choices[0]["message"]
+    if message.get("tool_calls"):
+        raise Retry("reply is tool_calls, not text: serve the teacher without tool calling, so it writes <video_zoom>")
+    text = message.get("content")
+    if isinstance(text, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                      and isinstance(p.get("text"), str) for p in text):
+        text = "".join(p["text"] for p in text)
+    if text is None and isinstance(message.get("refusal"), str):
+        raise Retry("the teacher refused (message.refusal)")
+    if not isinstance(text, (str, type(None))):
+        raise Retry("malformed reply: content is neither text nor a list of text parts")
+    text = text or ""
+    # Servers drop the stop string: a turn that stopped inside a call gets it back.
+    if choices[0].get("finish_reason") == "stop" and vz.ZOOM_OPEN in text and vz.ZOOM_CLOSE not in text:
+        text += vz.ZOOM_CLOSE
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may escape half a surrogate pair; no tokenizer takes it
+        raise Retry("malformed reply: text holds a lone surrogate (not Unicode)") from None
+    usage = reply.get("usage")
+    tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+    if isinstance(tokens, float) and math.isfinite(tokens):  # JSON's 1e999 is inf: int() of it raises
+        tokens = int(tokens)
+    return text, tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
+
+
 def chat(messages, temperature):
-    """One assistant turn from the server; retried with exponential backoff on transient failures."""
+    """One assistant turn from the server; retried with exponential backoff (or Retry-After) on failures that
+    may heal; Fatal on those that will not."""
     body = json.dumps({"model": args.teacher_model, "messages": messages, "temperature": temperature,
                        "max_tokens": args.max_new_tokens, "stop": [vz.ZOOM_CLOSE]}).encode()
     headers = {"Content-Type": "application/json"}
-    key = os.environ.get(args.api_key_env)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     url = args.teacher_url.rstrip("/") + "/chat/completions"
-    reason = ""
+    max_bytes = args.max_new_tokens * MAX_BYTES_PER_TOKEN + 65536  # the text, and the JSON around it
+    failure = Retry("")
     for attempt in range(args.max_retries + 1):
         if attempt:
-            time.sleep(args.backoff * 2 ** (attempt - 1))
+            time.sleep(max(args.backoff * 2 ** (attempt - 1), failure.wait))
         with lock:
             counters["requests"] += 1
         try:
-            request = urllib.request.Request(url, data=body, headers=headers)
-            with urllib.request.urlopen(request, timeout=args.timeout) as response:
-                reply = json.loads(response.read())
-            choice = reply["choices"][0]
-            text = choice["message"]["content"] or ""
-            with lock:
-                counters["tokens"] += int((reply.get("usage") or {}).get("total_tokens") or 0)
-            # Servers drop the stop string: a turn that stopped inside a call gets it back.
-            if choice.get("finish_reason") == "stop" and vz.ZOOM_OPEN in text and vz.ZOOM_CLOSE not in text:
-                text += vz.ZOOM_CLOSE
-            return text
-        except urllib.error.HTTPError as e:
-            if e.code != 429 and e.code < 500:
-                raise Fatal(f"{url}: HTTP {e.code} {e.reason}")
-            reason = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            reason = f"connection: {plumbing.one_line(getattr(e, 'reason', e))}"
-        except (ValueError, KeyError, IndexError, TypeError):
-            reason = "malformed reply"
-    raise GaveUp(f"{reason} after {args.max_retries} retries")
+            status, reason, reply_headers, data = post(url, body, headers, max_bytes)
+            if status == 429 or status >= 500:
+                wait = retry_after(reply_headers.get("Retry-After")) if status in (429, 503) else 0.0
+                raise Retry(f"HTTP {status}", wait)
+            if not 200 <= status < 300:
+                raise Fatal(f"{url}: HTTP {status} {reason}")
+            text, tokens = read_reply(data)
+        except Retry as e:
+            failure = e
+            continue
+        with lock:
+            counters["tokens"] += tokens
+        return text
+    raise GaveUp(f"{failure} after {args.max_retries} retries")
 
 
 REFLECT = ("Before you go on: your zoom did not show enough to answer for sure. Start your next <think> by "
@@ -298,24 +454,34 @@ def replays(video, question, turns):
 
 
 def distill(question, index):
-    """All kept rows of one question, ready to write: [(row, zooms, zoomed frames)]."""
+    """All kept rows of one question, ready to write, and why sampling stopped early (or None):
+    ([(row, zooms, zoomed frames)], reason). A sample the server gave up on ends the sampling, but the right
+    attempts before it are still kept; with none, the question fails with that reason (--resume asks again)."""
     with plumbing.open_video(question["video"]) as video:
         overview = vz.sample_overview(video, vcfg, args.overview_fps, min(args.max_overview_frames, limits.max_frames))
+        attempts, gave_up = [], None
         if args.teacher_dir:
             attempts = local_attempts(video, question, index)
         else:
-            attempts = [walk(video, question, overview, args.temperature)[:2] for _ in range(args.samples)]
+            for _ in range(args.samples):
+                try:
+                    attempts.append(walk(video, question, overview, args.temperature)[:2])
+                except GaveUp as e:
+                    gave_up = str(e)
+                    break
         kept, seen = [], set()
         for turns, records in attempts:
             if len(kept) < args.keep and judge(question, records) is None and tuple(turns) not in seen \
                     and replays(video, question, turns):
                 seen.add(tuple(turns))
                 kept.append(("exemplar", turns, records))
+        if not kept and gave_up:
+            raise GaveUp(gave_up)  # the server is failing: no reflection asked of it now
         if not kept and not args.no_reflection:
             kept = reflect(video, question, index, overview, attempts)
         return [(write_layout(video, question, overview, teacher, turns, number),
                  sum(r["kind"] == "zoom" for r in records), sum(r["num_frames"] for r in records))
-                for number, (teacher, turns, records) in enumerate(kept)]
+                for number, (teacher, turns, records) in enumerate(kept)], gave_up
 
 
 def reflect(video, question, index, overview, attempts):
@@ -404,11 +570,15 @@ def interrupted(signum, frame):
 
 signal.signal(signal.SIGINT, interrupted)
 stats = Counter()
-failed = Counter()
+failed = Counter()  # questions with no row, by reason
+cut_short = Counter()  # questions whose sampling a failure ended after a row was found, by reason
 per_kind = defaultdict(Counter)
 kept_sizes = []
 started = time.time()
-out = open(args.out, "a")
+try:
+    out = open(args.out, "a")
+except OSError as e:
+    plumbing.fail(f"--out {args.out}: cannot write ({e.strerror})")
 
 
 def progress():
@@ -422,7 +592,7 @@ def progress():
 def work(item):
     index, question = item
     try:
-        kept, reason = distill(question, index), None
+        kept, reason = distill(question, index)
     except GaveUp as e:
         kept, reason = [], str(e)
     except plumbing.VideoError as e:
@@ -437,7 +607,7 @@ def work(item):
         per_kind[question["kind"] or "-"]["questions"] += 1
         per_kind[question["kind"] or "-"]["kept"] += bool(kept)
         if reason:
-            failed[reason] += 1
+            (cut_short if kept else failed)[reason] += 1
         progress()
 
 
@@ -467,3 +637,5 @@ if kept_sizes:
           f"{sum(f for _, f in kept_sizes) / len(kept_sizes):.1f} zoomed frames")
 for reason, count in failed.most_common():
     print(f"  failed {count}: {reason}")
+for reason, count in cut_short.most_common():
+    print(f"  sampling cut short for {count} questions with rows kept: {reason}")
