@@ -934,7 +934,8 @@ def read_benchmark(path, layout=None, video_dir=None):
                  f"({', '.join(LAYOUTS)})")
     questions = []
     for where, name, row in rows:
-        base = video_dir or os.path.dirname(os.path.abspath(name))
+        # A relative --video-dir is from where the user stands, not from the data file's folder.
+        base = os.path.abspath(video_dir) if video_dir else os.path.dirname(os.path.abspath(name))
         try:
             if layout == "ours":  # our questions or the released RL layout: question_row reads them as today
                 items = [row]

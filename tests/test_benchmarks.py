@@ -47,6 +47,15 @@ def layout_files(root, video):
     return videos
 
 
+def test_a_relative_video_dir_is_from_the_working_directory(index_video, tmp_path, monkeypatch):
+    # `--data LVBench/x.jsonl --video-dir LVBench/videos` as README writes it: the folder is where the user
+    # stands, not under the data file's folder (it was joined twice: LVBench/videos/LVBench/videos/...).
+    videos = layout_files(tmp_path, index_video)
+    monkeypatch.chdir(tmp_path)
+    _, rows, reasons = plumbing.read_benchmark("lvbench.jsonl", None, os.path.relpath(videos, tmp_path))
+    assert not reasons and rows[0][1]["video"][0] == str(videos / "lvkey1.mp4")
+
+
 def test_each_layout_gives_its_questions_options_answers_and_categories(index_video, tmp_path):
     videos = layout_files(tmp_path, index_video)
 

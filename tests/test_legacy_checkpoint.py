@@ -109,7 +109,7 @@ def write_sharded(state, out_dir, shard_bytes):
     return len(shards)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # test_real_weights.py uses it too (read only)
 def legacy(tmp_path_factory):
     """(directory, {published name: tensor}) of a random model in the published layout."""
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
