@@ -17,6 +17,8 @@ import pytest
 
 from scripted import OPTIONS
 
+pytestmark = pytest.mark.slow  # every test runs distill.py end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER = "<think>Seen it.</think><answer>B</answer>"
 
