@@ -72,7 +72,8 @@ group = parser.add_argument_group("Optimization")
 group.add_argument("--steps", type=int, default=100, help="optimizer steps of the run (rollout rounds x mini-batches)")
 group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
                    "(the data order stays that of the whole run); 0 = all")
-group.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round")
+group.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round; with more than 1 "
+                   "the rollout policy's log-probs (old_logp) take a forward of their own, with 1 they are the update's own")
 group.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded tokens per forward/backward")
 group.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
 plumbing.add_trainer_flags(group)
@@ -304,19 +305,25 @@ for round_index in range(first_round, last_round):
         rewards = torch.tensor([[score[0] for score in group["scores"]]])
         for episode, advantage in zip(group["episodes"], vz.group_advantages(rewards)[0].tolist()):
             items.append((episode, advantage))
-    # 4. Old (rollout-policy) and reference log-probs, recomputed with the training forward.
+    # 4. Old (rollout-policy) and reference log-probs, recomputed with the training forward. With one
+    # mini-batch (the default) the update's own forward runs on the weights that sampled, so old_logp is
+    # that forward's value detached (ratio exactly 1, the same loss and gradient): no forward of its own.
     started = time.time()
     mini_batch_items = [items[i::args.mini_batches] for i in range(args.mini_batches)]
-    plans = []
+    plans, old_forwards = [], 0
     with torch.no_grad():
         for chunk in mini_batch_items:
             plan = []
             for batch in forward_batches(plumbing.pack_by_tokens(chunk, lambda item: len(item[0].ids), args.micro_batch_tokens)):
                 rows = as_rows(batch) if batch else DUMMY_ROWS
+                old_logp = ref_logp = None
                 with plumbing.autocast(device):
-                    old_logp, mask, _ = vz.token_logprobs(policy, renderer, rows)
-                    ref_logp = vz.token_logprobs(reference, renderer, rows)[0] if reference is not None else None
-                plan.append((batch, rows, old_logp, ref_logp, mask))
+                    if args.mini_batches > 1:
+                        old_logp = vz.token_logprobs(policy, renderer, rows)[0]
+                        old_forwards += 1
+                    if reference is not None:
+                        ref_logp = vz.token_logprobs(reference, renderer, rows)[0]
+                plan.append((batch, rows, old_logp, ref_logp))
             plans.append(plan)
     timings["logprob_s"] = time.time() - started
     # 5. Mini-batch updates: one optimizer step each, token-level mean over the mini-batch.
@@ -324,11 +331,15 @@ for round_index in range(first_round, last_round):
     sums = {"clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0}
     grad_norms, num_tokens_total = [], 0.0
     for plan in plans:
-        num_tokens = max(1.0, plumbing.all_reduce([sum(float(mask.sum()) for batch, _, _, _, mask in plan if batch)], device)[0])
+        # Trained tokens of the whole mini-batch, every rank's: the token-level mean's denominator.
+        num_tokens = max(1.0, plumbing.all_reduce([sum(sum(m[1:]) for batch, rows, _, _ in plan if batch
+                                                       for _, m, _ in rows)], device)[0])
         num_tokens_total += num_tokens
-        for batch, rows, old_logp, ref_logp, mask in plan:
+        for batch, rows, old_logp, ref_logp in plan:
             with plumbing.autocast(device):
-                logp, _, entropy = vz.token_logprobs(policy, renderer, rows, with_entropy=args.entropy_coef > 0)
+                logp, mask, entropy = vz.token_logprobs(policy, renderer, rows, with_entropy=args.entropy_coef > 0)
+            if old_logp is None:
+                old_logp = logp.detach()
             advantages = torch.tensor([a for _, a in batch] if batch else [0.0], device=logp.device)
             loss, stats = vz.pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens / world_size,
                                      entropy, args.clip_low, args.clip_high, args.kl_coef, args.entropy_coef)
@@ -343,6 +354,7 @@ for round_index in range(first_round, last_round):
     timings["update_s"] = time.time() - started
     # 6. Metrics over every sampled episode (dropped groups included), all-reduced over ranks.
     metrics = round_metrics(round_index, sampled, len(groups), sums, grad_norms, num_tokens_total, timings)
+    metrics["old_logp_forwards"] = old_forwards  # this rank's; 0 with one mini-batch
     if master:
         elapsed = time.time() - run_started
         eta = elapsed / (round_index + 1 - first_round) * (last_round - round_index - 1)

@@ -112,6 +112,17 @@ def test_unchanged_policy_ratio_is_one(scripted):
     assert mask.sum() == sum(sum(e.mask[1:]) for e in episodes) > 0
     ratio = torch.exp(logp - old_logp)[mask.bool()]
     assert torch.equal(ratio, torch.ones_like(ratio))
+    # So with one update per rollout batch train_rl.py takes old_logp = logp.detach() (no forward of its own):
+    # the same loss and the same gradient as with old_logp from the separate no_grad forward.
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    grads = []
+    for old in (old_logp, logp.detach()):
+        model.zero_grad(set_to_none=True)
+        loss, _ = vz.pg_loss(logp, old, None, advantages, mask, float(mask.sum()), None, 0.2, 0.27, 0.0, 0.0)
+        loss.backward(retain_graph=True)
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    assert grads[0][0] == grads[1][0] and all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def grpo_rate(scripted, sign, steps=16, group=16):
@@ -186,6 +197,7 @@ def test_train_rl_two_processes_match_one(scripted_dir, index_video, tmp_path):
             {k: v for k, v in capped.items() if not k.endswith("_s")}, rel=1e-5, abs=1e-6)
     assert logs[1][0]["ratio"] == pytest.approx(1.0, abs=1e-6)  # first mini-batch: the policy is unchanged
     assert logs[1][0]["dropped_groups"] < 1.0  # the run really trained on something
+    assert logs[1][0]["old_logp_forwards"] == 0  # one mini-batch: old_logp is the update forward's own
 
 
 def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
