@@ -54,7 +54,8 @@ group.add_argument("--system-prompt", help="file replacing the built-in system p
 group = parser.add_argument_group("Rollout")
 group.add_argument("--prompts-per-step", type=int, default=8, help="prompt groups per optimizer step, all ranks together")
 group.add_argument("--rollouts", type=int, default=16, help="trajectories per prompt (G)")
-group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; the learner's log-probs "
+                   "(old and new) are taken at the same temperature and --top-p, the reference's at the same temperature")
 group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
 group.add_argument("--max-batch-rows", type=int, default=0, help="most rollout rows decoding at once: a rank's groups "
                    "of a round decode together in one KV batch, and groups beyond the cap wait for rows to finish "
@@ -96,6 +97,8 @@ if args.max_batch_rows < 0:
     plumbing.fail("--max-batch-rows must be >= 0")
 if args.rollouts < 2:
     plumbing.fail("--rollouts must be at least 2: advantages are normalised within each group")
+if not args.temperature > 0 or not 0 < args.top_p <= 1:
+    plumbing.fail("--temperature must be above 0 (the learner scores the sampler's distribution) and --top-p in (0, 1]")
 if min(args.save_every, args.keep_checkpoints, args.max_steps) < 0 or args.save_every_minutes < 0:
     plumbing.fail("--save-every, --save-every-minutes, --keep-checkpoints and --max-steps must be >= 0")
 for flag in ("steps", "max_steps", "save_every"):  # checkpoints and stops fall between rollout rounds
@@ -319,10 +322,10 @@ for round_index in range(first_round, last_round):
                 old_logp = ref_logp = None
                 with plumbing.autocast(device):
                     if args.mini_batches > 1:
-                        old_logp = vz.token_logprobs(policy, renderer, rows)[0]
+                        old_logp = vz.token_logprobs(policy, renderer, rows, False, args.temperature, args.top_p)[0]
                         old_forwards += 1
                     if reference is not None:
-                        ref_logp = vz.token_logprobs(reference, renderer, rows)[0]
+                        ref_logp = vz.token_logprobs(reference, renderer, rows, False, args.temperature)[0]  # no top-p: never -inf
                 plan.append((batch, rows, old_logp, ref_logp))
             plans.append(plan)
     timings["logprob_s"] = time.time() - started
@@ -337,7 +340,8 @@ for round_index in range(first_round, last_round):
         num_tokens_total += num_tokens
         for batch, rows, old_logp, ref_logp in plan:
             with plumbing.autocast(device):
-                logp, mask, entropy = vz.token_logprobs(policy, renderer, rows, with_entropy=args.entropy_coef > 0)
+                logp, mask, entropy = vz.token_logprobs(policy, renderer, rows, args.entropy_coef > 0, args.temperature,
+                                                       args.top_p)  # the sampler's distribution
             if old_logp is None:
                 old_logp = logp.detach()
             advantages = torch.tensor([a for _, a in batch] if batch else [0.0], device=logp.device)

@@ -686,18 +686,25 @@ MASK_ELEMENTS = 1 << 26  # most entries of one additive mask in KVBatch.extend (
 MIN_SLICE = 128  # fewest columns per slice: each slice reads the whole cache once more
 
 
+def nucleus(logits, top_p, keep=None):
+    """logits with every token outside the top-p nucleus at -inf: the smallest set of most likely tokens whose
+    probability reaches top_p. keep: (..., ) token ids left in all the same (the learner's sampled tokens, which
+    a rounding difference between sampler and learner may put just outside)."""
+    sorted_probs, order = logits.softmax(-1).sort(-1, descending=True)
+    dropped = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, sorted_probs.cumsum(-1) - sorted_probs > top_p)
+    if keep is not None:
+        dropped.scatter_(-1, keep.unsqueeze(-1), False)
+    return logits.masked_fill(dropped, float("-inf"))
+
+
 def sample_tokens(logits, temperature, top_p, generator):
-    """(rows, vocab) -> (rows,) token ids; greedy at temperature 0."""
+    """(rows, vocab) -> (rows,) token ids; greedy at temperature 0. token_logprobs scores the same distribution."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
+    logits = logits / temperature
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logits = nucleus(logits, top_p)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
 def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), temperature=1.0, top_p=1.0,
@@ -916,11 +923,13 @@ def pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens, entropy=None
 # 7. Training: log-probs of a batch, checkpoints
 
 
-def token_logprobs(model, renderer, batch, with_entropy=False):
+def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, top_p=1.0):
     """Log-probabilities of every trainable token of a batch of episodes, in one training forward.
 
     Args:
         batch: list of (ids, mask, frames); rows are right-padded, frames are fed in row order.
+        temperature, top_p: the sampler's (sample_tokens): the learner scores the distribution the episodes
+            were drawn from, or its gradient would be off-policy (1 and 1 for SFT and for a reference).
     Returns:
         logp (B, T) with logp[b, t] = log p(ids[b][t] | ids[b][:t]) where mask[b][t] == 1, else 0;
         mask (B, T) float; entropy (B, T) of the same distributions when asked (else None).
@@ -950,16 +959,23 @@ def token_logprobs(model, renderer, batch, with_entropy=False):
     out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                 position_ids=positions.to(device), pixel_values=torch.cat(pixels).to(device) if pixels else None,
                 image_grid_thw=torch.stack(grids).to(device) if grids else None, logits_to_keep=keep.to(device))
-    logits = out.logits.float()  # (B, K, V)
+    # The distribution the sampler draws from (rollout_groups, sample_tokens): at its temperature, the vision
+    # placeholders banned, the top-p nucleus. A recorded token keeps its logit in any case (a teacher's text may
+    # hold a placeholder; rounding may put a sampled token just outside the learner's nucleus).
+    logits = out.logits.float() / temperature  # (B, K, V)
+    targets = input_ids[:, keep + 1].to(device).unsqueeze(-1)  # (B, K, 1)
+    own = logits.gather(-1, targets)
+    logits = logits.index_fill(-1, torch.tensor(renderer.banned, device=device), -math.inf).scatter(-1, targets, own)
+    if top_p < 1.0:
+        logits = nucleus(logits, top_p, keep=targets.squeeze(-1))
     log_probs = logits.log_softmax(-1)
-    targets = input_ids[:, keep + 1].to(device)  # (B, K)
     logp = torch.zeros(len(batch), width, device=device)
-    logp[:, keep + 1] = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp[:, keep + 1] = log_probs.gather(-1, targets).squeeze(-1)
     mask = mask.to(device)
     entropy = None
     if with_entropy:
         entropy = torch.zeros_like(logp)
-        entropy[:, keep + 1] = -(log_probs.exp() * log_probs).sum(-1)
+        entropy[:, keep + 1] = -(log_probs.exp() * log_probs.clamp(min=-1e30)).sum(-1)  # 0 * -inf would be nan
         entropy = entropy * mask
     return logp * mask, mask, entropy
 

@@ -197,3 +197,40 @@ def test_prompts_batched_together_give_their_episodes_alone(scripted, temperatur
         # Greedy on the scripted prompt follows the script: a rejected call, then a zoom with 9 frames.
         assert all([t["kind"] for t in e.turns][:2] == ["invalid", "zoom"] and e.turns[1]["num_frames"] == 9
                    for group in (batched[0], batched[2]) for e in group)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.6, 0.9), (1.0, 1.0)])
+def test_learner_scores_the_distribution_the_sampler_drew_from(tiny, index_video, monkeypatch, temperature, top_p):
+    # Each sampled token's log-probability as the sampler drew it (at `temperature`, within the top-p nucleus,
+    # worked out here on its own) equals the learner's (vz.token_logprobs with the same settings) to 1e-5. At
+    # 0.6 / 0.9 a learner that scored at temperature 1 without truncation would be off by far more.
+    model, renderer = tiny  # untrained: many tokens in play at every step, so the nucleus truncates
+    drawn = []
+    sample = vz.sample_tokens
+
+    def recording(logits, temperature, top_p, generator):
+        chosen = sample(logits, temperature, top_p, generator)
+        probs = torch.softmax(logits.double() / temperature, -1)
+        for row, token in enumerate(chosen.tolist()):
+            ranked = probs[row].sort(descending=True)
+            reach = int((ranked.values.cumsum(0) < top_p).sum())  # the smallest prefix reaching top_p
+            nucleus = ranked.indices[:reach + 1].tolist()
+            assert token in nucleus
+            drawn.append(float(torch.log(probs[row, token] / probs[row, nucleus].sum())))
+        return chosen
+
+    monkeypatch.setattr(vz, "sample_tokens", recording)
+    limits = vz.Limits(max_turns=1, max_new_tokens=40)
+    with plumbing.open_video(index_video) as video:
+        prompt = vz.build_prompt(renderer, video, "Which index?", ["A. 1", "B. 2"], limits, overview_fps=0.25)
+        (episode,) = vz.rollout(model, renderer, video, prompt, 1, limits, temperature, top_p,
+                                torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logp, mask, _ = vz.token_logprobs(model, renderer, [(episode.ids, episode.mask, episode.frames)], False,
+                                          temperature, top_p)
+        plain, _, _ = vz.token_logprobs(model, renderer, [(episode.ids, episode.mask, episode.frames)])
+    learner = logp[mask.bool()]
+    assert len(learner) == len(drawn) == 40
+    assert torch.allclose(learner.double(), torch.tensor(drawn, dtype=torch.double), atol=1e-5), (learner[:5], drawn[:5])
+    if temperature != 1.0:
+        assert (plain[mask.bool()] - learner).abs().max() > 0.1  # what the old learner got wrong
