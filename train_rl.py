@@ -7,18 +7,21 @@ its better-than-average trajectories.
     torchrun --standalone --nproc_per_node 8 train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl
 
 Each step: (1) G rollouts per prompt, a rank's prompts decoding together in one KV batch
-(vz.rollout_groups: each prompt prefilled once, its cache copied to its G rows), temperature 1; (2) reward per trajectory (vz.reward); (3) group-normalised advantages, groups with
-all-equal rewards dropped and refilled from the next prompts; (4) log-probs under the rollout policy,
-recomputed with the training forward (so the first ratio is exactly 1), and under the frozen
-reference; (5) mini-batch updates of vz.pg_loss; (6) metrics, and every --episodes-every steps a few
-decoded episodes to a JSONL.
+(vz.rollout_groups: each prompt prefilled once, its cache copied to its G rows), at --temperature;
+(2) reward per trajectory (vz.reward); (3) group-normalised advantages, groups whose answers are all
+right or all wrong dropped and refilled from the next prompts; (4) log-probs under the rollout policy
+(with one mini-batch the update forward's own, so the ratio is exactly 1) and under the frozen
+reference, at the sampler's temperature and top-p; (5) mini-batch updates of vz.pg_loss; (6) metrics,
+and every --episodes-every steps a few decoded episodes to a JSONL.
 
 Deliberate departures from textbook GRPO (docs/protocol.md):
 1. Clip-higher: ratio clipped to [1 - 0.2, 1 + 0.27] (DAPO), so rare good tokens can still grow.
 2. KL to the reference by the k3 estimator exp(r) - r - 1 (r = ref - logp), coefficient 0.001, in the loss.
 3. Entropy bonus 0.001.
-4. Token-level mean over all trained tokens of an optimizer step (not per-sequence means).
-5. Groups whose rewards are all equal carry no signal: dropped, the batch refilled (dynamic sampling).
+4. Token-level mean over all trained tokens of an optimizer step (--loss-agg sequence: per-sequence means).
+5. Groups whose accuracies are all equal carry no signal: dropped, the batch refilled (DAPO's dynamic sampling).
+   Episodes cut by a budget or without an answer carry no loss, but count in their group's advantages
+   (--mask-truncated, DAPO's overlong filtering).
 6. Tool-response, vision and chat-scaffolding tokens are masked: only model-written tokens are trained.
 7. With several processes each rank rolls out with a full copy of the policy, refreshed every step
    from the FSDP2 shards, so generation needs no collectives; the reference is sharded like the policy.
@@ -73,6 +76,11 @@ group = parser.add_argument_group("Optimization")
 group.add_argument("--steps", type=int, default=100, help="optimizer steps of the run (rollout rounds x mini-batches)")
 group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
                    "(the data order stays that of the whole run); 0 = all")
+group.add_argument("--loss-agg", choices=("token", "sequence"), default="token", help="the loss's mean: over all "
+                   "trained tokens of a step (token), or over sequences of their own token means (sequence)")
+group.add_argument("--mask-truncated", action=argparse.BooleanOptionalAction, default=True, help="episodes cut by a "
+                   "token or turn budget, or ending without an answer, carry no loss (they still count in their "
+                   "group's advantages)")
 group.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round; with more than 1 "
                    "the rollout policy's log-probs (old_logp) take a forward of their own, with 1 they are the update's own")
 group.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded tokens per forward/backward")
@@ -189,7 +197,7 @@ def prompt_at(cursor):
 
 
 def sample_groups(cursor):
-    """Roll out groups until this rank holds groups_per_rank with unequal rewards, or retries run out.
+    """Roll out groups until this rank holds groups_per_rank with unequal accuracies, or retries run out.
 
     Every round of sampling takes the next prompts_per_step prompts from the shared cursor and gives
     each rank its share, so the cursor (the data position) is the same on every rank.
@@ -219,7 +227,7 @@ def sample_groups(cursor):
                 scores = [vz.reward(e, item["answer"], args.tool_bonus) for e in episodes]
                 group = {"item": item, "episodes": episodes, "scores": scores}
                 sampled.append(group)
-                if len({score[0] for score in scores}) > 1:
+                if len({score[1] for score in scores}) > 1:  # accuracy varies (not only the format or the bonus)
                     kept.append(group)
         need = plumbing.all_reduce([max(0, groups_per_rank - len(kept))], device)[0]
         if need == 0:
@@ -303,11 +311,9 @@ for round_index in range(first_round, last_round):
         rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
     groups, sampled, cursor = sample_groups(cursor)
     timings["rollout_s"] = time.time() - started
-    items = []
-    for group in groups:
-        rewards = torch.tensor([[score[0] for score in group["scores"]]])
-        for episode, advantage in zip(group["episodes"], vz.group_advantages(rewards)[0].tolist()):
-            items.append((episode, advantage))
+    items = [item for group in groups for item in vz.loss_items(group["episodes"], [s[0] for s in group["scores"]],
+                                                               args.mask_truncated)]
+    num_masked = sum(len(group["episodes"]) for group in groups) - len(items)
     # 4. Old (rollout-policy) and reference log-probs, recomputed with the training forward. With one
     # mini-batch (the default) the update's own forward runs on the weights that sampled, so old_logp is
     # that forward's value detached (ratio exactly 1, the same loss and gradient): no forward of its own.
@@ -338,6 +344,7 @@ for round_index in range(first_round, last_round):
         num_tokens = max(1.0, plumbing.all_reduce([sum(sum(m[1:]) for batch, rows, _, _ in plan if batch
                                                        for _, m, _ in rows)], device)[0])
         num_tokens_total += num_tokens
+        num_rows = plumbing.all_reduce([sum(len(batch) for batch, _, _, _ in plan if batch)], device)[0]
         for batch, rows, old_logp, ref_logp in plan:
             with plumbing.autocast(device):
                 logp, mask, entropy = vz.token_logprobs(policy, renderer, rows, args.entropy_coef > 0, args.temperature,
@@ -345,7 +352,8 @@ for round_index in range(first_round, last_round):
             if old_logp is None:
                 old_logp = logp.detach()
             advantages = torch.tensor([a for _, a in batch] if batch else [0.0], device=logp.device)
-            loss, stats = vz.pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens / world_size,
+            norm = num_tokens if args.loss_agg == "token" else mask.sum(1, keepdim=True).clamp(min=1) * max(1.0, num_rows)
+            loss, stats = vz.pg_loss(logp, old_logp, ref_logp, advantages, mask, norm / world_size,
                                      entropy, args.clip_low, args.clip_high, args.kl_coef, args.entropy_coef)
             (loss if batch else loss * 0).backward()  # FSDP averages over ranks: hence num_tokens / world
             if batch:
@@ -359,12 +367,13 @@ for round_index in range(first_round, last_round):
     # 6. Metrics over every sampled episode (dropped groups included), all-reduced over ranks.
     metrics = round_metrics(round_index, sampled, len(groups), sums, grad_norms, num_tokens_total, timings)
     metrics["old_logp_forwards"] = old_forwards  # this rank's; 0 with one mini-batch
+    metrics["masked"] = int(plumbing.all_reduce([num_masked], device)[0])  # episodes without loss (--mask-truncated)
     if master:
         elapsed = time.time() - run_started
         eta = elapsed / (round_index + 1 - first_round) * (last_round - round_index - 1)
         print(f"step {metrics['step']}/{last_round * args.mini_batches} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} "
               f"| format {metrics['format']:.2f} | zooms/ep {metrics['zooms_per_ep']:.2f} | kl {metrics['kl']:.4f} "
-              f"| clipfrac {metrics['clipfrac_low'] + metrics['clipfrac_high']:.3f} | dropped {metrics['dropped_groups']:.2f} "
+              f"| clipfrac {metrics['clipfrac_low'] + metrics['clipfrac_high']:.3f} | dropped {metrics['dropped_groups']:.2f} | masked {metrics['masked']} "
               f"| rollout {timings['rollout_s']:.1f}s logp {timings['logprob_s']:.1f}s update {timings['update_s']:.1f}s "
               f"| eta {plumbing.format_eta(eta)}", flush=True)
         if log:

@@ -877,6 +877,14 @@ def group_advantages(rewards, eps=1e-6):
     return (rewards - mean) / (std + eps)
 
 
+def loss_items(episodes, rewards, mask_truncated=True):
+    """(episode, advantage) of one group's episodes that carry loss. Advantages use every reward of the group;
+    with mask_truncated an episode cut by a budget or ending without an answer carries no loss (DAPO's
+    overlong filtering: a cut episode says nothing about the answer it would have given)."""
+    advantages = group_advantages(torch.tensor([rewards], dtype=torch.float))[0].tolist()
+    return [(e, a) for e, a in zip(episodes, advantages) if not (mask_truncated and e.stop != "answer")]
+
+
 def pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens, entropy=None, clip_low=0.2, clip_high=0.27,
             kl_coef=0.001, entropy_coef=0.001):
     """Token-level clipped policy-gradient loss with k3 KL to a reference and an entropy bonus.
@@ -890,7 +898,8 @@ def pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens, entropy=None
         logp, old_logp, ref_logp, mask, entropy: (B, T); ref_logp/entropy may be None (term off).
         advantages: (B,) one per trajectory, broadcast over its tokens.
         num_tokens: trained tokens of the whole optimizer step (all micro-batches, all ranks), so
-            summing the micro-batch losses gives the token-level mean once.
+            summing the micro-batch losses gives the token-level mean once; or (B, 1), each row's own
+            token count times the step's number of rows: the sequence-level mean.
     Returns:
         loss (scalar) and a dict of sums over this micro-batch (divide by num_tokens to log):
         clipped_low, clipped_high, kl, entropy, ratio.
@@ -907,7 +916,7 @@ def pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens, entropy=None
         objective = objective - kl_coef * kl
     if entropy is not None:
         objective = objective + entropy_coef * entropy
-    loss = -(objective * mask).sum() / num_tokens
+    loss = -(objective * mask / num_tokens).sum()
     with torch.no_grad():  # tensors, so the caller syncs once, at its logging line
         stats = {
             "clipped_low": (((ratio < 1 - clip_low) & (advantages < 0)).float() * mask).sum(),

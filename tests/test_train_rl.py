@@ -51,6 +51,36 @@ def test_group_advantages():
     assert abs(advantages[2].mean()) < 1e-6 and abs(advantages[2].std() - 1) < 1e-5
 
 
+def test_truncated_episodes_count_in_their_group_but_carry_no_loss():
+    # DAPO's overlong filtering (--mask-truncated): the cut episode (stop "length") and the one without an
+    # answer keep their place in the group's mean and std, so the others' advantages are those of all four.
+    group = [episode(["answer"], "B"), episode(["zoom", "truncated"], None, 1, stop="length"),
+             episode(["answer"], "C"), episode(["none"], None, stop="no_answer")]
+    rewards = [vz.reward(e, "B")[0] for e in group]
+    expected = vz.group_advantages(torch.tensor([rewards]))[0].tolist()
+    kept = vz.loss_items(group, rewards)
+    assert [e for e, _ in kept] == [group[0], group[2]]
+    assert [a for _, a in kept] == pytest.approx([expected[0], expected[2]])
+    assert len(vz.loss_items(group, rewards, mask_truncated=False)) == 4
+
+
+def test_sequence_level_mean():
+    # --loss-agg sequence: per-row normalisers (row tokens x rows) give the mean over rows of each row's own
+    # token mean; the token level (one count for all) weighs a long row by its length.
+    logp = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    advantages = torch.tensor([1.0, 1.0])
+    kwargs = dict(ref_logp=None, advantages=advantages, mask=mask, entropy=None, kl_coef=0.0, entropy_coef=0.0)
+    ratio = torch.exp(logp - logp.detach())
+    for norm, expected in ((mask.sum(), 6.0 / 6), (mask.sum(1, keepdim=True) * 2, (4 / 4 + 2 / 2) / 2)):
+        logp_ = logp.clone().requires_grad_()
+        loss, _ = vz.pg_loss(logp_, logp.detach(), num_tokens=norm, **kwargs)
+        assert loss.item() == pytest.approx(-expected * ratio[0, 0].item())
+        loss.backward()
+        if norm.dim() == 2:  # each of row 0's 4 tokens weighs 1/8, each of row 1's 2 tokens 1/4
+            assert logp_.grad.flatten().tolist() == pytest.approx([-1 / 8] * 4 + [-1 / 4] * 2 + [0.0] * 2)
+
+
 def test_pg_loss_hand_computed():
     # Two trajectories of 3 tokens; the first token of each is masked out (e.g. a tool token).
     # Row 0, A = +1: ratios e^0.1 = 1.1052 (inside [0.8, 1.27]) and e^0.5 = 1.6487 (clipped to 1.27).
