@@ -268,7 +268,7 @@ def test_released_rl_layout_and_bad_rows(scripted_dir, index_video, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "train_rl.py"), "--model", scripted_dir, "--data",
                              str(data), "--out", str(tmp_path / "out"), "--prompts-per-step", "2", "--rollouts", "2",
                              "--steps", "1", "--overview-fps", "0.25", "--max-new-tokens", "64", "--max-total-tokens",
-                             "4096", "--max-bad-frac", "0.6", "--max-resample", "0"],
+                             "4096", "--max-bad-frac", "0.6", "--max-resample", "0", "--loss-agg", "sequence"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data: 2 usable of 5 rows" in result.stdout
