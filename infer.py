@@ -82,7 +82,8 @@ group = parser.add_argument_group("Output and device")
 group.add_argument("--json", help="write the whole trajectory (turns, frames, tokens) to this JSON file")
 group.add_argument("--results", help="with --data: append each question's record to this JSONL as it ends (under "
                    "torchrun each rank writes RESULTS.rankN, merged into RESULTS at the end), so a crash loses only "
-                   "the questions in flight")
+                   "the questions in flight; its first line records what produced it (model, weights hash, budgets, seed), "
+                   "which --resume checks; one run writes a file at a time")
 group.add_argument("--resume", action="store_true", help="with --results: skip the questions already there and "
                    "compute the table from every line")
 group.add_argument("--html", help="write a self-contained page: overview strip, zooms on the timeline with their "
