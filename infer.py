@@ -82,8 +82,8 @@ group = parser.add_argument_group("Output and device")
 group.add_argument("--json", help="write the whole trajectory (turns, frames, tokens) to this JSON file")
 group.add_argument("--results", help="with --data: append each question's record to this JSONL as it ends (under "
                    "torchrun each rank writes RESULTS.rankN, merged into RESULTS at the end), so a crash loses only "
-                   "the questions in flight; its first line records what produced it (model, weights hash, budgets, seed), "
-                   "which --resume checks; one run writes a file at a time")
+                   "the questions in flight; its first line records what produced it (model, weights hash, "
+                   "budgets, seed), which --resume checks; one run writes a file at a time")
 group.add_argument("--resume", action="store_true", help="with --results: skip the questions already there and "
                    "compute the table from every line")
 group.add_argument("--html", help="write a self-contained page: overview strip, zooms on the timeline with their "
@@ -506,16 +506,16 @@ def write_html(path, records, model, data):
     for index, r in enumerate(records):
         frames, overview, duration = r["_frames"], r["_num_overview"], r["duration"]
         display_copies(r)
-        sizes = sorted({(f.image.shape[1], f.image.shape[0]) for f in frames})
-        page_sizes = sorted({(image.shape[1], image.shape[0]) for (video, _), image in shown.items() if video == r["video"]})
+        model_sizes = ", ".join(sorted({f"{f.image.shape[1]}x{f.image.shape[0]}" for f in frames}))
+        page_sizes = ", ".join(sorted({f"{image.shape[1]}x{image.shape[0]}"
+                                       for (video, _), image in shown.items() if video == r["video"]}))
         truth = f" | truth: {html.escape(str(r['truth']))} {verdict(r)}" if r["truth"] is not None else ""
         parts.append(f'<section class="question" id="q{index}" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
                      f"<p>video: {html.escape(str(r['video']))} ({duration:.1f}s) | kind: {html.escape(r['kind'] or '-')}</p>"
                      f"<pre>{html.escape(vz.format_question('', r['options']).strip())}</pre>"
                      f"<p>answer: <b>{html.escape(r['answer'] or '(none)')}</b>{truth} | "
                      f"{plural(r['num_zooms'], 'zoom')}, {plural(r['num_frames'], 'frame')}, stop {r['stop']}</p>"
-                     f"<p class='sizes'>frames shown at {', '.join(f'{w}x{h}' for w, h in page_sizes) or 'model input'} px; "
-                     f"model input: {', '.join(f'{w}x{h}' for w, h in sizes)} px</p>")
+                     f"<p class='sizes'>frames shown at {page_sizes or model_sizes} px; model input: {model_sizes} px</p>")
         step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if duration / s <= 10), 7200)
         parts.append('<div class="timeline">' + "".join(
             f'<span class="tick" style="left:{100 * f.time / duration:.3f}%"></span>' for f in frames[:overview]) + "".join(
@@ -534,7 +534,8 @@ def write_html(path, records, model, data):
                 returned = frames[used:used + turn["num_frames"]]
                 used += turn["num_frames"]
                 parts.append(f'<p>zoom {turn["segment"][0]:.2f}-{turn["segment"][1]:.2f}s at {turn["fps"]:g} fps</p>'
-                             f'<div class="zoomframes" data-turn="{turn["turn"]}">{strip(returned, "zoom", r["video"])}</div>')
+                             f'<div class="zoomframes" data-turn="{turn["turn"]}">'
+                             f'{strip(returned, "zoom", r["video"])}</div>')
             elif turn.get("error"):
                 parts.append(f"<p>tool error: {html.escape(turn['error'])}</p>")
         parts.append("</section>")
@@ -596,8 +597,9 @@ if args.data:
         left = (len(todo) - len(ended)) * (time.time() - data_started) / len(ended)
         if rank == 0:
             print(f"{position} {record['kind'] or '-'}: {'right' if record['correct'] else 'wrong'} "
-                  f"(answer {record['letter'] or '(none)'}, truth {record['truth']}) | {plural(record['num_zooms'], 'zoom')} | "
-                  f"{plural(record['num_frames'], 'frame')} | {record['seconds']:.1f} s | done {len(ended)}/{len(todo)}, "
+                  f"(answer {record['letter'] or '(none)'}, truth {record['truth']}) | "
+                  f"{plural(record['num_zooms'], 'zoom')} | {plural(record['num_frames'], 'frame')} | "
+                  f"{record['seconds']:.1f} s | done {len(ended)}/{len(todo)}, "
                   f"accuracy so far {sum(right) / len(right):.3f}, eta {int(left // 60)}m{int(left % 60):02d}s",
                   flush=True)
 
@@ -638,7 +640,8 @@ if not args.data:
     truth = f" | truth: {record['truth']} ({'right' if record['correct'] else 'wrong'})" if record["truth"] else ""
     print(f"\nanswer: {record['answer'] or '(none)'}{truth}")
     print(f"summary: {plural(record['num_turns'], 'turn')} | {plural(record['num_zooms'], 'zoom')} | "
-          f"{plural(record['num_frames'], 'frame')} | {record['num_tokens']} tokens | stop {record['stop']} | {record['seconds']:.1f} s")
+          f"{plural(record['num_frames'], 'frame')} | {record['num_tokens']} tokens | stop {record['stop']} | "
+          f"{record['seconds']:.1f} s")
 else:
     if not records:
         plumbing.fail(f"{args.data}: no question could be answered")

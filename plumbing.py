@@ -824,7 +824,7 @@ def read_results(path, fields):
             elif isinstance(record, dict) and all(isinstance(record.get(k), kind) for k, kind in fields.items()):
                 records.append(record)
             else:
-                notes.append(f"{path} line {number}: not a question record of this kind ({one_line(line)[:40]}); skipped")
+                notes.append(f"{path} line {number}: not a record of this kind ({one_line(line)[:40]}); skipped")
     return header, records, notes
 
 
