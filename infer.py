@@ -153,6 +153,7 @@ def demo_question(cache):
             plumbing.fail(f"could not write the demo video with synth.py: {result.stderr.strip().splitlines()[-1:]}")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)  # never leave a half-written demo behind
+    print(f"demo: a synth.py world (seed {DEMO_SEED}) made once and kept in {out}")
     with open(os.path.join(out, "test.jsonl")) as f:
         row = json.loads(f.readline())
     return os.path.join(out, row["video"]), row
@@ -162,7 +163,6 @@ demo = args.video is None and args.data is None
 if demo:
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "videozoomer")
     args.video, demo_row = demo_question(cache)
-    print(f"demo: a synth.py world (seed {DEMO_SEED}) made once and kept in {os.path.dirname(args.video)}")
     args.question, args.options = demo_row["question"], demo_row["options"]
 model_dir = args.model or DEFAULT_MODEL
 if not os.path.isdir(model_dir):
