@@ -18,12 +18,15 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 """
 
 import argparse
+import contextlib
+import fcntl
 import glob
 import hashlib
 import html
 import itertools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -79,7 +82,8 @@ group = parser.add_argument_group("Output and device")
 group.add_argument("--json", help="write the whole trajectory (turns, frames, tokens) to this JSON file")
 group.add_argument("--results", help="with --data: append each question's record to this JSONL as it ends (under "
                    "torchrun each rank writes RESULTS.rankN, merged into RESULTS at the end), so a crash loses only "
-                   "the questions in flight")
+                   "the questions in flight; its first line records what produced it (model, weights hash, "
+                   "budgets, seed), which --resume checks; one run writes a file at a time")
 group.add_argument("--resume", action="store_true", help="with --results: skip the questions already there and "
                    "compute the table from every line")
 group.add_argument("--html", help="write a self-contained page: overview strip, zooms on the timeline with their "
@@ -149,6 +153,7 @@ def demo_question(cache):
             plumbing.fail(f"could not write the demo video with synth.py: {result.stderr.strip().splitlines()[-1:]}")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)  # never leave a half-written demo behind
+    print(f"demo: a synth.py world (seed {DEMO_SEED}) made once and kept in {out}")
     with open(os.path.join(out, "test.jsonl")) as f:
         row = json.loads(f.readline())
     return os.path.join(out, row["video"]), row
@@ -173,15 +178,16 @@ if args.data:
     base_dir = args.video_dir or os.path.dirname(os.path.abspath(args.data))
     layout, rows, reasons = plumbing.read_benchmark(args.data, args.layout, args.video_dir)
     num_rows = len(rows) + len(reasons)
-    questions = []
+    questions, seen = [], {}
     for where, row in rows:
         try:
             if layout != "ours":  # the first of the layout's candidate paths that exists
                 row = dict(row, video=next((p for p in row["video"] if os.path.isfile(p)), row["video"][0]))
             item = vz.question_row(row, base_dir, check_video=False)
+            key = hashlib.sha1(json.dumps([item["video"], item["question"], item["options"]]).encode()).hexdigest()[:16]
+            seen[key] = seen.get(key, 0) + 1  # a row repeated in the file is a question of its own: key.2, key.3, ...
             questions.append(dict(item, categories=row.get("categories") or {},
-                                  key=hashlib.sha1(json.dumps([item["video"], item["question"], item["options"]])
-                                                   .encode()).hexdigest()[:16]))
+                                  key=key if seen[key] == 1 else f"{key}.{seen[key]}"))
         except ValueError as e:
             reasons.append((where, plumbing.one_line(e)))
     if rank == 0:
@@ -199,6 +205,114 @@ else:
         plumbing.open_video(args.video).close()  # before the model: a typo should not cost a 7B load
     except plumbing.VideoError as e:
         plumbing.fail(str(e))
+
+
+# -----------------------------------------------------------------------------
+# Output files, before the model loads: a path that cannot be written is one line now, not after the run
+
+
+def check_output(flag, path):
+    if os.path.isdir(path):
+        plumbing.fail(f"{flag} {path}: is a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        plumbing.fail(f"{flag} {path}: no such folder")
+    probe = path + ".tmp"  # the name the file is written through
+    try:
+        open(probe, "a").close()
+        os.remove(probe)
+    except OSError as e:
+        plumbing.fail(f"{flag} {path}: cannot write there ({e.strerror})")
+
+
+def write_file(path, text):
+    """Through a temporary name and os.replace: a full disk or a kill leaves the old file or the whole new one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        plumbing.fail(f"{path}: cannot write ({e.strerror}); the file is as it was before this run")
+
+
+def weights_hash(model_dir):
+    """sha256 of the checkpoint's safetensors files: each one's header (every tensor's name, dtype, shape, offsets),
+    size, and 64 evenly spaced 64 KiB samples of its bytes (all of it when small). Reading a whole 7B checkpoint
+    would cost what loading it does; two trainings' weights differ everywhere, so the samples tell them apart."""
+    digest, chunk = hashlib.sha256(), 1 << 16
+    for path in sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.safetensors"))):
+        size = os.path.getsize(path)
+        digest.update(f"{os.path.basename(path)} {size}\n".encode())
+        with open(path, "rb") as f:
+            if size <= 64 * chunk:
+                digest.update(f.read())
+                continue
+            for k in range(64):
+                f.seek(k * (size - chunk) // 63)
+                digest.update(f.read(chunk))
+            f.seek(0)
+            header_size = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_size, size)))
+    return digest.hexdigest()[:16]
+
+
+# Every field the summary reads, with its type: a results line without them is not a record of this run.
+RECORD_FIELDS = {"key": str, "kind": str, "correct": bool, "num_zooms": int, "num_frames": int, "num_turns": int,
+                 "seconds": (int, float)}
+
+
+def read_results(path):
+    header, records, notes = plumbing.read_results(path, RECORD_FIELDS)
+    for note in notes if rank == 0 else ():
+        print(f"note: {note}")
+    if header is not None and args.resume:
+        differ = [name for name in run_config if name != "model" and header.get(name) != run_config[name]]
+        if differ:  # a table over two configurations would be no configuration's accuracy
+            plumbing.fail(f"{path} was written by another run: " + "; ".join(
+                f"weights of {header.get('model')} there, of {model_dir} here" if name == "weights" else
+                f"--{name.replace('_', '-')} {header.get(name)} there, {run_config[name]} here" for name in differ))
+    elif args.resume and records and rank == 0:
+        print(f"note: {path} has no run header (an older infer.py): its configuration is not checked")
+    return records
+
+
+for flag in ("json", "html", "results"):
+    if getattr(args, flag):
+        check_output(f"--{flag}", getattr(args, flag))
+own_results = results_file = None
+if args.results:
+    # What produced the file: --resume refuses to add to a run of another model, tool setting, budgets or seed.
+    run_config = {"model": os.path.abspath(model_dir), "weights": weights_hash(model_dir), "no_tool": args.no_tool,
+                  "no_tool_frames": args.no_tool_frames, **{name: getattr(args, name) for name in plumbing.BUDGET_HELP},
+                  "overview_fps": args.overview_fps, "max_overview_frames": args.max_overview_frames,
+                  "min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "temperature": args.temperature,
+                  "top_p": args.top_p, "seed": args.seed, "system_prompt": None if args.system_prompt is None else
+                  hashlib.sha256(system_prompt.encode()).hexdigest()[:16]}
+    run_config = json.loads(json.dumps(run_config))  # as it reads back from the file
+    own_results = f"{args.results}.rank{rank}" if world_size > 1 else args.results
+    try:
+        results_file = open(own_results, "a+b")
+    except OSError as e:
+        plumbing.fail(f"--results {own_results}: cannot open ({e.strerror})")
+    try:  # one writer per file; the OS drops the lock when the process ends, killed or not
+        fcntl.flock(results_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        plumbing.fail(f"--results {own_results}: another infer.py run is writing it; wait for it or give another file")
+    results_file.seek(0)
+    kept = results_file.read()
+    if args.resume:  # a line cut short by a kill or a full disk goes, or the next record would be glued onto it
+        kept = kept[:kept.rfind(b"\n") + 1]
+    else:  # a fresh run starts fresh files
+        kept = b""
+        for path in {own_results + ".done"} | ({args.results} if rank == 0 and world_size > 1 else set()):
+            if os.path.exists(path):
+                os.remove(path)
+    results_file.truncate(len(kept))
+    if not kept:
+        results_file.write((json.dumps({"videozoomer_results": run_config}) + "\n").encode())
+        results_file.flush()
 model, tokenizer, vcfg = plumbing.load_model_or_exit(model_dir, device, args.min_pixels, args.max_pixels)
 note = plumbing.read_json(os.path.join(model_dir, "config.json")).get("videozoomer_note")
 if note:
@@ -209,14 +323,23 @@ renderer = vz.Renderer(tokenizer, vcfg)
 # One question: prompt, rollout (printed turn by turn for a single video)
 
 
+def plural(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def frame_times(times):
+    return "[" + ", ".join(f"{t:.2f}" for t in times) + "]"
+
+
 def show_turn(row, episode, record):
     print(f"\n--- turn {record['turn']} ---")
     print(record["text"].strip() or "(empty)")
+    if not record["format_ok"]:  # the reward's format term is 0 for the whole episode
+        print(">> malformed turn: not <think>...</think> then one valid <video_zoom> or <answer> (format_ok false)")
     kind = record["kind"]
     if kind == "zoom":
-        times = ", ".join(f"{t:.2f}" for t in record["times"])
         print(f">> zoom {record['segment'][0]:.2f}s-{record['segment'][1]:.2f}s at {record['fps']:g} fps: "
-              f"{record['num_frames']} frames at [{times}]")
+              f"{plural(record['num_frames'], 'frame')} at {frame_times(record['times'])}")
     elif kind in ("invalid", "refused"):
         print(f">> tool error: {record['error']}")
     elif kind == "answer":
@@ -252,6 +375,8 @@ def answer_one(item):
               f"{'uniform' if args.no_tool else 'overview'}: {len(prompt.frames)} frame{'s' * (len(prompt.frames) != 1)}; "
               f"prompt: {len(prompt.ids)} tokens")
         print(f"question: {vz.format_question(item['question'], item['options'])}")
+        print(f">> {'uniform' if args.no_tool else 'overview'}: {plural(len(prompt.frames), 'frame')} at "
+              f"{frame_times(f.time for f in prompt.frames)}")
         generator = torch.Generator().manual_seed(args.seed)
         try:
             (episode,) = vz.rollout(model, renderer, video, prompt, 1, limits, args.temperature, args.top_p,
@@ -315,9 +440,10 @@ def trajectory_record(item, video, prompt, episode, seconds):
 
 
 # -----------------------------------------------------------------------------
-# The trajectory viewer (--html): frames embedded as JPEG, encoded with PyAV
+# The trajectory viewer (--html): frames embedded as JPEG, encoded with PyAV, decoded again for the page
 
 
+DISPLAY_WIDTH = 320  # px, the viewer's frames; the model's own input size is stated beside them
 CSS = ("body{font-family:sans-serif;margin:1em}section{border-top:2px solid #888;margin-top:1.5em}"
        "figure{display:inline-block;margin:2px;font-size:70%;text-align:center}"
        "img.overview{height:72px;display:block}img.zoom{height:144px;display:block}"
@@ -333,15 +459,29 @@ def write_html(path, records, model, data):
     """A self-contained page: a header (model, data file, accuracy by kind, an index of the questions),
     then per question its timeline, the overview strip and each zoom's frames, all with their times.
     Every distinct frame is embedded once, in a JSON table that a few lines of script put into the
-    <img> elements, so an overview shared by many questions about one video costs its bytes once."""
-    table = {}
+    <img> elements, so an overview shared by many questions about one video costs its bytes once.
+    The model's input (56x28 px for a tiny model) is unreadable, so each frame is decoded again from its
+    video at its own time, up to DISPLAY_WIDTH px wide; only the pages pay for that decode."""
+    table, shown = {}, {}  # shown: (video, time) -> the display copy
 
-    def strip(frames, group):
+    def display_copies(record):
+        times = sorted({f.time for f in record["_frames"]})
+        try:
+            with plumbing.open_video(record["video"]) as video:
+                width = min(DISPLAY_WIDTH, video.width) // 2 * 2  # even sides for the JPEG's 4:2:0 chroma
+                size = (max(2, round(width * video.height / video.width / 2) * 2), width)
+                for f in video.serve(times, None, skip_damaged=True, size=size):
+                    shown[record["video"], f.time] = f.image
+        except plumbing.VideoError:
+            pass  # a video gone since the run: the page shows the model's input
+
+    def strip(frames, group, video):
         figures = []
         for f in frames:
-            key = hashlib.sha1(f.image.tobytes() + str(f.image.shape).encode()).hexdigest()[:16]
+            image = shown.get((video, f.time), f.image)
+            key = hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest()[:16]
             if key not in table:
-                table[key] = plumbing.jpeg_data_url(f.image)
+                table[key] = plumbing.jpeg_data_url(image)
             figures.append(f'<figure class="{group}"><img class="{group}" data-time="{f.time:.3f}" data-frame="{key}" '
                            f'alt="{f.time:.2f}s"><figcaption>{f.time:.2f}s</figcaption></figure>')
         return "".join(figures)
@@ -365,12 +505,17 @@ def write_html(path, records, model, data):
                                       for i, r in enumerate(records)) + "</ol>")
     for index, r in enumerate(records):
         frames, overview, duration = r["_frames"], r["_num_overview"], r["duration"]
+        display_copies(r)
+        model_sizes = ", ".join(sorted({f"{f.image.shape[1]}x{f.image.shape[0]}" for f in frames}))
+        page_sizes = ", ".join(sorted({f"{image.shape[1]}x{image.shape[0]}"
+                                       for (video, _), image in shown.items() if video == r["video"]}))
         truth = f" | truth: {html.escape(str(r['truth']))} {verdict(r)}" if r["truth"] is not None else ""
         parts.append(f'<section class="question" id="q{index}" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
                      f"<p>video: {html.escape(str(r['video']))} ({duration:.1f}s) | kind: {html.escape(r['kind'] or '-')}</p>"
                      f"<pre>{html.escape(vz.format_question('', r['options']).strip())}</pre>"
-                     f"<p>answer: <b>{html.escape(str(r['answer']))}</b>{truth} | {r['num_zooms']} zooms, "
-                     f"{r['num_frames']} frames, stop {r['stop']}</p>")
+                     f"<p>answer: <b>{html.escape(r['answer'] or '(none)')}</b>{truth} | "
+                     f"{plural(r['num_zooms'], 'zoom')}, {plural(r['num_frames'], 'frame')}, stop {r['stop']}</p>"
+                     f"<p class='sizes'>frames shown at {page_sizes or model_sizes} px; model input: {model_sizes} px</p>")
         step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if duration / s <= 10), 7200)
         parts.append('<div class="timeline">' + "".join(
             f'<span class="tick" style="left:{100 * f.time / duration:.3f}%"></span>' for f in frames[:overview]) + "".join(
@@ -381,7 +526,7 @@ def write_html(path, records, model, data):
                 start, end = turn["segment"]
                 parts.append(f'<span class="segment" data-segment="{start:.3f},{end:.3f}" title="{start:.2f}-{end:.2f}s" '
                              f'style="left:{100 * start / duration:.3f}%;width:{100 * (end - start) / duration:.3f}%"></span>')
-        parts.append(f"</div><h4>overview ({overview} frames)</h4>{strip(frames[:overview], 'overview')}")
+        parts.append(f"</div><h4>overview ({overview} frames)</h4>{strip(frames[:overview], 'overview', r['video'])}")
         used = overview
         for turn in r["turns"]:
             parts.append(f"<h4>turn {turn['turn']}: {turn['kind']}</h4><pre>{html.escape(turn['text'])}</pre>")
@@ -389,7 +534,8 @@ def write_html(path, records, model, data):
                 returned = frames[used:used + turn["num_frames"]]
                 used += turn["num_frames"]
                 parts.append(f'<p>zoom {turn["segment"][0]:.2f}-{turn["segment"][1]:.2f}s at {turn["fps"]:g} fps</p>'
-                             f'<div class="zoomframes" data-turn="{turn["turn"]}">{strip(returned, "zoom")}</div>')
+                             f'<div class="zoomframes" data-turn="{turn["turn"]}">'
+                             f'{strip(returned, "zoom", r["video"])}</div>')
             elif turn.get("error"):
                 parts.append(f"<p>tool error: {html.escape(turn['error'])}</p>")
         parts.append("</section>")
@@ -398,50 +544,62 @@ def write_html(path, records, model, data):
                  "<script>const frames = JSON.parse(document.getElementById('frames').textContent);"
                  "for (const img of document.querySelectorAll('img[data-frame]')) img.src = frames[img.dataset.frame];"
                  "</script>")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, path)
+    write_file(path, "\n".join(parts))
 
 
 # -----------------------------------------------------------------------------
 # Run: one video, or a question set
 
 
+def stop_interrupted(num_ended):
+    """After Ctrl-C during --data: the last stdout lines say so and give the command that goes on; exit 130."""
+    if rank == 0:
+        print(f"\ninterrupted: {num_ended} of {len(questions)} questions ended; the results above cover them only")
+        if args.results:
+            launcher = ["python"] if world_size == 1 else ["torchrun", f"--nproc_per_node={world_size}"]
+            print("to go on: " + shlex.join(launcher + sys.argv + ([] if args.resume else ["--resume"])))
+        else:
+            print("to go on: nothing was kept (no --results); run again with --results FILE to be able to --resume")
+        # one line on stderr too, as Ctrl-C gives in every script
+        print(f"interrupted: {num_ended} of {len(questions)} questions ended"
+              + ("; --json holds them" if args.json and records else ""), file=sys.stderr)
+    sys.exit(130)
+
+
 interrupted = False
 if args.data:
     ended, done_before = {}, {}
-    own_results = f"{args.results}.rank{rank}" if world_size > 1 else args.results
-    if args.results and not args.resume:  # a fresh run starts fresh files
-        for path in {own_results, own_results + ".done"} | ({args.results} if rank == 0 else set()):
-            if os.path.exists(path):
-                os.remove(path)
     if args.resume:
         paths = [args.results] + sorted(glob.glob(glob.escape(args.results) + ".rank*[0-9]"))
-        done_before = {r["key"]: r for path in paths for r in plumbing.read_results(path) if "key" in r}
+        done_before = {r["key"]: r for path in paths for r in read_results(path)}
     todo = [i for i, q in enumerate(questions) if q["key"] not in done_before][rank::world_size]
     if rank == 0 and args.resume:
         print(f"resume: {len(done_before)} questions already in {args.results}; {len(questions) - len(done_before)} to go")
-    results_file = open(own_results, "a", encoding="utf-8") if args.results else None
     data_started, right = time.time(), []
 
     def report(index, record, why):
         ended[index] = record
         position = f"[{index + 1}/{len(questions)}]"
         if record is None:
-            print(f"{position} skipped: {why}", flush=True)
+            print(f"{position} skipped: {why}", flush=True)  # counted as skipped in the summary
             return
         record["key"], record["categories"] = questions[index]["key"], questions[index]["categories"]
         if results_file:  # one whole line per question, on disk before the next one starts
-            results_file.write(json.dumps({k: v for k, v in record.items() if not k.startswith("_")}) + "\n")
-            results_file.flush()
-            os.fsync(results_file.fileno())
+            try:
+                results_file.write((json.dumps({k: v for k, v in record.items() if not k.startswith("_")}) + "\n")
+                                   .encode())
+                results_file.flush()
+                os.fsync(results_file.fileno())
+            except OSError as e:  # a part line is cut off by --resume
+                plumbing.fail(f"--results {own_results}: cannot write ({e.strerror}); the questions before this one "
+                              "are in it, --resume goes on from them")
         right.append(bool(record["correct"]))
         left = (len(todo) - len(ended)) * (time.time() - data_started) / len(ended)
         if rank == 0:
             print(f"{position} {record['kind'] or '-'}: {'right' if record['correct'] else 'wrong'} "
-                  f"(answer {record['letter']}, truth {record['truth']}) | {record['num_zooms']} zooms | "
-                  f"{record['num_frames']} frames | {record['seconds']:.1f} s | done {len(ended)}/{len(todo)}, "
+                  f"(answer {record['letter'] or '(none)'}, truth {record['truth']}) | "
+                  f"{plural(record['num_zooms'], 'zoom')} | {plural(record['num_frames'], 'frame')} | "
+                  f"{record['seconds']:.1f} s | done {len(ended)}/{len(todo)}, "
                   f"accuracy so far {sum(right) / len(right):.3f}, eta {int(left // 60)}m{int(left % 60):02d}s",
                   flush=True)
 
@@ -459,12 +617,11 @@ if args.data:
             sys.exit(0)
         while not all(os.path.exists(f"{args.results}.rank{r}.done") for r in range(world_size)):
             time.sleep(0.5)
-        merged = {r["key"]: r for r in plumbing.read_results(args.results) if "key" in r}
+        merged = {r["key"]: r for r in read_results(args.results)}
         for r in range(world_size):
-            merged.update((rec["key"], rec) for rec in plumbing.read_results(f"{args.results}.rank{r}") if "key" in rec)
-        with open(args.results + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(merged[q["key"]]) + "\n" for q in questions if q["key"] in merged)
-        os.replace(args.results + ".tmp", args.results)
+            merged.update((rec["key"], rec) for rec in read_results(f"{args.results}.rank{r}"))
+        write_file(args.results, "".join([json.dumps({"videozoomer_results": run_config}) + "\n"] + [
+            json.dumps(merged[q["key"]]) + "\n" for q in questions if q["key"] in merged]))
         for r in range(world_size):
             os.remove(f"{args.results}.rank{r}")
             os.remove(f"{args.results}.rank{r}.done")
@@ -474,8 +631,7 @@ if args.data:
     records = sorted(records + [r for k, r in done_before.items() if k not in new_keys and k in order],
                      key=lambda r: order[r["key"]])
     if interrupted and not records:
-        print("interrupted before any question ended", file=sys.stderr)
-        sys.exit(130)
+        stop_interrupted(sum(r is None for r in ended.values()))
 else:
     records = [answer_one(questions[0])]
 
@@ -483,8 +639,9 @@ if not args.data:
     (record,) = records
     truth = f" | truth: {record['truth']} ({'right' if record['correct'] else 'wrong'})" if record["truth"] else ""
     print(f"\nanswer: {record['answer'] or '(none)'}{truth}")
-    print(f"summary: {record['num_turns']} turns | {record['num_zooms']} zooms | {record['num_frames']} frames | "
-          f"{record['num_tokens']} tokens | stop {record['stop']} | {record['seconds']:.1f} s")
+    print(f"summary: {plural(record['num_turns'], 'turn')} | {plural(record['num_zooms'], 'zoom')} | "
+          f"{plural(record['num_frames'], 'frame')} | {record['num_tokens']} tokens | stop {record['stop']} | "
+          f"{record['seconds']:.1f} s")
 else:
     if not records:
         plumbing.fail(f"{args.data}: no question could be answered")
@@ -507,24 +664,28 @@ else:
             print(f"{(value or '-')[:30]:<30} {len(rows):>4} {mean('correct', rows):>9.3f}")
     print(f"mean frames per question: {mean('num_frames', records):.1f} (pass it to --no-tool-frames for an equal budget)")
     answered = sum(r is not None for r in ended.values())  # this run's, skipped ones not counted
+    # Skipped (no video, prompt too long): not in the table, and wrong in the accuracy over all questions.
+    skipped = sum(r is None for r in ended.values()) if interrupted else len(questions) - len(records)
+    if skipped:
+        print(f"skipped: {skipped} of {len(questions)} questions (the '] skipped:' lines above); not in the table")
     print(f"{answered} questions in {data_seconds:.1f} s ({answered / max(data_seconds, 1e-9):.2f} questions/s, "
           f"--batch-size {args.batch_size})")
 
 if args.json:
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
-        json.dump({"args": vars(args), "model": model_dir, "complete": not interrupted, "trajectories": public}
-                  if args.data
-                  else dict(public[0], args=vars(args), model=model_dir), f, indent=2)
-    os.replace(tmp, args.json)
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+    write_file(args.json, json.dumps({"args": vars(args), "model": model_dir, "complete": not interrupted,
+                                      "trajectories": public} if args.data
+                                     else dict(public[0], args=vars(args), model=model_dir), indent=2))
     print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
 if args.html:
     write_html(args.html, [r for r in records if "_frames" in r], model_dir, args.data)  # this run's own
     print(f"page written to {args.html}")
 if args.data:
-    print(f"accuracy: {mean('correct', records):.4f}")  # the last line, for scripts
-    if interrupted:  # one line on stderr, as Ctrl-C gives in every script, and exit 130
-        print(f"interrupted: {len(ended)} of {len(questions)} questions ended; the results above cover them"
-              + (", and so does --json" if args.json else ""), file=sys.stderr)
-        sys.exit(130)
+    # The last line, for scripts: with questions skipped, first over all of them (a skipped one is wrong), so a run
+    # that answers half cannot read 1.0000 alone.
+    num_right = sum(r["correct"] for r in records)
+    print(f"accuracy: {num_right / len(records):.4f}" if not skipped else
+          f"accuracy: {num_right / (len(records) + skipped):.4f} over all {len(records) + skipped} questions "
+          f"({skipped} skipped, counted wrong) | {num_right / len(records):.4f} over the {len(records)} answered")
+    if interrupted:
+        stop_interrupted(len(records) + skipped)

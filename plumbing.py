@@ -375,11 +375,12 @@ class Video:
             image = np.ascontiguousarray(image[::-1] if flip_rows else image)
         return Frame(time=self._time(frame.pts), image=image)
 
-    def serve(self, times, vcfg, seek=True, skip_damaged=False):
+    def serve(self, times, vcfg, seek=True, skip_damaged=False, size=None):
         """The frames showing at the given times (seconds). Increasing times decode forward and seek
         over gaps with a keyframe in them (seek=False: never); a time before the last one seeks back.
-        A time inside a damaged stretch raises VideoError, or with skip_damaged gets no frame."""
-        size = resize_shape(self.height, self.width, vcfg)
+        A time inside a damaged stretch raises VideoError, or with skip_damaged gets no frame.
+        size: (height, width) instead of the model's input size (infer.py's viewer shows frames larger)."""
+        size = size or resize_shape(self.height, self.width, vcfg)
         out, frames, current = [], None, None
         for seconds in times:
             ticks = self._ticks(seconds)
@@ -819,17 +820,30 @@ def text_field(row, key, required=True):
     return value
 
 
-def read_results(path):
-    """The records of a results JSONL; a line cut short by a kill (the last one) is dropped."""
-    records = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
-    return records
+def read_results(path, fields):
+    """A results JSONL: (its run header or None, its records, a note for each line skipped). The header is a first
+    line {"videozoomer_results": {...}}; a record is an object holding every name in `fields` with its type. Any
+    other line (a number, a string, null, a record of something else, a line cut short by a kill) is skipped."""
+    header, records, notes = None, [], []
+    if not os.path.isfile(path):
+        return header, records, notes
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                why = "cut short (a killed run)" if not line.endswith("\n") else "not JSON"
+                notes.append(f"{path} line {number}: {why}; skipped")
+                continue
+            if number == 1 and isinstance(record, dict) and isinstance(record.get("videozoomer_results"), dict):
+                header = record["videozoomer_results"]
+            elif isinstance(record, dict) and all(isinstance(record.get(k), kind) for k, kind in fields.items()):
+                records.append(record)
+            else:
+                notes.append(f"{path} line {number}: not a record of this kind ({one_line(line)[:40]}); skipped")
+    return header, records, notes
 
 
 # -----------------------------------------------------------------------------

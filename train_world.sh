@@ -174,7 +174,7 @@ rows = [("base, `--no-tool`, uniform frames at equal budget", "base_no_tool"), (
 lines = ["| model | needle | count | glance | all | zooms/q | frames/q | zooms on the named scene |",
          "|---|---|---|---|---|---|---|---|"]
 for label, name in rows:
-    records = [json.loads(line) for line in open(f"{out}/eval_{name}.jsonl")]
+    records = [r for r in map(json.loads, open(f"{out}/eval_{name}.jsonl")) if "videozoomer_results" not in r]  # header
     def accuracy(kind=None):
         picked = [r for r in records if kind in (None, r["kind"])]
         return f"{sum(bool(r['correct']) for r in picked) / len(picked):.3f}"

@@ -69,7 +69,9 @@ def test_demo_answers_a_held_out_question(env):
         scene = json.loads(f.readline())["meta"]["scene"]
     assert scene["colour"] == named.group(1)
     assert float(zoom.group(1)) < scene["end"] and float(zoom.group(2)) > scene["start"], (zoom.group(0), scene)
-    assert re.search(r"^summary: \d+ turns \| [1-9]\d* zooms", result.stdout, re.M), result.stdout
+    assert re.search(r"^summary: \d+ turns? \| [1-9]\d* zooms?", result.stdout, re.M), result.stdout
+    # It says where the demo world went (once made, it is kept there).
+    assert f"kept in {os.path.join(env['XDG_CACHE_HOME'], 'videozoomer', demo[0])}\n" in result.stdout
 
 
 def test_accuracy_on_a_fresh_held_out_world(env, tmp_path):

@@ -32,7 +32,8 @@ def test_data_accuracy_and_no_tool_baseline(scripted_dir, index_video, tmp_path)
     common = ["--data", str(data), "--model", scripted_dir, "--overview-fps", "0.25", "--max-new-tokens", "64"]
     out = run_infer(*common, "--json", str(tmp_path / "agent.json"))
     assert out.strip().splitlines()[-1] == "accuracy: 0.5000"
-    assert "[1/2] needle: right (answer C, truth C)" in out and "[2/2] count: wrong (answer C, truth A)" in out
+    assert "[1/2] needle: right (answer C, truth C) | 1 zoom | 14 frames |" in out
+    assert "[2/2] count: wrong (answer C, truth A)" in out
     table = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("needle", "count", "all"))}
     assert table["needle"][:4] == ["1", "1.000", "1.00", "14.0"] and table["all"][:2] == ["2", "0.500"]
     agent = json.load(open(tmp_path / "agent.json"))["trajectories"]
@@ -82,6 +83,7 @@ def test_html_viewer_holds_the_right_frames_and_segments(scripted_dir, index_vid
     (trajectory,) = json.load(open(tmp_path / "run.json"))["trajectories"]
     page = Page()
     page.feed((tmp_path / "page.html").read_text())
+    assert "frames shown at 320x180 px; model input: 308x168 px" in (tmp_path / "page.html").read_text()
     assert [kind for kind, _, _ in page.images] == ["overview"] * 5 + ["zoom"] * 9
     assert [round(t, 3) for _, t, _ in page.images] == trajectory["frame_times"]
     assert page.segments == [[12.0, 15.0]] == [t["segment"] for t in trajectory["turns"] if t["kind"] == "zoom"]
@@ -90,7 +92,23 @@ def test_html_viewer_holds_the_right_frames_and_segments(scripted_dir, index_vid
         jpeg = base64.b64decode(page.table[key].split(",", 1)[1])
         with av.open(io.BytesIO(jpeg)) as container:
             image = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        assert image.shape == (180, 320, 3)  # the page's own copy, decoded at the frame's time
         assert read_index(image) == round(time * 5)  # the 5 fps index video: frame k shows k
+
+
+def test_terminal_shows_overview_times_and_malformed_turns_and_agrees_with_the_page(scripted_dir, index_video,
+                                                                                   tmp_path):
+    # One turn: the scripted model's first turn is a call, malformed on the last turn, so no answer. The terminal
+    # gives the overview's times as it gives a zoom's, flags the turn, says "1 turn" and "(none)" as the page does.
+    out = run_infer("--video", index_video, "--question", QUESTION, "--options", *OPTIONS, "--model", scripted_dir,
+                    "--overview-fps", "0.25", "--max-new-tokens", "64", "--max-turns", "1",
+                    "--html", str(tmp_path / "page.html"))
+    lines = out.splitlines()
+    assert ">> overview: 5 frames at [0.00, 4.00, 8.00, 12.00, 16.00]" in lines
+    turn = lines[lines.index("--- turn 1 ---"):]
+    assert any(line.startswith(">> malformed turn: ") for line in turn[:turn.index("")]), out
+    assert "answer: (none)" in lines and any(line.startswith("summary: 1 turn | 0 zooms | 5 frames | ") for line in lines)
+    assert "answer: <b>(none)</b> | 0 zooms, 5 frames, stop max_turns" in (tmp_path / "page.html").read_text()
 
 
 def test_pixel_bounds_override(scripted_dir, index_video, tmp_path):
@@ -135,29 +153,37 @@ def test_html_viewer_renders_readable_zoom_frames_in_a_browser(scripted_dir, ind
         pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium where apt-get can)")
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"video": index_video, "question": QUESTION, "options": OPTIONS, "answer": "C"}) + "\n")
-    run_infer("--data", str(data), "--model", scripted_dir, "--overview-fps", "0.25", "--max-new-tokens", "64",
-              "--html", str(tmp_path / "page.html"))
     measure = ("<script>window.addEventListener('load', () => { const out = [...document.querySelectorAll('figure')]"
                ".map(f => { const img = f.querySelector('img'), cap = f.querySelector('figcaption');"
                " const box = cap.getBoundingClientRect(); return [f.className, img.getBoundingClientRect().height,"
                " img.naturalWidth, box.height, box.width, cap.textContent]; });"
                " const pre = document.createElement('pre'); pre.id = 'sizes'; pre.textContent = JSON.stringify(out);"
                " document.body.appendChild(pre); });</script>")
-    measured = tmp_path / "measured.html"
-    measured.write_text((tmp_path / "page.html").read_text() + measure)
-    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                             "--disable-component-update", "--disable-sync", "--no-first-run",
-                             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
-                             measured.as_uri()], capture_output=True, text=True, timeout=120)
-    found = re.search(r'<pre id="sizes">(.*?)</pre>', result.stdout, re.S)
-    assert found, result.stderr[-2000:]
-    figures = json.loads(html.unescape(found.group(1)))
-    overview = [f for f in figures if f[0] == "overview"]
-    zoom = [f for f in figures if f[0] == "zoom"]
+
+    def figures(*flags):
+        run_infer("--data", str(data), "--model", scripted_dir, "--overview-fps", "0.25", "--max-new-tokens", "64",
+                  "--html", str(tmp_path / "page.html"), *flags)
+        measured = tmp_path / "measured.html"
+        measured.write_text((tmp_path / "page.html").read_text() + measure)
+        result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                 "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                                 "--virtual-time-budget=10000", "--dump-dom", measured.as_uri()],
+                                capture_output=True, text=True, timeout=120)
+        found = re.search(r'<pre id="sizes">(.*?)</pre>', result.stdout, re.S)
+        assert found, result.stderr[-2000:]
+        return json.loads(html.unescape(found.group(1)))
+
+    shown = figures()
+    overview = [f for f in shown if f[0] == "overview"]
+    zoom = [f for f in shown if f[0] == "zoom"]
     assert len(overview) == 5 and len(zoom) == 9
-    assert all(f[2] > 0 for f in figures)  # every image decoded from the page's own frame table
+    assert all(f[2] > 0 for f in shown)  # every image decoded from the page's own frame table
     assert min(f[1] for f in zoom) >= max(f[1] for f in overview) > 20
-    assert all(f[3] > 0 and f[4] > 0 and re.fullmatch(r"\d+\.\d\ds", f[5]) for f in figures)  # times visible
+    assert all(f[3] > 0 and f[4] > 0 and re.fullmatch(r"\d+\.\d\ds", f[5]) for f in shown)  # times visible
+    # A model that sees 84x56 frames (as unreadable as a 7B's input on a long real video): the page shows its own
+    # copies, decoded at the same times, 320 px wide (the video's width).
+    assert [f[2] for f in figures("--max-pixels", "6272", "--min-pixels", "3136", "--max-turns", "1")] == [320] * 5
 
 
 def test_batch_size_gives_each_question_the_same_episode(scripted_dir, index_video, tmp_path):
@@ -195,7 +221,8 @@ def test_ctrl_c_writes_the_questions_that_ended(scripted_dir, index_video, tmp_p
     data.write_text("".join(json.dumps(row) + "\n" for _ in range(41)))
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "infer.py"), "--data", str(data), "--model",
                                 scripted_dir, "--overview-fps", "0.25", "--max-new-tokens", "64", "--batch-size", "1",
-                                "--json", str(tmp_path / "out.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--json", str(tmp_path / "out.json"), "--results", str(tmp_path / "r.jsonl")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     lines = []
     for line in process.stdout:
@@ -208,6 +235,11 @@ def test_ctrl_c_writes_the_questions_that_ended(scripted_dir, index_video, tmp_p
     assert process.returncode == 130, (out[-2000:], err[-2000:])
     saved = json.load(open(tmp_path / "out.json"))
     assert saved["complete"] is False and 2 <= len(saved["trajectories"]) < 41
-    assert err.strip() == (f"interrupted: {len(saved['trajectories'])} of 41 questions ended; the results above cover "
-                           "them, and so does --json"), err
-    assert out.strip().splitlines()[-1].startswith("accuracy: ")
+    ended = len(saved["trajectories"])
+    assert err.strip() == f"interrupted: {ended} of 41 questions ended; --json holds them", err
+    # stdout's last lines: not a finished run's accuracy, but what ended and the command that goes on.
+    *_, accuracy, blank, stopped, command = out.strip().splitlines()
+    assert accuracy.startswith("accuracy: ") and blank == ""
+    assert stopped == f"interrupted: {ended} of 41 questions ended; the results above cover them only"
+    assert command.startswith("to go on: python ") and command.endswith(f"--results {tmp_path / 'r.jsonl'} --resume")
+    assert len(open(tmp_path / "r.jsonl").readlines()) == 1 + ended  # the header, then each question that ended

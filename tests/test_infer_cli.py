@@ -62,7 +62,7 @@ def assert_answered(result):
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     assert result.returncode == 0, output
-    assert re.search(r"^summary: \d+ turns \| \d+ zooms \| \d+ frames \| \d+ tokens \| stop \w+", result.stdout,
+    assert re.search(r"^summary: \d+ turns? \| \d+ zooms? \| \d+ frames? \| \d+ tokens \| stop \w+", result.stdout,
                      re.M), result.stdout
     assert not [line for line in result.stderr.splitlines()
                 if line.strip() and not PROGRESS.match(line) and not line.startswith("warning: ")], result.stderr
@@ -248,7 +248,7 @@ def test_json_trajectory(runs):
     # The overview of the 20 s video at 0.5 fps: 10 frames, one every 2 s (the untrained model may zoom
     # too, but 4 tokens are not enough for a call).
     assert trajectory["frame_times"] == [2.0 * k for k in range(10)]
-    summary = re.search(r"^summary: (\d+) turns \| (\d+) zooms \| (\d+) frames \| (\d+) tokens \| stop (\w+)",
+    summary = re.search(r"^summary: (\d+) turns? \| (\d+) zooms? \| (\d+) frames? \| (\d+) tokens \| stop (\w+)",
                         result.stdout, re.M)
     assert [len(trajectory["turns"]), trajectory["num_zooms"], len(trajectory["frame_times"]),
             trajectory["num_tokens"], trajectory["stop"]] == [int(v) for v in summary.groups()[:4]] + [summary[5]]
