@@ -18,11 +18,9 @@ remote code is never run. Greedy decoding by default (--temperature 0).
 """
 
 import argparse
-import contextlib
 import fcntl
 import glob
 import hashlib
-import html
 import itertools
 import json
 import os
@@ -211,53 +209,6 @@ else:
 # Output files, before the model loads: a path that cannot be written is one line now, not after the run
 
 
-def check_output(flag, path):
-    if os.path.isdir(path):
-        plumbing.fail(f"{flag} {path}: is a directory")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        plumbing.fail(f"{flag} {path}: no such folder")
-    probe = path + ".tmp"  # the name the file is written through
-    try:
-        open(probe, "a").close()
-        os.remove(probe)
-    except OSError as e:
-        plumbing.fail(f"{flag} {path}: cannot write there ({e.strerror})")
-
-
-def write_file(path, text):
-    """Through a temporary name and os.replace: a full disk or a kill leaves the old file or the whole new one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        plumbing.fail(f"{path}: cannot write ({e.strerror}); the file is as it was before this run")
-
-
-def weights_hash(model_dir):
-    """sha256 of the checkpoint's safetensors files: each one's header (every tensor's name, dtype, shape, offsets),
-    size, and 64 evenly spaced 64 KiB samples of its bytes (all of it when small). Reading a whole 7B checkpoint
-    would cost what loading it does; two trainings' weights differ everywhere, so the samples tell them apart."""
-    digest, chunk = hashlib.sha256(), 1 << 16
-    for path in sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.safetensors"))):
-        size = os.path.getsize(path)
-        digest.update(f"{os.path.basename(path)} {size}\n".encode())
-        with open(path, "rb") as f:
-            if size <= 64 * chunk:
-                digest.update(f.read())
-                continue
-            for k in range(64):
-                f.seek(k * (size - chunk) // 63)
-                digest.update(f.read(chunk))
-            f.seek(0)
-            header_size = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(min(header_size, size)))
-    return digest.hexdigest()[:16]
-
-
 # Every field the summary reads, with its type: a results line without them is not a record of this run.
 RECORD_FIELDS = {"key": str, "kind": str, "correct": bool, "num_zooms": int, "num_frames": int, "num_turns": int,
                  "seconds": (int, float)}
@@ -280,11 +231,11 @@ def read_results(path):
 
 for flag in ("json", "html", "results"):
     if getattr(args, flag):
-        check_output(f"--{flag}", getattr(args, flag))
+        plumbing.check_output(f"--{flag}", getattr(args, flag))
 own_results = results_file = None
 if args.results:
     # What produced the file: --resume refuses to add to a run of another model, tool setting, budgets or seed.
-    run_config = {"model": os.path.abspath(model_dir), "weights": weights_hash(model_dir), "no_tool": args.no_tool,
+    run_config = {"model": os.path.abspath(model_dir), "weights": plumbing.weights_hash(model_dir), "no_tool": args.no_tool,
                   "no_tool_frames": args.no_tool_frames, **{name: getattr(args, name) for name in plumbing.BUDGET_HELP},
                   "overview_fps": args.overview_fps, "max_overview_frames": args.max_overview_frames,
                   "min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "temperature": args.temperature,
@@ -323,10 +274,6 @@ renderer = vz.Renderer(tokenizer, vcfg)
 # One question: prompt, rollout (printed turn by turn for a single video)
 
 
-def plural(count, noun):
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
 def frame_times(times):
     return "[" + ", ".join(f"{t:.2f}" for t in times) + "]"
 
@@ -339,7 +286,7 @@ def show_turn(row, episode, record):
     kind = record["kind"]
     if kind == "zoom":
         print(f">> zoom {record['segment'][0]:.2f}s-{record['segment'][1]:.2f}s at {record['fps']:g} fps: "
-              f"{plural(record['num_frames'], 'frame')} at {frame_times(record['times'])}")
+              f"{plumbing.plural(record['num_frames'], 'frame')} at {frame_times(record['times'])}")
     elif kind in ("invalid", "refused"):
         print(f">> tool error: {record['error']}")
     elif kind == "answer":
@@ -375,7 +322,7 @@ def answer_one(item):
               f"{'uniform' if args.no_tool else 'overview'}: {len(prompt.frames)} frame{'s' * (len(prompt.frames) != 1)}; "
               f"prompt: {len(prompt.ids)} tokens")
         print(f"question: {vz.format_question(item['question'], item['options'])}")
-        print(f">> {'uniform' if args.no_tool else 'overview'}: {plural(len(prompt.frames), 'frame')} at "
+        print(f">> {'uniform' if args.no_tool else 'overview'}: {plumbing.plural(len(prompt.frames), 'frame')} at "
               f"{frame_times(f.time for f in prompt.frames)}")
         generator = torch.Generator().manual_seed(args.seed)
         try:
@@ -436,115 +383,8 @@ def trajectory_record(item, video, prompt, episode, seconds):
         "num_trained_tokens": sum(episode.mask),
         "seconds": round(seconds, 3), "turns": episode.turns,
         "duration": video.duration, "_frames": episode.frames, "_num_overview": len(prompt.frames),
+        "_options_text": vz.format_question("", item["options"]).strip(),  # for the page
     }
-
-
-# -----------------------------------------------------------------------------
-# The trajectory viewer (--html): frames embedded as JPEG, encoded with PyAV, decoded again for the page
-
-
-DISPLAY_WIDTH = 320  # px, the viewer's frames; the model's own input size is stated beside them
-CSS = ("body{font-family:sans-serif;margin:1em}section{border-top:2px solid #888;margin-top:1.5em}"
-       "figure{display:inline-block;margin:2px;font-size:70%;text-align:center}"
-       "img.overview{height:72px;display:block}img.zoom{height:144px;display:block}"
-       ".timeline{position:relative;height:18px;background:#eee;margin:.5em 0 1.6em}"
-       ".tick{position:absolute;width:1px;height:18px;background:#555}"
-       ".second{position:absolute;top:19px;font-size:70%;transform:translateX(-50%)}"
-       ".segment{position:absolute;height:18px;background:rgba(230,120,0,.6)}"
-       "pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}.right{color:green}.wrong{color:#b00}"
-       "table{border-collapse:collapse}td,th{padding:0 .6em;text-align:right}")
-
-
-def write_html(path, records, model, data):
-    """A self-contained page: a header (model, data file, accuracy by kind, an index of the questions),
-    then per question its timeline, the overview strip and each zoom's frames, all with their times.
-    Every distinct frame is embedded once, in a JSON table that a few lines of script put into the
-    <img> elements, so an overview shared by many questions about one video costs its bytes once.
-    The model's input (56x28 px for a tiny model) is unreadable, so each frame is decoded again from its
-    video at its own time, up to DISPLAY_WIDTH px wide; only the pages pay for that decode."""
-    table, shown = {}, {}  # shown: (video, time) -> the display copy
-
-    def display_copies(record):
-        times = sorted({f.time for f in record["_frames"]})
-        try:
-            with plumbing.open_video(record["video"]) as video:
-                width = min(DISPLAY_WIDTH, video.width) // 2 * 2  # even sides for the JPEG's 4:2:0 chroma
-                size = (max(2, round(width * video.height / video.width / 2) * 2), width)
-                for f in video.serve(times, None, skip_damaged=True, size=size):
-                    shown[record["video"], f.time] = f.image
-        except plumbing.VideoError:
-            pass  # a video gone since the run: the page shows the model's input
-
-    def strip(frames, group, video):
-        figures = []
-        for f in frames:
-            image = shown.get((video, f.time), f.image)
-            key = hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest()[:16]
-            if key not in table:
-                table[key] = plumbing.jpeg_data_url(image)
-            figures.append(f'<figure class="{group}"><img class="{group}" data-time="{f.time:.3f}" data-frame="{key}" '
-                           f'alt="{f.time:.2f}s"><figcaption>{f.time:.2f}s</figcaption></figure>')
-        return "".join(figures)
-
-    def verdict(r):
-        return "" if r["correct"] is None else ('<b class="right">right</b>' if r["correct"] else '<b class="wrong">wrong</b>')
-
-    parts = [f"<!doctype html><meta charset='utf-8'><title>VideoZoomer trajectories</title><style>{CSS}</style>",
-             f"<h1>VideoZoomer trajectories</h1><p>model: {html.escape(str(model))}"
-             + (f" | data: {html.escape(str(data))}" if data else "") + "</p>"]
-    scored = [r for r in records if r["correct"] is not None]
-    if scored:
-        rows = "".join(f"<tr><td>{html.escape(kind or '-')}</td><td>{len(group)}</td>"
-                       f"<td>{sum(r['correct'] for r in group) / len(group):.3f}</td>"
-                       f"<td>{sum(r['num_zooms'] for r in group) / len(group):.2f}</td></tr>"
-                       for kind in sorted({r["kind"] for r in scored}) + ["all"]
-                       for group in [[r for r in scored if kind in ("all", r["kind"])]])
-        parts.append(f"<table><tr><th>kind</th><th>n</th><th>accuracy</th><th>zooms/q</th></tr>{rows}</table>")
-    if len(records) > 1:
-        parts.append("<ol>" + "".join(f'<li><a href="#q{i}">{html.escape(r["question"][:80])}</a> {verdict(r)}</li>'
-                                      for i, r in enumerate(records)) + "</ol>")
-    for index, r in enumerate(records):
-        frames, overview, duration = r["_frames"], r["_num_overview"], r["duration"]
-        display_copies(r)
-        model_sizes = ", ".join(sorted({f"{f.image.shape[1]}x{f.image.shape[0]}" for f in frames}))
-        page_sizes = ", ".join(sorted({f"{image.shape[1]}x{image.shape[0]}"
-                                       for (video, _), image in shown.items() if video == r["video"]}))
-        truth = f" | truth: {html.escape(str(r['truth']))} {verdict(r)}" if r["truth"] is not None else ""
-        parts.append(f'<section class="question" id="q{index}" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
-                     f"<p>video: {html.escape(str(r['video']))} ({duration:.1f}s) | kind: {html.escape(r['kind'] or '-')}</p>"
-                     f"<pre>{html.escape(vz.format_question('', r['options']).strip())}</pre>"
-                     f"<p>answer: <b>{html.escape(r['answer'] or '(none)')}</b>{truth} | "
-                     f"{plural(r['num_zooms'], 'zoom')}, {plural(r['num_frames'], 'frame')}, stop {r['stop']}</p>"
-                     f"<p class='sizes'>frames shown at {page_sizes or model_sizes} px; model input: {model_sizes} px</p>")
-        step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if duration / s <= 10), 7200)
-        parts.append('<div class="timeline">' + "".join(
-            f'<span class="tick" style="left:{100 * f.time / duration:.3f}%"></span>' for f in frames[:overview]) + "".join(
-            f'<span class="second" style="left:{100 * s / duration:.3f}%">{s:g}s</span>'
-            for s in range(0, int(duration) + 1, step)))
-        for turn in r["turns"]:
-            if turn["kind"] == "zoom":
-                start, end = turn["segment"]
-                parts.append(f'<span class="segment" data-segment="{start:.3f},{end:.3f}" title="{start:.2f}-{end:.2f}s" '
-                             f'style="left:{100 * start / duration:.3f}%;width:{100 * (end - start) / duration:.3f}%"></span>')
-        parts.append(f"</div><h4>overview ({overview} frames)</h4>{strip(frames[:overview], 'overview', r['video'])}")
-        used = overview
-        for turn in r["turns"]:
-            parts.append(f"<h4>turn {turn['turn']}: {turn['kind']}</h4><pre>{html.escape(turn['text'])}</pre>")
-            if turn["kind"] == "zoom":
-                returned = frames[used:used + turn["num_frames"]]
-                used += turn["num_frames"]
-                parts.append(f'<p>zoom {turn["segment"][0]:.2f}-{turn["segment"][1]:.2f}s at {turn["fps"]:g} fps</p>'
-                             f'<div class="zoomframes" data-turn="{turn["turn"]}">'
-                             f'{strip(returned, "zoom", r["video"])}</div>')
-            elif turn.get("error"):
-                parts.append(f"<p>tool error: {html.escape(turn['error'])}</p>")
-        parts.append("</section>")
-    # Data URLs are base64 and the keys hex, so the JSON cannot close the script element early.
-    parts.append(f'<script type="application/json" id="frames">{json.dumps(table)}</script>'
-                 "<script>const frames = JSON.parse(document.getElementById('frames').textContent);"
-                 "for (const img of document.querySelectorAll('img[data-frame]')) img.src = frames[img.dataset.frame];"
-                 "</script>")
-    write_file(path, "\n".join(parts))
 
 
 # -----------------------------------------------------------------------------
@@ -598,7 +438,7 @@ if args.data:
         if rank == 0:
             print(f"{position} {record['kind'] or '-'}: {'right' if record['correct'] else 'wrong'} "
                   f"(answer {record['letter'] or '(none)'}, truth {record['truth']}) | "
-                  f"{plural(record['num_zooms'], 'zoom')} | {plural(record['num_frames'], 'frame')} | "
+                  f"{plumbing.plural(record['num_zooms'], 'zoom')} | {plumbing.plural(record['num_frames'], 'frame')} | "
                   f"{record['seconds']:.1f} s | done {len(ended)}/{len(todo)}, "
                   f"accuracy so far {sum(right) / len(right):.3f}, eta {int(left // 60)}m{int(left % 60):02d}s",
                   flush=True)
@@ -620,7 +460,7 @@ if args.data:
         merged = {r["key"]: r for r in read_results(args.results)}
         for r in range(world_size):
             merged.update((rec["key"], rec) for rec in read_results(f"{args.results}.rank{r}"))
-        write_file(args.results, "".join([json.dumps({"videozoomer_results": run_config}) + "\n"] + [
+        plumbing.write_file(args.results, "".join([json.dumps({"videozoomer_results": run_config}) + "\n"] + [
             json.dumps(merged[q["key"]]) + "\n" for q in questions if q["key"] in merged]))
         for r in range(world_size):
             os.remove(f"{args.results}.rank{r}")
@@ -639,8 +479,8 @@ if not args.data:
     (record,) = records
     truth = f" | truth: {record['truth']} ({'right' if record['correct'] else 'wrong'})" if record["truth"] else ""
     print(f"\nanswer: {record['answer'] or '(none)'}{truth}")
-    print(f"summary: {plural(record['num_turns'], 'turn')} | {plural(record['num_zooms'], 'zoom')} | "
-          f"{plural(record['num_frames'], 'frame')} | {record['num_tokens']} tokens | stop {record['stop']} | "
+    print(f"summary: {plumbing.plural(record['num_turns'], 'turn')} | {plumbing.plural(record['num_zooms'], 'zoom')} | "
+          f"{plumbing.plural(record['num_frames'], 'frame')} | {record['num_tokens']} tokens | stop {record['stop']} | "
           f"{record['seconds']:.1f} s")
 else:
     if not records:
@@ -673,12 +513,12 @@ else:
 
 if args.json:
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
-    write_file(args.json, json.dumps({"args": vars(args), "model": model_dir, "complete": not interrupted,
+    plumbing.write_file(args.json, json.dumps({"args": vars(args), "model": model_dir, "complete": not interrupted,
                                       "trajectories": public} if args.data
                                      else dict(public[0], args=vars(args), model=model_dir), indent=2))
     print(f"trajectories written to {args.json}" if args.data else f"trajectory written to {args.json}")
 if args.html:
-    write_html(args.html, [r for r in records if "_frames" in r], model_dir, args.data)  # this run's own
+    plumbing.write_html(args.html, [r for r in records if "_frames" in r], model_dir, args.data)  # this run's own
     print(f"page written to {args.html}")
 if args.data:
     # The last line, for scripts: with questions skipped, first over all of them (a skipped one is wrong), so a run

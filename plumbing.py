@@ -7,12 +7,18 @@
 4. Data files: rows with the file's own line numbers, a count of the bad ones; the paper's benchmarks as
    released; a results file that a kill cut short.
 5. torchrun set-up and the command-line helpers every script shares.
+6. Output files: paths checked before a model loads, files written whole, a checkpoint's weights hash.
+7. The trajectory viewer (infer.py --html): one self-contained page of episodes and their frames.
 
 vz.py (the method) and the scripts import this module; it imports nothing of ours.
 """
 
 import argparse
+import contextlib
 import functools
+import glob
+import hashlib
+import html
 import json
 import math
 import os
@@ -1162,3 +1168,166 @@ def compute_cleanup():
     if dist.is_initialized():
         dist.barrier()  # gloo aborts at exit if one rank tears down while another is still talking
         dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# 6. Output files: checked before a model loads, written whole or not at all
+
+
+def plural(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def check_output(flag, path):
+    if os.path.isdir(path):
+        fail(f"{flag} {path}: is a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        fail(f"{flag} {path}: no such folder")
+    probe = path + ".tmp"  # the name the file is written through
+    try:
+        open(probe, "a").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write there ({e.strerror})")
+
+
+def write_file(path, text):
+    """Through a temporary name and os.replace: a full disk or a kill leaves the old file or the whole new one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fail(f"{path}: cannot write ({e.strerror}); the file is as it was before this run")
+
+
+def weights_hash(model_dir):
+    """sha256 of the checkpoint's safetensors files: each one's header (every tensor's name, dtype, shape, offsets),
+    size, and 64 evenly spaced 64 KiB samples of its bytes (all of it when small). Reading a whole 7B checkpoint
+    would cost what loading it does; two trainings' weights differ everywhere, so the samples tell them apart."""
+    digest, chunk = hashlib.sha256(), 1 << 16
+    for path in sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.safetensors"))):
+        size = os.path.getsize(path)
+        digest.update(f"{os.path.basename(path)} {size}\n".encode())
+        with open(path, "rb") as f:
+            if size <= 64 * chunk:
+                digest.update(f.read())
+                continue
+            for k in range(64):
+                f.seek(k * (size - chunk) // 63)
+                digest.update(f.read(chunk))
+            f.seek(0)
+            header_size = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_size, size)))
+    return digest.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# 7. The trajectory viewer (infer.py --html): frames as JPEG (PyAV), decoded again at display size
+
+
+DISPLAY_WIDTH = 320  # px, the viewer's frames; the model's own input size is stated beside them
+CSS = ("body{font-family:sans-serif;margin:1em}section{border-top:2px solid #888;margin-top:1.5em}"
+       "figure{display:inline-block;margin:2px;font-size:70%;text-align:center}"
+       "img.overview{height:72px;display:block}img.zoom{height:144px;display:block}"
+       ".timeline{position:relative;height:18px;background:#eee;margin:.5em 0 1.6em}"
+       ".tick{position:absolute;width:1px;height:18px;background:#555}"
+       ".second{position:absolute;top:19px;font-size:70%;transform:translateX(-50%)}"
+       ".segment{position:absolute;height:18px;background:rgba(230,120,0,.6)}"
+       "pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}.right{color:green}.wrong{color:#b00}"
+       "table{border-collapse:collapse}td,th{padding:0 .6em;text-align:right}")
+
+
+def write_html(path, records, model, data):
+    """A self-contained page: a header (model, data file, accuracy by kind, an index of the questions),
+    then per question its timeline, the overview strip and each zoom's frames, all with their times.
+    Every distinct frame is embedded once, in a JSON table that a few lines of script put into the
+    <img> elements, so an overview shared by many questions about one video costs its bytes once.
+    The model's input (56x28 px for a tiny model) is unreadable, so each frame is decoded again from its
+    video at its own time, up to DISPLAY_WIDTH px wide; only the pages pay for that decode."""
+    table, shown = {}, {}  # shown: (video, time) -> the display copy
+
+    def display_copies(record):
+        times = sorted({f.time for f in record["_frames"]})
+        try:
+            with open_video(record["video"]) as video:
+                width = min(DISPLAY_WIDTH, video.width) // 2 * 2  # even sides for the JPEG's 4:2:0 chroma
+                size = (max(2, round(width * video.height / video.width / 2) * 2), width)
+                for f in video.serve(times, None, skip_damaged=True, size=size):
+                    shown[record["video"], f.time] = f.image
+        except VideoError:
+            pass  # a video gone since the run: the page shows the model's input
+
+    def strip(frames, group, video):
+        figures = []
+        for f in frames:
+            image = shown.get((video, f.time), f.image)
+            key = hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest()[:16]
+            if key not in table:
+                table[key] = jpeg_data_url(image)
+            figures.append(f'<figure class="{group}"><img class="{group}" data-time="{f.time:.3f}" data-frame="{key}" '
+                           f'alt="{f.time:.2f}s"><figcaption>{f.time:.2f}s</figcaption></figure>')
+        return "".join(figures)
+
+    def verdict(r):
+        return "" if r["correct"] is None else ('<b class="right">right</b>' if r["correct"] else '<b class="wrong">wrong</b>')
+
+    parts = [f"<!doctype html><meta charset='utf-8'><title>VideoZoomer trajectories</title><style>{CSS}</style>",
+             f"<h1>VideoZoomer trajectories</h1><p>model: {html.escape(str(model))}"
+             + (f" | data: {html.escape(str(data))}" if data else "") + "</p>"]
+    scored = [r for r in records if r["correct"] is not None]
+    if scored:
+        rows = "".join(f"<tr><td>{html.escape(kind or '-')}</td><td>{len(group)}</td>"
+                       f"<td>{sum(r['correct'] for r in group) / len(group):.3f}</td>"
+                       f"<td>{sum(r['num_zooms'] for r in group) / len(group):.2f}</td></tr>"
+                       for kind in sorted({r["kind"] for r in scored}) + ["all"]
+                       for group in [[r for r in scored if kind in ("all", r["kind"])]])
+        parts.append(f"<table><tr><th>kind</th><th>n</th><th>accuracy</th><th>zooms/q</th></tr>{rows}</table>")
+    if len(records) > 1:
+        parts.append("<ol>" + "".join(f'<li><a href="#q{i}">{html.escape(r["question"][:80])}</a> {verdict(r)}</li>'
+                                      for i, r in enumerate(records)) + "</ol>")
+    for index, r in enumerate(records):
+        frames, overview, duration = r["_frames"], r["_num_overview"], r["duration"]
+        display_copies(r)
+        model_sizes = ", ".join(sorted({f"{f.image.shape[1]}x{f.image.shape[0]}" for f in frames}))
+        page_sizes = ", ".join(sorted({f"{image.shape[1]}x{image.shape[0]}"
+                                       for (video, _), image in shown.items() if video == r["video"]}))
+        truth = f" | truth: {html.escape(str(r['truth']))} {verdict(r)}" if r["truth"] is not None else ""
+        parts.append(f'<section class="question" id="q{index}" data-index="{index}"><h3>{html.escape(r["question"])}</h3>'
+                     f"<p>video: {html.escape(str(r['video']))} ({duration:.1f}s) | kind: {html.escape(r['kind'] or '-')}</p>"
+                     f"<pre>{html.escape(r['_options_text'])}</pre>"
+                     f"<p>answer: <b>{html.escape(r['answer'] or '(none)')}</b>{truth} | "
+                     f"{plural(r['num_zooms'], 'zoom')}, {plural(r['num_frames'], 'frame')}, stop {r['stop']}</p>"
+                     f"<p class='sizes'>frames shown at {page_sizes or model_sizes} px; model input: {model_sizes} px</p>")
+        step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if duration / s <= 10), 7200)
+        parts.append('<div class="timeline">' + "".join(
+            f'<span class="tick" style="left:{100 * f.time / duration:.3f}%"></span>' for f in frames[:overview]) + "".join(
+            f'<span class="second" style="left:{100 * s / duration:.3f}%">{s:g}s</span>'
+            for s in range(0, int(duration) + 1, step)))
+        for turn in r["turns"]:
+            if turn["kind"] == "zoom":
+                start, end = turn["segment"]
+                parts.append(f'<span class="segment" data-segment="{start:.3f},{end:.3f}" title="{start:.2f}-{end:.2f}s" '
+                             f'style="left:{100 * start / duration:.3f}%;width:{100 * (end - start) / duration:.3f}%"></span>')
+        parts.append(f"</div><h4>overview ({overview} frames)</h4>{strip(frames[:overview], 'overview', r['video'])}")
+        used = overview
+        for turn in r["turns"]:
+            parts.append(f"<h4>turn {turn['turn']}: {turn['kind']}</h4><pre>{html.escape(turn['text'])}</pre>")
+            if turn["kind"] == "zoom":
+                returned = frames[used:used + turn["num_frames"]]
+                used += turn["num_frames"]
+                parts.append(f'<p>zoom {turn["segment"][0]:.2f}-{turn["segment"][1]:.2f}s at {turn["fps"]:g} fps</p>'
+                             f'<div class="zoomframes" data-turn="{turn["turn"]}">'
+                             f'{strip(returned, "zoom", r["video"])}</div>')
+            elif turn.get("error"):
+                parts.append(f"<p>tool error: {html.escape(turn['error'])}</p>")
+        parts.append("</section>")
+    # Data URLs are base64 and the keys hex, so the JSON cannot close the script element early.
+    parts.append(f'<script type="application/json" id="frames">{json.dumps(table)}</script>'
+                 "<script>const frames = JSON.parse(document.getElementById('frames').textContent);"
+                 "for (const img of document.querySelectorAll('img[data-frame]')) img.src = frames[img.dataset.frame];"
+                 "</script>")
+    write_file(path, "\n".join(parts))
