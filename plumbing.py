@@ -1021,12 +1021,47 @@ def fail(message):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help as the scripts want it: the module docstring as written (usage examples included), and every
-    flag's default after its help, except where there is none to show (None, or off for a switch)."""
+    flag's default after its help, except where there is none to show (None, or off for a switch).
+    Lines wrap at spaces only and never run past the terminal."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+    def _split_lines(self, text, width):
+        # argparse's textwrap breaks at hyphens too, which splits a flag in two (--max- / total-tokens).
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text, width, indent):
+        # The docstring keeps its lines where they fit. A paragraph with a line wider than the terminal is
+        # refilled under its own text: a list item's after its number or name ("1. ", "needle  "), a
+        # command (indented, one a line) four spaces further in.
+        import textwrap
+        blocks = []  # [lines, hang, is_command]
+        for line in text.splitlines():
+            lead = re.match(r"(\s*)(\d+\.\s+|[a-z]\w*\s{2,})?", line)
+            indent_of = len(lead.group(1))
+            follows = (blocks and line.strip() and blocks[-1][0][-1].strip() and not blocks[-1][2]
+                       and not blocks[-1][0][-1].endswith(":")
+                       and not lead.group(2) and indent_of == blocks[-1][1])
+            if follows:
+                blocks[-1][0].append(line)
+            elif lead.group(2):
+                blocks.append([[line], len(lead.group(0)), False])
+            else:
+                blocks.append([[line], indent_of + 4 if indent_of else 0, indent_of > 0])
+        out = []
+        for lines, hang, _ in blocks:
+            if all(len(indent + line) <= width for line in lines):
+                out += [indent + line for line in lines]
+                continue
+            first = lines[0][:len(lines[0]) - len(lines[0].lstrip())]
+            out += textwrap.wrap(" ".join(line.strip() for line in lines), width, initial_indent=indent + first,
+                                 subsequent_indent=indent + " " * hang, break_on_hyphens=False,
+                                 break_long_words=False)
+        return "\n".join(out)
 
 
 def add_frame_flags(group):

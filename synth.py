@@ -1,10 +1,10 @@
 """Write a synthetic world for VideoZoomer: real H.264 videos and the question sets that go with them.
 
-    python synth.py --seed 0 --out world       # the world train_world.sh trains assets/model on (its defaults)
-    python synth.py --seed 1 --out heldout     # a held-out world of the same design (the results: README.md)
-    python infer.py --data heldout/test.jsonl  # measure the shipped model there; --no-tool for uniform frames
-    python synth.py --seed 1 --out shapes --events shapes --no-walk --seconds 120   # the older shapes world
-    bash train_world.sh runs/world             # the method on it: cold-start SFT and RL from assets/base
+    python synth.py --seed 0 --out world       # the world train_world.sh trains assets/model on
+    python synth.py --seed 1 --out heldout     # a held-out world of the same design (README.md)
+    python infer.py --data heldout/test.jsonl  # the shipped model there (--no-tool: uniform frames)
+    python synth.py --seed 1 --out shapes --events shapes --no-walk --seconds 120  # older shapes world
+    bash train_world.sh runs/world             # the method: cold-start SFT, then RL, from assets/base
 
 Each video (5 fps, 224x128, keyframe every 25 frames, a clock strip along the bottom whose white part
 grows with the time, like a player's seek bar) is a run of 10 s scenes starting on multiples of 10 s

@@ -1,13 +1,16 @@
-"""GRPO on multi-turn zoom rollouts: the policy samples G trajectories per question with the real
+r"""GRPO on multi-turn zoom rollouts: the policy samples G trajectories per question with the real
 zoom tool on the real video, is rewarded for correct, well-formed answers, and is pushed toward
 its better-than-average trajectories.
 
-    python train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl                 # one process
-    torchrun --standalone --nproc_per_node 2 train_rl.py --model <dir> --data rl.jsonl --out runs/rl --device cpu
-    torchrun --standalone --nproc_per_node 8 train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl
+    python train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl      # one process
+    torchrun --standalone --nproc_per_node 2 train_rl.py --model <dir> --data rl.jsonl \
+        --out runs/rl --device cpu                                               # two on CPU
+    torchrun --standalone --nproc_per_node 8 train_rl.py --model runs/sft/final \
+        --data rl.jsonl --out runs/rl                                            # a GPU node
 
 Each step: (1) G rollouts per prompt, a rank's prompts decoding together in one KV batch
-(vz.rollout_groups: each prompt prefilled once, its cache copied to its G rows), temperature 1; (2) reward per trajectory (vz.reward); (3) group-normalised advantages, groups with
+(vz.rollout_groups: each prompt prefilled once, its cache copied to its G rows), temperature 1;
+(2) reward per trajectory (vz.reward); (3) group-normalised advantages, groups with
 all-equal rewards dropped and refilled from the next prompts; (4) log-probs under the rollout policy,
 recomputed with the training forward (so the first ratio is exactly 1), and under the frozen
 reference; (5) mini-batch updates of vz.pg_loss; (6) metrics, and every --episodes-every steps a few

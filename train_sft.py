@@ -1,9 +1,11 @@
-"""Cold-start SFT of a Qwen2.5-VL model on multi-turn zoom trajectories.
+r"""Cold-start SFT of a Qwen2.5-VL model on multi-turn zoom trajectories.
 
-    python train_sft.py --model <dir> --data sft.jsonl --out runs/sft                    # one process
-    torchrun --standalone --nproc_per_node 2 train_sft.py --model <dir> --data sft.jsonl --out runs/sft --device cpu
-    torchrun --standalone --nproc_per_node 8 train_sft.py --model /models/Qwen2.5-VL-7B-Instruct \
-        --data sft.jsonl --out runs/sft --grad-checkpointing                             # a GPU node
+    python train_sft.py --model <dir> --data sft.jsonl --out runs/sft                # one process
+    torchrun --standalone --nproc_per_node 2 train_sft.py --model <dir> --data sft.jsonl \
+        --out runs/sft --device cpu                                                  # two on CPU
+    torchrun --standalone --nproc_per_node 8 train_sft.py \
+        --model /models/Qwen2.5-VL-7B-Instruct --data sft.jsonl --out runs/sft \
+        --grad-checkpointing                                                         # a GPU node
 
 Each trajectory is rendered exactly as the rollout loop would have built it: the overview is sampled
 from the video, every tool reply is rebuilt from the video by the same sampler and renderer
