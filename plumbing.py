@@ -51,8 +51,16 @@ class VisionConfig:
         return self.patch_size * self.merge_size
 
 
+def check_model_dir(model_dir):
+    """FileNotFoundError saying so when model_dir is not there at all (not: a file inside it is missing)."""
+    if not os.path.isdir(model_dir):
+        what = "is a file, not a directory" if os.path.exists(model_dir) else "does not exist"
+        raise FileNotFoundError(f"model directory {model_dir} {what}")
+
+
 def read_preprocessor(model_dir):
     """A model directory's preprocessor_config.json: the frame constants, and the overview our trainers add."""
+    check_model_dir(model_dir)
     return read_json(os.path.join(model_dir, "preprocessor_config.json"))
 
 
@@ -82,6 +90,10 @@ def load_overview(model_dir):
 def resolve_overview(args, model_dir):
     """Fill --overview-fps / --max-overview-frames left at 0 from the model (load_overview) and return them as
     (fps, max_frames); one error line when model_dir is not a model directory, and when a value is negative."""
+    try:
+        check_model_dir(model_dir)
+    except OSError as e:
+        fail(one_line(e))
     try:
         fps, max_frames = load_overview(model_dir)
     except (OSError, ValueError) as e:
@@ -486,6 +498,7 @@ def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per load is noise in a per-turn transcript
+    check_model_dir(model_dir)
     for name in ("config.json", "preprocessor_config.json"):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise FileNotFoundError(f"{model_dir}: not a model directory (no {name})")
@@ -709,6 +722,37 @@ def resume_checkpoint(out_dir, state_keys=("param_groups",)):
             return os.path.join(out_dir, name), skipped
         skipped.append((name, problem))
     return None, skipped
+
+
+def check_resume_flags(resume_dir, args, names):
+    """The trainer state of the checkpoint --resume continues, after one error line if a flag in `names` differs
+    from the run that wrote it (its trainer_state.json `args`): those flags decide what a step is (its rows, their
+    tokens, the schedule), so steps resumed with another value would not continue that run."""
+    state = read_json(os.path.join(resume_dir, "trainer_state.json"))
+    saved = state.get("args") if isinstance(state.get("args"), dict) else {}  # older checkpoints: nothing to compare
+    for name in names:
+        if name not in saved or saved[name] == getattr(args, name):
+            continue
+        same_file = (isinstance(saved[name], str) and isinstance(getattr(args, name), str)
+                     and os.path.exists(saved[name]) and os.path.exists(getattr(args, name))
+                     and os.path.samefile(saved[name], getattr(args, name)))
+        if not same_file:
+            flag = "--" + name.replace("_", "-")
+            fail(f"{flag} is {getattr(args, name)} but {resume_dir} was trained with {saved[name]}; --resume must keep "
+                 f"it (it changes what a step is): pass {flag} {saved[name]}, or a new --out to start over")
+    return state
+
+
+def stop_message(path, stopped_early):
+    """The last line of a trainer: which directory it saved, and under --max-steps what to pass it to next."""
+    if stopped_early:
+        return f"saved {path} (stopped by --max-steps; pass it to --model, or --resume to go on)"
+    return f"saved {path}"
+
+
+def plural(count, word):
+    """1 process, 2 processes; 1 mini-batch, 2 mini-batches."""
+    return f"{count} {word}" + ("" if count == 1 else "es" if word.endswith(("s", "sh", "ch", "x")) else "s")
 
 
 def report_resume(out_dir, resume_dir, skipped):

@@ -72,9 +72,10 @@ group.add_argument("--clip-high", type=float, default=0.27, help="ratio clipped 
 group.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL coefficient; 0 = off (no reference model)")
 group.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus; 0 = off")
 group = parser.add_argument_group("Optimization")
-group.add_argument("--steps", type=int, default=100, help="optimizer steps of the run (rollout rounds x mini-batches)")
-group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
-                   "(the data order stays that of the whole run); 0 = all")
+group.add_argument("--steps", type=int, default=100, help="the run's length in optimizer steps (rollout rounds x "
+                   "mini-batches): final/ is written after it, and step lines count up to it")
+group.add_argument("--max-steps", type=int, default=0, help="stop this invocation after optimizer step N, saved as "
+                   "step_N for --resume (which goes on toward --steps) or --model; 0 = run to --steps")
 group.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round")
 group.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded tokens per forward/backward")
 group.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
@@ -112,8 +113,6 @@ last_round = min(args.steps, args.max_steps or args.steps) // args.mini_batches 
 groups_per_rank = args.prompts_per_step // world_size
 if master:
     print("args:", json.dumps(vars(args)))
-    print(f"rounds {num_rounds} x {args.mini_batches} mini-batches; {groups_per_rank} groups of {args.rollouts} "
-          f"per rank per round; {world_size} processes")
 
 # -----------------------------------------------------------------------------
 # Models: policy (trained, FSDP2-sharded), its rollout copy, frozen reference
@@ -126,6 +125,22 @@ def load(path):
 resume_dir, skipped = plumbing.resume_checkpoint(args.out, ("cursor", "param_groups")) if args.resume else (None, [])
 if args.resume and master:
     plumbing.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
+# The flags that decide what a step is: its prompts (data, order, how many, which render and fit), their rollouts
+# and tokens (frames, budgets, prompt), and the rounds it is split into. A resume must keep them.
+RESUME_FLAGS = ("data", "seed", "prompts_per_step", "rollouts", "mini_batches", "system_prompt", "min_pixels",
+                "max_pixels", "overview_fps", "max_overview_frames", "max_turns", "max_frames", "max_frames_per_call",
+                "max_new_tokens", "max_total_tokens")
+resumed_state = plumbing.check_resume_flags(resume_dir, args, RESUME_FLAGS) if resume_dir else {}
+resumed_step = resumed_state.get("step", resumed_state.get("round", 0) * args.mini_batches)  # older ones count rounds
+if resumed_step >= last_round * args.mini_batches and resume_dir:
+    plumbing.fail(f"{resume_dir} is at step {resumed_step} already: nothing to run up to "
+                  + (f"--max-steps {args.max_steps}" if last_round < num_rounds else f"--steps {args.steps}"))
+if master:  # what this invocation will run
+    stop = f" (--max-steps stops at step {last_round * args.mini_batches})" if last_round < num_rounds else ""
+    print(f"steps {resumed_step + 1}-{last_round * args.mini_batches} of {args.steps}{stop}: "
+          f"{plumbing.plural(last_round - resumed_step // args.mini_batches, 'rollout round')} of "
+          f"{plumbing.plural(args.mini_batches, 'mini-batch')}; {plumbing.plural(groups_per_rank, 'group')} of "
+          f"{args.rollouts} per rank per round; {plumbing.plural(world_size, 'process')}")
 policy, tokenizer, vcfg = load(resume_dir or args.model)
 renderer = vz.Renderer(tokenizer, vcfg)
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # of the frozen copies; the policy stays fp32
@@ -349,7 +364,7 @@ for round_index in range(first_round, last_round):
     if master:
         elapsed = time.time() - run_started
         eta = elapsed / (round_index + 1 - first_round) * (last_round - round_index - 1)
-        print(f"step {metrics['step']}/{last_round * args.mini_batches} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} "
+        print(f"step {metrics['step']}/{args.steps} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} "
               f"| format {metrics['format']:.2f} | zooms/ep {metrics['zooms_per_ep']:.2f} | kl {metrics['kl']:.4f} "
               f"| clipfrac {metrics['clipfrac_low'] + metrics['clipfrac_high']:.3f} | dropped {metrics['dropped_groups']:.2f} "
               f"| rollout {timings['rollout_s']:.1f}s logp {timings['logprob_s']:.1f}s update {timings['update_s']:.1f}s "
@@ -379,5 +394,5 @@ plumbing.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
                          {"step": last_step, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview,
                          keep=args.keep_checkpoints)
 if master:
-    print(f"saved {final} ({time.time() - run_started:.1f} s)")
+    print(f"{plumbing.stop_message(final, last_round < num_rounds)} ({time.time() - run_started:.1f} s)")
 plumbing.compute_cleanup()
