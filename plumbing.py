@@ -510,6 +510,10 @@ def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
     model_type = read_json(os.path.join(model_dir, "config.json")).get("model_type")
     if model_type != "qwen2_5_vl":
         raise ValueError(f"{model_dir}: model_type is {model_type!r}, expected 'qwen2_5_vl'")
+    # transformers would print a table of mismatched weights and raise a RuntimeError: say which one, in one line.
+    problem = weights_problem(model_dir)
+    if problem:
+        raise ValueError(f"{model_dir}: {problem}")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa")
@@ -521,6 +525,34 @@ def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
         raise ValueError(f"pixel bounds [{vcfg.min_pixels}, {vcfg.max_pixels}] are empty or below one "
                          f"{vcfg.factor}x{vcfg.factor} patch group")
     return model.to(device).eval(), tokenizer, vcfg
+
+
+def safetensors_shapes(path):
+    """{tensor name: shape} from a .safetensors file's header alone: no weight is read."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {name: list(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def weights_problem(model_dir):
+    """One line naming a weight whose shape is not the one config.json makes, or None. The model is built on the
+    meta device (shapes, no memory) and only the files' headers are read, so this is cheap even for 7B."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        expected = {name: list(tensor.shape) for name, tensor in
+                    Qwen2_5_VLForConditionalGeneration._from_config(config).state_dict().items()}
+    # Checkpoints name the language model model.layers.* and the vision tower visual.* (Qwen2.5-VL's own layout).
+    for name in list(expected):
+        legacy = re.sub(r"^model\.language_model\.", "model.", re.sub(r"^model\.visual\.", "visual.", name))
+        expected.setdefault(legacy, expected[name])
+    for file_name in sorted(os.listdir(model_dir)):
+        if file_name.startswith("model") and file_name.endswith(".safetensors"):
+            for name, shape in sorted(safetensors_shapes(os.path.join(model_dir, file_name)).items()):
+                if name in expected and shape != expected[name]:
+                    return (f"{file_name}: {name} has shape {shape} where config.json makes {expected[name]} "
+                            f"(weights of another model, or written wrong)")
+    return None
 
 
 def load_model_or_exit(model_dir, device="cpu", min_pixels=None, max_pixels=None):
@@ -604,7 +636,7 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
     keep: then keep only the newest `keep` step_N directories beside out_dir (prune_checkpoints).
     """
     import shutil
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -623,6 +655,20 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
     shutil.rmtree(tmp, ignore_errors=True)
     if model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # gathered copies no longer share storage: keep one, as HF does
+    try:
+        _write_checkpoint(tmp, out_dir, model, weights, tokenizer, model_dir, optim, state, vcfg, overview)
+    except (OSError, SafetensorError) as e:  # a full disk or a file-size limit: safetensors says SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"cannot write the checkpoint {out_dir} ({one_line(e)}); the checkpoints written before it are whole: "
+             f"free some space, then --resume")
+    if keep is not None:  # only now, the new one whole, may older ones go: a crash in between still leaves one
+        prune_checkpoints(os.path.dirname(out_dir.rstrip("/")) or ".", keep, rank)
+
+
+def _write_checkpoint(tmp, out_dir, model, weights, tokenizer, model_dir, optim, state, vcfg, overview):
+    """save_checkpoint's files, written into tmp, which then replaces out_dir."""
+    import shutil
+    from safetensors.torch import save_file
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     preprocessor = read_preprocessor(model_dir)
@@ -647,8 +693,6 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    if keep is not None:  # only now, the new one whole, may older ones go: a crash in between still leaves one
-        prune_checkpoints(os.path.dirname(out_dir.rstrip("/")) or ".", keep, rank)
 
 
 def load_training_state(checkpoint_dir, model, optimizer):
@@ -705,6 +749,9 @@ def checkpoint_problem(path, state_keys=("param_groups",)):
             problem = _safetensors_problem(os.path.join(path, name))
             if problem:
                 return problem
+        problem = weights_problem(path)  # whole files, but weights that would not load
+        if problem:
+            return problem
     except (OSError, ValueError) as e:
         return one_line(e).replace(path + os.sep, "")
     return None

@@ -234,6 +234,18 @@ def test_model_directory_missing(cli_env, tmp_path):
     assert_one_line_error(run_infer(["--model", model_dir], cli_env), model_dir)
 
 
+def test_model_weights_of_the_wrong_shape(cli_env, tiny_dir, tmp_path):
+    # Weights that do not fit config.json: one line naming the weight (transformers raised a RuntimeError).
+    import shutil
+    from safetensors.torch import load_file, save_file
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"][:-1].clone()
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    assert_one_line_error(run_infer(["--model", str(model_dir)], cli_env), str(model_dir), "up_proj.weight has shape")
+
+
 def test_model_directory_empty(runs):
     assert_one_line_error(runs["empty_model"].result(), runs["empty_model_dir"], "config.json")
 
