@@ -170,6 +170,7 @@ class Video:
     def __init__(self, path):
         self.path = path
         self.holes, self.warned, self.duration = [], set(), None
+        self.num_decoded = 0  # frames the decoder has put out so far: what a sampling plan costs (tests, benchmarks)
         if os.path.isdir(path):
             raise VideoError(f"{path}: is a directory, not a video file")
         if not os.path.isfile(path):
@@ -323,6 +324,7 @@ class Video:
             for packet in self.container.demux(self.stream):
                 try:
                     frames = packet.decode()
+                    self.num_decoded += len(frames)
                 except av.FFmpegError:
                     if packet.pts is not None:
                         broken = packet.pts if broken is None else min(broken, packet.pts)
@@ -411,10 +413,19 @@ class Video:
         return out
 
     def serve_span(self, times, vcfg):
-        """The frames showing at increasing `times`, from one seek and a forward decode, never a frame twice.
-        When [times[0], times[-1]] shows fewer source frames than asked, all of them are returned."""
+        """The frames showing at increasing `times`, never a frame twice. When [times[0], times[-1]] shows fewer
+        source frames than asked, all of them are returned.
+
+        Sparse times (a keyframe between two of them) take serve's plan, as the overview does: seek where a
+        keyframe lies before the next time, decode forward where none does, so a wide zoom decodes about the
+        frames it returns. Dense ones take one seek and a forward decode, which sees every frame of the span."""
         size, num_frames = resize_shape(self.height, self.width, vcfg), len(times)
         targets = [self._ticks(t) for t in times]
+        if any(self._keyframe_after(a, b) for a, b in zip(targets, targets[1:])):
+            frames = self.serve(times, vcfg, seek=True, skip_damaged=True)
+            if len({frame.time for frame in frames}) == len(frames):
+                return frames
+            # Two times showed one frame (a keyframe amid dense times): the span's rule below decides.
         span, span_pts, picked = [], [], []  # span: frames showing in [start, end], kept while few
         k = 0
         for frame, next_pts in self._frames(targets[0]):

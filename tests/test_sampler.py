@@ -393,3 +393,18 @@ def test_serve_any_order(videos, name):
         times = [0.0, 8.0, 16.0, 3.3, 3.5, 12.0, 0.5, 15.9, 15.9, 2.0]
         got = served(video.serve(times, CFG), v["times"], plumbing.resize_shape(video.height, video.width, CFG))
     assert got == [showing(v["times"], t) for t in times]
+
+
+@pytest.mark.parametrize("num_frames", [15, 3])
+def test_wide_zoom_decodes_about_the_frames_it_returns(tmp_path, num_frames):
+    # A zoom over the whole of a 60 s video (keyframe every 2 s): the frames showing at its times, and no more
+    # than a GOP decoded per frame returned (one seek and a forward decode decoded all 300 frames).
+    path = str(tmp_path / "wide.mp4")
+    write_index_video(path, num_frames=300, fps=5, gop=10)
+    times = probe_frame_times(path)
+    with plumbing.open_video(path) as video:
+        before = video.num_decoded
+        frames = vz.sample_clip(video, CFG, 0.0, 59.8, num_frames)
+        decoded = video.num_decoded - before
+    assert [read_index(f.image) for f in frames] == [showing(times, t) for t in vz.clip_times(0.0, 59.8, num_frames)]
+    assert decoded <= 10 * num_frames, decoded
