@@ -170,6 +170,7 @@ class Video:
     def __init__(self, path):
         self.path = path
         self.holes, self.warned, self.duration = [], set(), None
+        self.pts_restarts = False  # see _scan_restarts
         self.num_decoded = 0  # frames the decoder has put out so far: what a sampling plan costs (tests, benchmarks)
         if os.path.isdir(path):
             raise VideoError(f"{path}: is a directory, not a video file")
@@ -201,8 +202,14 @@ class Video:
         # Index entries carry DTS; a keyframe's pts is >= its dts, so a seek planned from them can land
         # one GOP late, which _frames() detects and undoes by seeking further back.
         self.keyframe_dts = [e.timestamp for e in self.stream.index_entries if e.is_keyframe]
+        # MPEG-TS files joined end to end (cat a.ts b.ts, a recorder's segments) restart their timestamps at each
+        # join. Found by demuxing the whole file once (no decoding); then every read decodes from the start and
+        # shifts each later segment to follow the one before (_unwrapped), since a seek in pts is ambiguous there.
+        end = None
+        if "mpegts" in self.container.format.name:
+            end = self._scan_restarts()
         try:
-            self.duration = self._probe_duration()
+            self.duration = self._time(end) if self.pts_restarts else self._probe_duration()
         except VideoError:
             self.close()
             raise
@@ -264,6 +271,42 @@ class Video:
         typical = sorted(gaps)[len(gaps) // 2] if gaps else 1 / (self.stream.average_rate or 25) / self.time_base
         return float((last.pts + (last.duration or typical) - self.start_pts) * self.time_base)
 
+    def _unwrapped(self, packets):
+        """The packets with each restart of the timestamps (a dts going back) shifted to follow the frames before.
+        Only where the file has restarts (pts_restarts), and only when demuxing from the start."""
+        offset, last_dts, end = 0, None, None
+        step = round(1 / (self.stream.average_rate or 25) / self.time_base)  # one frame, in pts
+        for packet in packets:
+            if self.pts_restarts and packet.dts is not None:
+                if last_dts is not None and packet.dts + offset < last_dts:
+                    offset = end - (packet.pts if packet.pts is not None else packet.dts)
+                packet.dts += offset
+                if packet.pts is not None:
+                    packet.pts += offset
+                last_dts = packet.dts
+                end = max(end or 0, (packet.pts if packet.pts is not None else packet.dts) + (packet.duration or step))
+            yield packet
+
+    def _scan_restarts(self):
+        """Demux the whole stream once: set pts_restarts when its dts ever goes back; -> the end of its last frame
+        in (unwrapped) pts. The container is left at the start again."""
+        last_dts, restarts = None, False
+        self._rewind_container()
+        for packet in self.container.demux(self.stream):
+            if packet.dts is not None:
+                restarts = restarts or (last_dts is not None and packet.dts < last_dts)
+                last_dts = packet.dts
+        self._rewind_container()
+        if not restarts:
+            return None
+        self.pts_restarts, end = True, None
+        step = round(1 / (self.stream.average_rate or 25) / self.time_base)
+        for packet in self._unwrapped(self.container.demux(self.stream)):
+            if packet.pts is not None:
+                end = max(end or 0, packet.pts + (packet.duration or step))
+        self._rewind_container()
+        return end
+
     def _time(self, pts):
         return float((pts - self.start_pts) * self.time_base)
 
@@ -276,7 +319,8 @@ class Video:
         back, one_second = 0, math.ceil(1 / self.time_base)
         while True:
             target = ticks - back
-            if target <= self.start_pts:
+            if target <= self.start_pts or self.pts_restarts:
+                target = min(target, self.start_pts)
                 decoded = self._rewind()
             else:
                 try:
@@ -306,10 +350,13 @@ class Video:
 
     def _rewind(self):
         """Decode from the very first frame: reopening is the one rewind every container honours."""
+        self._rewind_container()
+        return self._decode()
+
+    def _rewind_container(self):
         self.container.close()
         self.container = av.open(self.path)
         self.stream = self.container.streams.video[0]
-        return self._decode()
 
     def _decode(self):
         """Frames in decode order, and a Hole for each stretch that cannot be decoded.
@@ -321,7 +368,7 @@ class Video:
         """
         broken, frame = None, None  # broken: pts of the first undecodable frame since the last good keyframe
         try:
-            for packet in self.container.demux(self.stream):
+            for packet in self._unwrapped(self.container.demux(self.stream)):
                 try:
                     frames = packet.decode()
                     self.num_decoded += len(frames)
@@ -371,6 +418,8 @@ class Video:
 
     def _keyframe_after(self, pts, ticks):
         """True when a keyframe lies between the decoder's position and `ticks`: seeking is cheaper."""
+        if self.pts_restarts:
+            return False  # every seek decodes from the start there
         if not self.keyframe_dts:
             return ticks - pts > 1 / self.time_base
         i = np.searchsorted(self.keyframe_dts, ticks, side="right") - 1
