@@ -207,7 +207,11 @@ class Video:
         # shifts each later segment to follow the one before (_unwrapped), since a seek in pts is ambiguous there.
         end = None
         if "mpegts" in self.container.format.name:
-            end = self._scan_restarts()
+            try:
+                end = self._scan_restarts()
+            except av.FFmpegError:  # a damaged file: read as before, _decode reports what it cannot read
+                self.pts_restarts = False
+                self._rewind_container()
         try:
             self.duration = self._time(end) if self.pts_restarts else self._probe_duration()
         except VideoError:

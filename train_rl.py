@@ -172,12 +172,15 @@ num_rows = len(rows) + len(reasons)
 
 
 def check_prompt(row):
-    item = vz.question_row(row, base_dir)
+    item = vz.question_row(row, base_dir, check_video=False)
     # The prompt is rendered once here, so one that leaves no room for a turn is a skipped row now, not a
-    # crash hours into the run when it is first sampled.
-    with plumbing.open_video(item["video"]) as video:
+    # crash hours into the run when it is first sampled. Rendered on stand-ins for the overview frames (at
+    # least as long as the real prompt): the overview is decoded when the prompt is sampled, not here as well.
+    with plumbing.open_video(item["video"]) as video:  # a video that does not open is a skipped row
+        stand_ins = vz.overview_stand_ins(video, vcfg, args.overview_fps, min(args.max_overview_frames,
+                                                                             limits.max_frames))
         prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
-                                 args.max_overview_frames, system_prompt)
+                                 args.max_overview_frames, system_prompt, frames=stand_ins)
     why = vz.too_long(prompt, limits)
     if why:
         raise ValueError(why + " (raise --max-total-tokens or lower the overview)")

@@ -19,9 +19,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from plumbing import VideoError, growing_cache, left_pad, open_video, resize_shape, text_field
+from plumbing import Frame, VideoError, growing_cache, left_pad, open_video, resize_shape, text_field
 
 # -----------------------------------------------------------------------------
 # 1. Sampler policy: the overview's times and a zoom clip's times
@@ -45,6 +46,15 @@ def sample_overview(video, vcfg, fps=0.5, max_frames=64):
         video.warn(f"the overview leaves out {len(times) - len(frames)} of its {len(times)} times, "
                     f"where the file is damaged")
     return frames
+
+
+def overview_stand_ins(video, vcfg, fps=0.5, max_frames=64):
+    """Blank frames at the overview's times and size, decoding nothing: a prompt built on them is at least as long
+    as the real one (a frame's time is at most its target's, so its tag has no more digits; damaged ones are left
+    out), so it can say whether a prompt fits before the overview is decoded."""
+    height, width = resize_shape(video.height, video.width, vcfg)
+    blank = np.broadcast_to(np.zeros(3, np.uint8), (height, width, 3))  # one pixel's memory
+    return [Frame(t, blank) for t in overview_times(video.duration, fps, max_frames)]
 
 
 def clip_times(start, end, num_frames):

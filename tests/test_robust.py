@@ -134,6 +134,26 @@ def test_clip_of_float_span_returns_all_frames(tiny, index_video):
     assert [round(f.time, 2) for f in frames] == [0.0, 0.2]  # 5 fps source: the frames showing at 0.1 and 0.3
 
 
+@pytest.mark.parametrize("fps", [0.5, 0.3])
+def test_prompt_check_decodes_no_overview_and_bounds_the_real_prompt(tiny, tmp_path, fps):
+    # train_rl.py checks at start-up that each prompt leaves room for a turn, on stand-ins for the overview frames:
+    # it decodes none (the overview is decoded once, when the prompt is sampled), and the prompt it measures is at
+    # least as long as the real one. At 0.3 fps the targets (3.33 s, 10.00 s, ...) fall between the 3 fps
+    # source's frames (3.33 s is served by the frame at 3.00 s), at 0.5 fps on them.
+    from videos import write_index_video
+    _, renderer = tiny
+    path = str(tmp_path / "v.mp4")
+    write_index_video(path, num_frames=60, fps=3, gop=15)
+    with plumbing.open_video(path) as video:
+        before = video.num_decoded
+        stand_ins = vz.overview_stand_ins(video, renderer.vcfg, fps, 64)
+        assert video.num_decoded == before
+        checked = vz.build_prompt(renderer, video, "Q?", [], vz.Limits(), fps, 64, frames=stand_ins)
+        real = vz.build_prompt(renderer, video, "Q?", [], vz.Limits(), fps, 64)
+    assert [f.time for f in stand_ins] == pytest.approx(vz.overview_times(video.duration, fps, 64))
+    assert 0 <= len(checked.ids) - len(real.ids) <= len(stand_ins), (len(checked.ids), len(real.ids))
+
+
 # -----------------------------------------------------------------------------
 # 13. A garbage config.json or tokenizer.json is named in the error
 
