@@ -243,7 +243,10 @@ def test_model_weights_of_the_wrong_shape(cli_env, tiny_dir, tmp_path):
     weights = load_file(str(model_dir / "model.safetensors"))
     weights["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"][:-1].clone()
     save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    assert_one_line_error(run_infer(["--model", str(model_dir)], cli_env), str(model_dir), "up_proj.weight has shape")
+    video = str(tmp_path / "v.mp4")
+    write_index_video(video, num_frames=10, fps=5)
+    assert_one_line_error(run_infer(["--model", str(model_dir), "--video", video, "--question", "q?"], cli_env),
+                          str(model_dir), "up_proj.weight has shape")
 
 
 def test_model_directory_empty(runs):
