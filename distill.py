@@ -1,8 +1,10 @@
-"""Make cold-start SFT data from a teacher model: exemplar and reflection trajectories, each verified by the tool.
+r"""Make cold-start SFT data from a teacher model: exemplar and reflection trajectories, each verified by the tool.
 
-    python distill.py --data qa.jsonl --teacher-url http://localhost:8000/v1 --teacher-model Qwen2.5-VL-72B-Instruct \
-        --out cold_start.jsonl [--samples 4] [--workers 8] [--resume]
-    python distill.py --data qa.jsonl --teacher-dir /models/Qwen2.5-VL-72B-Instruct --out cold_start.jsonl
+    python distill.py --data qa.jsonl --teacher-url http://localhost:8000/v1 \
+        --teacher-model Qwen2.5-VL-72B-Instruct --out cold_start.jsonl \
+        [--samples 4] [--workers 8] [--resume]
+    python distill.py --data qa.jsonl --teacher-dir /models/Qwen2.5-VL-72B-Instruct \
+        --out cold_start.jsonl
 
 The teacher runs docs/protocol.md's zoom protocol on every question: our system prompt, the overview, and the
 tool's real replies (vz.serve_zoom and the same reply builders as vz.respond). Over HTTP (an

@@ -57,8 +57,16 @@ class VisionConfig:
         return self.patch_size * self.merge_size
 
 
+def check_model_dir(model_dir):
+    """FileNotFoundError saying so when model_dir is not there at all (not: a file inside it is missing)."""
+    if not os.path.isdir(model_dir):
+        what = "is a file, not a directory" if os.path.exists(model_dir) else "does not exist"
+        raise FileNotFoundError(f"model directory {model_dir} {what}")
+
+
 def read_preprocessor(model_dir):
     """A model directory's preprocessor_config.json: the frame constants, and the overview our trainers add."""
+    check_model_dir(model_dir)
     return read_json(os.path.join(model_dir, "preprocessor_config.json"))
 
 
@@ -88,6 +96,10 @@ def load_overview(model_dir):
 def resolve_overview(args, model_dir):
     """Fill --overview-fps / --max-overview-frames left at 0 from the model (load_overview) and return them as
     (fps, max_frames); one error line when model_dir is not a model directory, and when a value is negative."""
+    try:
+        check_model_dir(model_dir)
+    except OSError as e:
+        fail(one_line(e))
     try:
         fps, max_frames = load_overview(model_dir)
     except (OSError, ValueError) as e:
@@ -164,6 +176,8 @@ class Video:
     def __init__(self, path):
         self.path = path
         self.holes, self.warned, self.duration = [], set(), None
+        self.pts_restarts = False  # see _scan_restarts
+        self.num_decoded = 0  # frames the decoder has put out so far: what a sampling plan costs (tests, benchmarks)
         if os.path.isdir(path):
             raise VideoError(f"{path}: is a directory, not a video file")
         if not os.path.isfile(path):
@@ -194,8 +208,18 @@ class Video:
         # Index entries carry DTS; a keyframe's pts is >= its dts, so a seek planned from them can land
         # one GOP late, which _frames() detects and undoes by seeking further back.
         self.keyframe_dts = [e.timestamp for e in self.stream.index_entries if e.is_keyframe]
+        # MPEG-TS files joined end to end (cat a.ts b.ts, a recorder's segments) restart their timestamps at each
+        # join. Found by demuxing the whole file once (no decoding); then every read decodes from the start and
+        # shifts each later segment to follow the one before (_unwrapped), since a seek in pts is ambiguous there.
+        end = None
+        if "mpegts" in self.container.format.name:
+            try:
+                end = self._scan_restarts()
+            except av.FFmpegError:  # a damaged file: read as before, _decode reports what it cannot read
+                self.pts_restarts = False
+                self._rewind_container()
         try:
-            self.duration = self._probe_duration()
+            self.duration = self._time(end) if self.pts_restarts else self._probe_duration()
         except VideoError:
             self.close()
             raise
@@ -257,6 +281,42 @@ class Video:
         typical = sorted(gaps)[len(gaps) // 2] if gaps else 1 / (self.stream.average_rate or 25) / self.time_base
         return float((last.pts + (last.duration or typical) - self.start_pts) * self.time_base)
 
+    def _unwrapped(self, packets):
+        """The packets with each restart of the timestamps (a dts going back) shifted to follow the frames before.
+        Only where the file has restarts (pts_restarts), and only when demuxing from the start."""
+        offset, last_dts, end = 0, None, None
+        step = round(1 / (self.stream.average_rate or 25) / self.time_base)  # one frame, in pts
+        for packet in packets:
+            if self.pts_restarts and packet.dts is not None:
+                if last_dts is not None and packet.dts + offset < last_dts:
+                    offset = end - (packet.pts if packet.pts is not None else packet.dts)
+                packet.dts += offset
+                if packet.pts is not None:
+                    packet.pts += offset
+                last_dts = packet.dts
+                end = max(end or 0, (packet.pts if packet.pts is not None else packet.dts) + (packet.duration or step))
+            yield packet
+
+    def _scan_restarts(self):
+        """Demux the whole stream once: set pts_restarts when its dts ever goes back; -> the end of its last frame
+        in (unwrapped) pts. The container is left at the start again."""
+        last_dts, restarts = None, False
+        self._rewind_container()
+        for packet in self.container.demux(self.stream):
+            if packet.dts is not None:
+                restarts = restarts or (last_dts is not None and packet.dts < last_dts)
+                last_dts = packet.dts
+        self._rewind_container()
+        if not restarts:
+            return None
+        self.pts_restarts, end = True, None
+        step = round(1 / (self.stream.average_rate or 25) / self.time_base)
+        for packet in self._unwrapped(self.container.demux(self.stream)):
+            if packet.pts is not None:
+                end = max(end or 0, packet.pts + (packet.duration or step))
+        self._rewind_container()
+        return end
+
     def _time(self, pts):
         return float((pts - self.start_pts) * self.time_base)
 
@@ -269,7 +329,8 @@ class Video:
         back, one_second = 0, math.ceil(1 / self.time_base)
         while True:
             target = ticks - back
-            if target <= self.start_pts:
+            if target <= self.start_pts or self.pts_restarts:
+                target = min(target, self.start_pts)
                 decoded = self._rewind()
             else:
                 try:
@@ -299,10 +360,13 @@ class Video:
 
     def _rewind(self):
         """Decode from the very first frame: reopening is the one rewind every container honours."""
+        self._rewind_container()
+        return self._decode()
+
+    def _rewind_container(self):
         self.container.close()
         self.container = av.open(self.path)
         self.stream = self.container.streams.video[0]
-        return self._decode()
 
     def _decode(self):
         """Frames in decode order, and a Hole for each stretch that cannot be decoded.
@@ -314,9 +378,10 @@ class Video:
         """
         broken, frame = None, None  # broken: pts of the first undecodable frame since the last good keyframe
         try:
-            for packet in self.container.demux(self.stream):
+            for packet in self._unwrapped(self.container.demux(self.stream)):
                 try:
                     frames = packet.decode()
+                    self.num_decoded += len(frames)
                 except av.FFmpegError:
                     if packet.pts is not None:
                         broken = packet.pts if broken is None else min(broken, packet.pts)
@@ -363,6 +428,8 @@ class Video:
 
     def _keyframe_after(self, pts, ticks):
         """True when a keyframe lies between the decoder's position and `ticks`: seeking is cheaper."""
+        if self.pts_restarts:
+            return False  # every seek decodes from the start there
         if not self.keyframe_dts:
             return ticks - pts > 1 / self.time_base
         i = np.searchsorted(self.keyframe_dts, ticks, side="right") - 1
@@ -406,10 +473,19 @@ class Video:
         return out
 
     def serve_span(self, times, vcfg):
-        """The frames showing at increasing `times`, from one seek and a forward decode, never a frame twice.
-        When [times[0], times[-1]] shows fewer source frames than asked, all of them are returned."""
+        """The frames showing at increasing `times`, never a frame twice. When [times[0], times[-1]] shows fewer
+        source frames than asked, all of them are returned.
+
+        Sparse times (a keyframe between two of them) take serve's plan, as the overview does: seek where a
+        keyframe lies before the next time, decode forward where none does, so a wide zoom decodes about the
+        frames it returns. Dense ones take one seek and a forward decode, which sees every frame of the span."""
         size, num_frames = resize_shape(self.height, self.width, vcfg), len(times)
         targets = [self._ticks(t) for t in times]
+        if any(self._keyframe_after(a, b) for a, b in zip(targets, targets[1:])):
+            frames = self.serve(times, vcfg, seek=True, skip_damaged=True)
+            if len({frame.time for frame in frames}) == len(frames):
+                return frames
+            # Two times showed one frame (a keyframe amid dense times): the span's rule below decides.
         span, span_pts, picked = [], [], []  # span: frames showing in [start, end], kept while few
         k = 0
         for frame, next_pts in self._frames(targets[0]):
@@ -493,6 +569,7 @@ def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per load is noise in a per-turn transcript
+    check_model_dir(model_dir)
     for name in ("config.json", "preprocessor_config.json"):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise FileNotFoundError(f"{model_dir}: not a model directory (no {name})")
@@ -504,6 +581,10 @@ def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
     model_type = read_json(os.path.join(model_dir, "config.json")).get("model_type")
     if model_type != "qwen2_5_vl":
         raise ValueError(f"{model_dir}: model_type is {model_type!r}, expected 'qwen2_5_vl'")
+    # transformers would print a table of mismatched weights and raise a RuntimeError: say which one, in one line.
+    problem = weights_problem(model_dir)
+    if problem:
+        raise ValueError(f"{model_dir}: {problem}")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa")
@@ -515,6 +596,34 @@ def load_model(model_dir, device="cpu", min_pixels=None, max_pixels=None):
         raise ValueError(f"pixel bounds [{vcfg.min_pixels}, {vcfg.max_pixels}] are empty or below one "
                          f"{vcfg.factor}x{vcfg.factor} patch group")
     return model.to(device).eval(), tokenizer, vcfg
+
+
+def safetensors_shapes(path):
+    """{tensor name: shape} from a .safetensors file's header alone: no weight is read."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {name: list(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def weights_problem(model_dir):
+    """One line naming a weight whose shape is not the one config.json makes, or None. The model is built on the
+    meta device (shapes, no memory) and only the files' headers are read, so this is cheap even for 7B."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        expected = {name: list(tensor.shape) for name, tensor in
+                    Qwen2_5_VLForConditionalGeneration._from_config(config).state_dict().items()}
+    # Checkpoints name the language model model.layers.* and the vision tower visual.* (Qwen2.5-VL's own layout).
+    for name in list(expected):
+        legacy = re.sub(r"^model\.language_model\.", "model.", re.sub(r"^model\.visual\.", "visual.", name))
+        expected.setdefault(legacy, expected[name])
+    for file_name in sorted(os.listdir(model_dir)):
+        if file_name.startswith("model") and file_name.endswith(".safetensors"):
+            for name, shape in sorted(safetensors_shapes(os.path.join(model_dir, file_name)).items()):
+                if name in expected and shape != expected[name]:
+                    return (f"{file_name}: {name} has shape {shape} where config.json makes {expected[name]} "
+                            f"(weights of another model, or written wrong)")
+    return None
 
 
 def load_model_or_exit(model_dir, device="cpu", min_pixels=None, max_pixels=None):
@@ -616,7 +725,7 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
     keep: then keep only the newest `keep` step_N directories beside out_dir (prune_checkpoints).
     """
     import shutil
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -635,6 +744,20 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
     shutil.rmtree(tmp, ignore_errors=True)
     if model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # gathered copies no longer share storage: keep one, as HF does
+    try:
+        _write_checkpoint(tmp, out_dir, model, weights, tokenizer, model_dir, optim, state, vcfg, overview)
+    except (OSError, SafetensorError) as e:  # a full disk or a file-size limit: safetensors says SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"cannot write the checkpoint {out_dir} ({one_line(e)}); the checkpoints written before it are whole: "
+             f"free some space, then --resume")
+    if keep is not None:  # only now, the new one whole, may older ones go: a crash in between still leaves one
+        prune_checkpoints(os.path.dirname(out_dir.rstrip("/")) or ".", keep, rank)
+
+
+def _write_checkpoint(tmp, out_dir, model, weights, tokenizer, model_dir, optim, state, vcfg, overview):
+    """save_checkpoint's files, written into tmp, which then replaces out_dir."""
+    import shutil
+    from safetensors.torch import save_file
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     preprocessor = read_preprocessor(model_dir)
@@ -659,8 +782,6 @@ def save_checkpoint(out_dir, model, tokenizer, model_dir, optimizer, state, rank
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    if keep is not None:  # only now, the new one whole, may older ones go: a crash in between still leaves one
-        prune_checkpoints(os.path.dirname(out_dir.rstrip("/")) or ".", keep, rank)
 
 
 def load_training_state(checkpoint_dir, model, optimizer):
@@ -717,6 +838,9 @@ def checkpoint_problem(path, state_keys=("param_groups",)):
             problem = _safetensors_problem(os.path.join(path, name))
             if problem:
                 return problem
+        problem = weights_problem(path)  # whole files, but weights that would not load
+        if problem:
+            return problem
     except (OSError, ValueError) as e:
         return one_line(e).replace(path + os.sep, "")
     return None
@@ -734,6 +858,37 @@ def resume_checkpoint(out_dir, state_keys=("param_groups",)):
             return os.path.join(out_dir, name), skipped
         skipped.append((name, problem))
     return None, skipped
+
+
+def check_resume_flags(resume_dir, args, names):
+    """The trainer state of the checkpoint --resume continues, after one error line if a flag in `names` differs
+    from the run that wrote it (its trainer_state.json `args`): those flags decide what a step is (its rows, their
+    tokens, the schedule), so steps resumed with another value would not continue that run."""
+    state = read_json(os.path.join(resume_dir, "trainer_state.json"))
+    saved = state.get("args") if isinstance(state.get("args"), dict) else {}  # older checkpoints: nothing to compare
+    for name in names:
+        if name not in saved or saved[name] == getattr(args, name):
+            continue
+        same_file = (isinstance(saved[name], str) and isinstance(getattr(args, name), str)
+                     and os.path.exists(saved[name]) and os.path.exists(getattr(args, name))
+                     and os.path.samefile(saved[name], getattr(args, name)))
+        if not same_file:
+            flag = "--" + name.replace("_", "-")
+            fail(f"{flag} is {getattr(args, name)} but {resume_dir} was trained with {saved[name]}; --resume must keep "
+                 f"it (it changes what a step is): pass {flag} {saved[name]}, or a new --out to start over")
+    return state
+
+
+def stop_message(path, stopped_early):
+    """The last line of a trainer: which directory it saved, and under --max-steps what to pass it to next."""
+    if stopped_early:
+        return f"saved {path} (stopped by --max-steps; pass it to --model, or --resume to go on)"
+    return f"saved {path}"
+
+
+def plural(count, word):
+    """1 process, 2 processes; 1 mini-batch, 2 mini-batches."""
+    return f"{count} {word}" + ("" if count == 1 else "es" if word.endswith(("s", "sh", "ch", "x")) else "s")
 
 
 def report_resume(out_dir, resume_dir, skipped):
@@ -1060,12 +1215,47 @@ def fail(message):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help as the scripts want it: the module docstring as written (usage examples included), and every
-    flag's default after its help, except where there is none to show (None, or off for a switch)."""
+    flag's default after its help, except where there is none to show (None, or off for a switch).
+    Lines wrap at spaces only and never run past the terminal."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+    def _split_lines(self, text, width):
+        # argparse's textwrap breaks at hyphens too, which splits a flag in two (--max- / total-tokens).
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text, width, indent):
+        # The docstring keeps its lines where they fit. A paragraph with a line wider than the terminal is
+        # refilled under its own text: a list item's after its number or name ("1. ", "needle  "), a
+        # command (indented, one a line) four spaces further in.
+        import textwrap
+        blocks = []  # [lines, hang, is_command]
+        for line in text.splitlines():
+            lead = re.match(r"(\s*)(\d+\.\s+|[a-z]\w*\s{2,})?", line)
+            indent_of = len(lead.group(1))
+            follows = (blocks and line.strip() and blocks[-1][0][-1].strip() and not blocks[-1][2]
+                       and not blocks[-1][0][-1].endswith(":")
+                       and not lead.group(2) and indent_of == blocks[-1][1])
+            if follows:
+                blocks[-1][0].append(line)
+            elif lead.group(2):
+                blocks.append([[line], len(lead.group(0)), False])
+            else:
+                blocks.append([[line], indent_of + 4 if indent_of else 0, indent_of > 0])
+        out = []
+        for lines, hang, _ in blocks:
+            if all(len(indent + line) <= width for line in lines):
+                out += [indent + line for line in lines]
+                continue
+            first = lines[0][:len(lines[0]) - len(lines[0].lstrip())]
+            out += textwrap.wrap(" ".join(line.strip() for line in lines), width, initial_indent=indent + first,
+                                 subsequent_indent=indent + " " * hang, break_on_hyphens=False,
+                                 break_long_words=False)
+        return "\n".join(out)
 
 
 def add_frame_flags(group):
@@ -1172,10 +1362,6 @@ def compute_cleanup():
 
 # -----------------------------------------------------------------------------
 # 6. Output files: checked before a model loads, written whole or not at all
-
-
-def plural(count, noun):
-    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def check_output(flag, path):

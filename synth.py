@@ -1,10 +1,10 @@
 """Write a synthetic world for VideoZoomer: real H.264 videos and the question sets that go with them.
 
-    python synth.py --seed 0 --out world       # the world train_world.sh trains assets/model on (its defaults)
-    python synth.py --seed 1 --out heldout     # a held-out world of the same design (the results: README.md)
-    python infer.py --data heldout/test.jsonl  # measure the shipped model there; --no-tool for uniform frames
-    python synth.py --seed 1 --out shapes --events shapes --no-walk --seconds 120   # the older shapes world
-    bash train_world.sh runs/world             # the method on it: cold-start SFT and RL from assets/base
+    python synth.py --seed 0 --out world       # the world train_world.sh trains assets/model on
+    python synth.py --seed 1 --out heldout     # a held-out world of the same design (README.md)
+    python infer.py --data heldout/test.jsonl  # the shipped model there (--no-tool: uniform frames)
+    python synth.py --seed 1 --out shapes --events shapes --no-walk --seconds 120  # older shapes world
+    bash train_world.sh runs/world             # the method: cold-start SFT, then RL, from assets/base
 
 Each video (5 fps, 224x128, keyframe every 25 frames, a clock strip along the bottom whose white part
 grows with the time, like a player's seek bar) is a run of 10 s scenes starting on multiples of 10 s
@@ -46,6 +46,7 @@ import json
 import math
 import os
 import random
+import textwrap
 import time
 from collections import Counter
 
@@ -130,7 +131,12 @@ if args.events == "colours" and args.seconds // args.scene_seconds > 8:
             f"scenes: --seconds {args.seconds} / --scene-seconds {args.scene_seconds} makes "
             f"{args.seconds // args.scene_seconds}; use --seconds {8 * args.scene_seconds} or less, a longer "
             f"--scene-seconds, or --events shapes")
-print(vars(args) | {"num_test_videos": num_test_videos})
+settings = vars(args) | {"num_test_videos": num_test_videos}
+# As the flags that write this world again, wrapped at 100 columns.
+print(textwrap.fill("settings: " + " ".join(
+    ("--" if value else "--no-") + name.replace("_", "-") if isinstance(value, bool) else
+    f"--{name.replace('_', '-')} {value}" for name, value in settings.items()), 100, subsequent_indent=" " * 10,
+    break_on_hyphens=False, break_long_words=False), flush=True)
 
 # -----------------------------------------------------------------------------
 # The world: scenes of plain colours, shapes flashing inside them
@@ -633,19 +639,28 @@ flashing = [(video, scenes, i) for video, scenes in train for i, scene in enumer
 flashing = clip_rng.sample(flashing, len(flashing))
 written = set()
 files["clips"] = [clip_row(clip_rng, *flashing[n % len(flashing)], written) for n in range(args.num_clips)]
-files["text"] = files.pop("text")  # text.jsonl stays the last file written: train_world.sh's mark of a whole world
-for name, rows in files.items():  # each file through a temporary name: whole or not there
-    path = os.path.join(args.out, f"{name}.jsonl")
+for name, rows in list(files.items()) + [("world", None)]:  # each file through a temporary name: whole or not there
+    if rows == []:
+        continue  # a file of 0 rows is not written: a set asked for none is not there (train_world.sh reads none)
+    path = os.path.join(args.out, f"{name}.jsonl" if rows is not None else "world.json")
     with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row, *_ in rows)
+        if rows is None:  # world.json, the settings, is the last file written: train_world.sh's mark of a whole world
+            json.dump(settings, f, indent=1)
+        else:
+            f.writelines(json.dumps(row) + "\n" for row, *_ in rows)
     os.replace(path + ".tmp", path)
 
 print(f"videos: {args.num_videos} ({num_test_videos} held out for test) x {args.seconds}s in {video_s:.1f}s, "
       f"{sum(os.path.getsize(os.path.join(args.out, v)) for v, _ in worlds) / 1e6:.1f} MB")
+empty = [f"{name}.jsonl" for name, rows in files.items() if not rows]
+if empty:
+    print(f"not written, 0 rows asked for: {', '.join(empty)}")
 for name, rows in files.items():
+    if not rows:
+        continue
     kinds = Counter(row["kind"] + (f"/{row['teacher']}" if "teacher" in row else "") for row, *_ in rows)
     distinct = len({(row.get("video"), row["question"], *row.get("images", [])) for row, *_ in rows})
-    print(f"{name}.jsonl: {len(rows)} rows, {distinct} distinct questions | "
+    print(f"{name}.jsonl: {plumbing.plural(len(rows), 'row')}, {plumbing.plural(distinct, 'distinct question')} | "
           + " | ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
 questions = [{(row["video"], row["question"]) for row, *_ in files[name]} for name in ("rl", "sft")]
 print(f"questions in both rl and sft (the pools wrapped; use more videos to avoid): {len(questions[0] & questions[1])}")

@@ -1,10 +1,12 @@
-"""GRPO on multi-turn zoom rollouts: the policy samples G trajectories per question with the real
+r"""GRPO on multi-turn zoom rollouts: the policy samples G trajectories per question with the real
 zoom tool on the real video, is rewarded for correct, well-formed answers, and is pushed toward
 its better-than-average trajectories.
 
-    python train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl                 # one process
-    torchrun --standalone --nproc_per_node 2 train_rl.py --model <dir> --data rl.jsonl --out runs/rl --device cpu
-    torchrun --standalone --nproc_per_node 8 train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl
+    python train_rl.py --model runs/sft/final --data rl.jsonl --out runs/rl      # one process
+    torchrun --standalone --nproc_per_node 2 train_rl.py --model <dir> --data rl.jsonl \
+        --out runs/rl --device cpu                                               # two on CPU
+    torchrun --standalone --nproc_per_node 8 train_rl.py --model runs/sft/final \
+        --data rl.jsonl --out runs/rl                                            # a GPU node
 
 Each step: (1) G rollouts per prompt, a rank's prompts decoding together in one KV batch
 (vz.rollout_groups: each prompt prefilled once, its cache copied to its G rows), at --temperature;
@@ -73,9 +75,10 @@ group.add_argument("--clip-high", type=float, default=0.27, help="ratio clipped 
 group.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL coefficient; 0 = off (no reference model)")
 group.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus; 0 = off")
 group = parser.add_argument_group("Optimization")
-group.add_argument("--steps", type=int, default=100, help="optimizer steps of the run (rollout rounds x mini-batches)")
-group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
-                   "(the data order stays that of the whole run); 0 = all")
+group.add_argument("--steps", type=int, default=100, help="the run's length in optimizer steps (rollout rounds x "
+                   "mini-batches): final/ is written after it, and step lines count up to it")
+group.add_argument("--max-steps", type=int, default=0, help="stop this invocation after optimizer step N, saved as "
+                   "step_N for --resume (which goes on toward --steps) or --model; 0 = run to --steps")
 group.add_argument("--loss-agg", choices=("token", "sequence"), default="token", help="the loss's mean: over all "
                    "trained tokens of a step (token), or over sequences of their own token means (sequence)")
 group.add_argument("--mask-truncated", action=argparse.BooleanOptionalAction, default=True, help="episodes cut by a "
@@ -121,8 +124,6 @@ last_round = min(args.steps, args.max_steps or args.steps) // args.mini_batches 
 groups_per_rank = args.prompts_per_step // world_size
 if master:
     print("args:", json.dumps(vars(args)))
-    print(f"rounds {num_rounds} x {args.mini_batches} mini-batches; {groups_per_rank} groups of {args.rollouts} "
-          f"per rank per round; {world_size} processes")
 
 # -----------------------------------------------------------------------------
 # Models: policy (trained, FSDP2-sharded), its rollout copy, frozen reference
@@ -135,6 +136,22 @@ def load(path):
 resume_dir, skipped = plumbing.resume_checkpoint(args.out, ("cursor", "param_groups")) if args.resume else (None, [])
 if args.resume and master:
     plumbing.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
+# The flags that decide what a step is: its prompts (data, order, how many, which render and fit), their rollouts
+# and tokens (frames, budgets, prompt), and the rounds it is split into. A resume must keep them.
+RESUME_FLAGS = ("data", "seed", "prompts_per_step", "rollouts", "mini_batches", "system_prompt", "min_pixels",
+                "max_pixels", "overview_fps", "max_overview_frames", "max_turns", "max_frames", "max_frames_per_call",
+                "max_new_tokens", "max_total_tokens")
+resumed_state = plumbing.check_resume_flags(resume_dir, args, RESUME_FLAGS) if resume_dir else {}
+resumed_step = resumed_state.get("step", resumed_state.get("round", 0) * args.mini_batches)  # older ones count rounds
+if resumed_step >= last_round * args.mini_batches and resume_dir:
+    plumbing.fail(f"{resume_dir} is at step {resumed_step} already: nothing to run up to "
+                  + (f"--max-steps {args.max_steps}" if last_round < num_rounds else f"--steps {args.steps}"))
+if master:  # what this invocation will run
+    stop = f" (--max-steps stops at step {last_round * args.mini_batches})" if last_round < num_rounds else ""
+    print(f"steps {resumed_step + 1}-{last_round * args.mini_batches} of {args.steps}{stop}: "
+          f"{plumbing.plural(last_round - resumed_step // args.mini_batches, 'rollout round')} of "
+          f"{plumbing.plural(args.mini_batches, 'mini-batch')}; {plumbing.plural(groups_per_rank, 'group')} of "
+          f"{args.rollouts} per rank per round; {plumbing.plural(world_size, 'process')}")
 policy, tokenizer, vcfg = load(resume_dir or args.model)
 renderer = vz.Renderer(tokenizer, vcfg)
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # of the frozen copies; the policy stays fp32
@@ -166,12 +183,15 @@ num_rows = len(rows) + len(reasons)
 
 
 def check_prompt(row):
-    item = vz.question_row(row, base_dir)
+    item = vz.question_row(row, base_dir, check_video=False)
     # The prompt is rendered once here, so one that leaves no room for a turn is a skipped row now, not a
-    # crash hours into the run when it is first sampled.
-    with plumbing.open_video(item["video"]) as video:
+    # crash hours into the run when it is first sampled. Rendered on stand-ins for the overview frames (at
+    # least as long as the real prompt): the overview is decoded when the prompt is sampled, not here as well.
+    with plumbing.open_video(item["video"]) as video:  # a video that does not open is a skipped row
+        stand_ins = vz.overview_stand_ins(video, vcfg, args.overview_fps, min(args.max_overview_frames,
+                                                                             limits.max_frames))
         prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
-                                 args.max_overview_frames, system_prompt)
+                                 args.max_overview_frames, system_prompt, frames=stand_ins)
     why = vz.too_long(prompt, limits)
     if why:
         raise ValueError(why + " (raise --max-total-tokens or lower the overview)")
@@ -371,7 +391,7 @@ for round_index in range(first_round, last_round):
     if master:
         elapsed = time.time() - run_started
         eta = elapsed / (round_index + 1 - first_round) * (last_round - round_index - 1)
-        print(f"step {metrics['step']}/{last_round * args.mini_batches} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} "
+        print(f"step {metrics['step']}/{args.steps} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} "
               f"| format {metrics['format']:.2f} | zooms/ep {metrics['zooms_per_ep']:.2f} | kl {metrics['kl']:.4f} "
               f"| clipfrac {metrics['clipfrac_low'] + metrics['clipfrac_high']:.3f} | dropped {metrics['dropped_groups']:.2f} | masked {metrics['masked']} "
               f"| rollout {timings['rollout_s']:.1f}s logp {timings['logprob_s']:.1f}s update {timings['update_s']:.1f}s "
@@ -401,5 +421,5 @@ plumbing.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
                          {"step": last_step, "cursor": cursor, "args": vars(args)}, rank, vcfg, overview,
                          keep=args.keep_checkpoints)
 if master:
-    print(f"saved {final} ({time.time() - run_started:.1f} s)")
+    print(f"{plumbing.stop_message(final, last_round < num_rounds)} ({time.time() - run_started:.1f} s)")
 plumbing.compute_cleanup()

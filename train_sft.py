@@ -1,9 +1,11 @@
-"""Cold-start SFT of a Qwen2.5-VL model on multi-turn zoom trajectories.
+r"""Cold-start SFT of a Qwen2.5-VL model on multi-turn zoom trajectories.
 
-    python train_sft.py --model <dir> --data sft.jsonl --out runs/sft                    # one process
-    torchrun --standalone --nproc_per_node 2 train_sft.py --model <dir> --data sft.jsonl --out runs/sft --device cpu
-    torchrun --standalone --nproc_per_node 8 train_sft.py --model /models/Qwen2.5-VL-7B-Instruct \
-        --data sft.jsonl --out runs/sft --grad-checkpointing                             # a GPU node
+    python train_sft.py --model <dir> --data sft.jsonl --out runs/sft                # one process
+    torchrun --standalone --nproc_per_node 2 train_sft.py --model <dir> --data sft.jsonl \
+        --out runs/sft --device cpu                                                  # two on CPU
+    torchrun --standalone --nproc_per_node 8 train_sft.py \
+        --model /models/Qwen2.5-VL-7B-Instruct --data sft.jsonl --out runs/sft \
+        --grad-checkpointing                                                         # a GPU node
 
 Each trajectory is rendered exactly as the rollout loop would have built it: the overview is sampled
 from the video, every tool reply is rebuilt from the video by the same sampler and renderer
@@ -61,8 +63,9 @@ group.add_argument("--seed", type=int, default=0, help="seed for data order")
 group = parser.add_argument_group("Checkpointing and logging")
 plumbing.add_checkpoint_flags(group)
 group.add_argument("--save-every", type=int, default=0, help="checkpoint step_N every N optimizer steps; 0 = off")
-group.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps, saved as step_N "
-                   "(the learning-rate schedule stays that of the whole run); 0 = all")
+group.add_argument("--max-steps", type=int, default=0, help="stop this invocation after optimizer step N, saved as "
+                   "step_N for --resume or --model; the run's length (--epochs) still sets the learning-rate schedule "
+                   "and the step total shown; 0 = run to the end")
 group.add_argument("--log-jsonl", help="append one JSON line of metrics per step to this file")
 group = parser.add_argument_group("Held-out evaluation")
 group.add_argument("--eval-data", help="JSONL of held-out rows (either layout): every --eval-every steps and at the "
@@ -95,6 +98,13 @@ if master:
 resume_dir, skipped = plumbing.resume_checkpoint(args.out, ("step", "param_groups")) if args.resume else (None, [])
 if args.resume and master:
     plumbing.report_resume(args.out, resume_dir, skipped)  # the newest whole one; damaged ones named
+# The flags that decide what a step is: its rows (data, their order, which rows render and fit), their tokens
+# (frames, budgets, prompt) and where it falls in the schedule (the run's length). A resume must keep them.
+RESUME_FLAGS = ("data", "batch_size", "epochs", "seed", "max_len", "system_prompt", "min_pixels", "max_pixels",
+                "overview_fps", "max_overview_frames", "max_turns", "max_frames", "max_frames_per_call")
+resumed_step = plumbing.check_resume_flags(resume_dir, args, RESUME_FLAGS)["step"] if resume_dir else 0
+if args.max_steps and resumed_step >= args.max_steps:
+    plumbing.fail(f"{resume_dir} is at step {resumed_step} already: --max-steps {args.max_steps} would stop before it")
 # A resumed run loads its checkpoint only: weights, tokenizer and the frame bounds it trained with.
 model, tokenizer, vcfg = plumbing.load_model_or_exit(resume_dir or args.model, "cpu", args.min_pixels, args.max_pixels)
 renderer = vz.Renderer(tokenizer, vcfg)
@@ -337,7 +347,7 @@ for step in range(first_step, last_step):
                "trained_tokens": num_tokens, "tok_s": step_tokens / (time.time() - step_started),
                "step_s": time.time() - step_started}
     if master:
-        print(f"step {step + 1}/{last_step} | loss {loss_value:.4f} | lr {lr_at(step):.2e} | grad {float(grad_norm):.3f} "
+        print(f"step {step + 1}/{total_steps} | loss {loss_value:.4f} | lr {lr_at(step):.2e} | grad {float(grad_norm):.3f} "
               f"| tok/s {metrics['tok_s']:.0f} | eta {plumbing.format_eta(eta)}", flush=True)
         if log:
             log.write(json.dumps(metrics) + "\n")
@@ -362,7 +372,7 @@ final = os.path.join(args.out, "final" if last_step == total_steps else f"step_{
 plumbing.save_checkpoint(final, model, tokenizer, args.model, optimizer, {"step": last_step, "args": vars(args)}, rank,
                          vcfg, overview, keep=args.keep_checkpoints)
 if master:
-    print(f"saved {final} ({time.time() - run_started:.1f} s)")
+    print(f"{plumbing.stop_message(final, last_step < total_steps)} ({time.time() - run_started:.1f} s)")
     if log:
         log.close()
 plumbing.compute_cleanup()

@@ -31,9 +31,9 @@ if [ "${1:-}" = base ]; then
   mkdir -p "$OUT/logs"
   begin=$SECONDS
   walk=(--seconds 40 --events colours --walk)
-  [ -f "$OUT/world/text.jsonl" ] || python synth.py --seed 10 --out "$OUT/world" "${walk[@]}" --num-videos 2000 \
+  [ -f "$OUT/world/world.json" ] || python synth.py --seed 10 --out "$OUT/world" "${walk[@]}" --num-videos 2000 \
     --num-test-videos 1 --num-base 10000 --num-clips 6000 --num-sft 400 --num-rl 0 --num-test 0
-  [ -f "$OUT/heldout/text.jsonl" ] || python synth.py --seed 11 --out "$OUT/heldout" "${walk[@]}" --num-videos 41 \
+  [ -f "$OUT/heldout/world.json" ] || python synth.py --seed 11 --out "$OUT/heldout" "${walk[@]}" --num-videos 41 \
     --num-test-videos 1 --num-base 240 --num-clips 120 --num-sft 0 --num-rl 0 --num-test 0
   cat "$OUT/world/base.jsonl" "$OUT/world/clips.jsonl" > "$OUT/world/lessons.jsonl"
   cat "$OUT/heldout/base.jsonl" "$OUT/heldout/clips.jsonl" > "$OUT/heldout/lessons.jsonl"
@@ -96,11 +96,11 @@ mkdir -p "$OUT/logs"  # per-stage metrics, apart from the worlds' data files
 begin=$SECONDS
 stage() { echo "== $1 ($(( (SECONDS - begin) / 60 ))m$(( (SECONDS - begin) % 60 ))s so far)"; }
 
-# world DIR SEED [synth.py flags]: one synth.py world (its defaults), skipped when it exists (text.jsonl is the
+# world DIR SEED [synth.py flags]: one synth.py world (its defaults), skipped when it exists (world.json is the
 # last file synth.py writes).
 world() {
   local dir=$1 seed=$2; shift 2
-  [ -f "$OUT/$dir/text.jsonl" ] || python synth.py --seed "$seed" --out "$OUT/$dir" "$@"
+  [ -f "$OUT/$dir/world.json" ] || python synth.py --seed "$seed" --out "$OUT/$dir" "$@"
 }
 # sft NAME DATA: cold-start SFT from the base, skipped when OUT/NAME/final exists.
 sft() {

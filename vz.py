@@ -19,9 +19,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from plumbing import VideoError, additive_mask, growing_cache, left_pad, open_video, resize_shape, text_field
+from plumbing import Frame, VideoError, additive_mask, growing_cache, left_pad, open_video, resize_shape, text_field
 
 # -----------------------------------------------------------------------------
 # 1. Sampler policy: the overview's times and a zoom clip's times
@@ -45,6 +46,14 @@ def sample_overview(video, vcfg, fps=0.5, max_frames=64):
         video.warn(f"the overview leaves out {len(times) - len(frames)} of its {len(times)} times, "
                     f"where the file is damaged")
     return frames
+
+
+def overview_stand_ins(video, vcfg, fps=0.5, max_frames=64):
+    """Blank frames at the overview's times and size, decoding nothing: a prompt on them is at least as long as the
+    real one (a real frame's time is at most its target's; damaged ones are left out), so it tells whether one fits."""
+    height, width = resize_shape(video.height, video.width, vcfg)
+    blank = np.broadcast_to(np.zeros(3, np.uint8), (height, width, 3))  # one pixel's memory
+    return [Frame(t, blank) for t in overview_times(video.duration, fps, max_frames)]
 
 
 def clip_times(start, end, num_frames):
@@ -579,12 +588,9 @@ class KVBatch:
 
     @torch.no_grad()
     def extend(self, chunks, all_logits=False):
-        """chunks: per row (ids, frames). Returns logits (rows, vocab), or (rows, chunk, vocab).
-
-        A wide chunk goes through the model in column slices, so that the additive mask (rows x slice x
-        keys) stays under MASK_ELEMENTS: one 4-D mask over 32 rows x 1,400 tokens x 9,400 keys is 1.7 GB,
-        and building and reading it made a batch of 32 rows cost 8-10x a batch of 8 (issue 19's probe).
-        """
+        """chunks: per row (ids, frames). Returns logits (rows, vocab), or (rows, chunk, vocab). A wide chunk goes
+        in column slices, so the additive mask (rows x slice x keys) stays under MASK_ELEMENTS (one over 32 rows x
+        1,400 tokens x 9,400 keys is 1.7 GB: a batch of 32 rows then cost 8-10x a batch of 8)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         device = self.model.device
         rows, width = len(chunks), max(1, max(len(ids) for ids, _ in chunks))
@@ -647,11 +653,8 @@ class KVBatch:
         self.next_pos = [self.next_pos[row] for row in rows]
 
     def join(self, other):
-        """Append the rows of `other` (a batch started on another prompt) after this batch's rows.
-
-        The two pasts differ in length: the shorter is left-padded with zero keys and values that its
-        attention row marks 0, the same padding extend() writes, so no row ever attends to it.
-        """
+        """Append the rows of `other` (a batch started on another prompt) after this batch's rows. The shorter past
+        is left-padded with zero keys and values its attention row marks 0 (extend()'s padding): never attended."""
         width = max(self.attention.shape[1], other.attention.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.keys = torch.cat([left_pad(mine.keys, width, 2), left_pad(theirs.keys, width, 2)])
@@ -873,12 +876,9 @@ def pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens, entropy=None
     Args:
         logp, old_logp, ref_logp, mask, entropy: (B, T); ref_logp/entropy may be None (term off).
         advantages: (B,) one per trajectory, broadcast over its tokens.
-        num_tokens: trained tokens of the whole optimizer step (all micro-batches, all ranks), so
-            summing the micro-batch losses gives the token-level mean once; or (B, 1), each row's own
-            token count times the step's number of rows: the sequence-level mean.
-    Returns:
-        loss (scalar) and a dict of sums over this micro-batch (divide by num_tokens to log):
-        clipped_low, clipped_high, kl, entropy, ratio.
+        num_tokens: trained tokens of the whole step (all micro-batches and ranks): the micro-batch losses sum
+            to the token-level mean; or (B, 1) row tokens x the step's rows: the sequence-level mean.
+    Returns: loss (scalar) and sums over this micro-batch: clipped_low, clipped_high, kl, entropy, ratio.
     """
     advantages = advantages[:, None]  # (B, 1)
     ratio = torch.exp(logp - old_logp)  # (B, T)
@@ -969,10 +969,9 @@ def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, 
 
 
 def question_row(row, base_dir, check_video=True, need_answer=True):
-    """-> dict(video, question, options, answer, kind) from our question layout or the released RL layout
-    (problem, solution, videos, data_source). Raises ValueError naming the problem, or VideoError for a
-    video that does not open (check_video), so a bad row is skipped at load time, never mid-run. Without
-    need_answer (an SFT row, whose turns hold the answer) a missing answer is '', a present one is checked."""
+    """-> dict(video, question, options, answer, kind) from our question layout or the released RL layout (problem,
+    solution, videos, data_source). Raises ValueError naming the problem, or VideoError for a video that does not
+    open (check_video): a bad row is skipped at load time. need_answer False (an SFT row): a missing answer is ''."""
     if "problem" in row:  # released layout: the frames go where <image> was; options are in the text
         videos = row.get("videos")
         if not videos:

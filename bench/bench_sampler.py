@@ -23,9 +23,12 @@ PyAV/FFmpeg and the same decoder threading settings as vz's own Video object:
               the target).  Median of --repeats runs.  This is what an ideal sampler with a
               perfect index and free seeks would spend, so limit / ours <= 1 up to noise.
   clip        vz.sample_clip over a 4-s span in the middle, 16 frames (fresh video, median).
+  wide        vz.sample_clip over the whole video, 15 frames (a wide zoom), against serve (the
+              overview's path) on the same 15 times (fresh videos, median); the frames are checked.
 
-Prints each timing, `limit_efficiency:` (limit / ours), `clip_s:` and, last, `ratio:`
-(decode_all / ours).
+Prints each timing, `limit_efficiency:` (limit / ours), `clip_s:`, `wide_zoom_ratio:` (wide zoom /
+overview path on the same times: about 1 when the zoom plans its seeks as the overview does) and,
+last, `ratio:` (decode_all / ours).
 """
 import argparse
 import bisect
@@ -181,6 +184,14 @@ def run_clip(path, cfg, start, end, num_frames):
     return clock, [read_index(f.image) for f in frames]
 
 
+def run_serve(path, cfg, times):
+    clock = Clock()
+    with plumbing.open_video(path) as video:
+        with clock.timing():
+            frames = video.serve(times, cfg, seek=True)
+    return clock, [read_index(f.image) for f in frames]
+
+
 def median(clocks, attr="wall"):
     return statistics.median(getattr(c, attr) for c in clocks)
 
@@ -243,6 +254,19 @@ def main():
         assert clip_idx == clip_expected, f"clip served {clip_idx}, expected {clip_expected}"
     clip_s = median(clips)
     print(f"clip_runs_s: {runs(clips)}  (span {start:.2f}-{end:.2f} s, {n} frames)")
+
+    # A wide zoom: 15 frames over the whole video, against the overview's path (serve) on the same times.
+    wide_times = vz.clip_times(0.0, duration - 1.0, 15)
+    wide_expected = [bisect.bisect_right(all_pts, start_pts + math.floor(t / tb + EPS)) - 1 for t in wide_times]
+    wides, serves = [], []
+    for _ in range(args.repeats):
+        clock, wide_idx = run_clip(path, cfg, 0.0, duration - 1.0, 15)
+        wides.append(clock)
+        assert wide_idx == wide_expected, f"wide zoom served {wide_idx}, expected {wide_expected}"
+        clock, serve_idx = run_serve(path, cfg, wide_times)
+        serves.append(clock)
+        assert serve_idx == wide_expected, f"serve served {serve_idx}, expected {wide_expected}"
+    print(f"wide_zoom_runs_s: {runs(wides)}; overview path {runs(serves)}  (0-{duration - 1:.0f} s, 15 frames)")
     # The same figures from process CPU time (all threads): much less sensitive to other load on
     # the machine.  FFmpeg's default threading decodes on both cores here, so CPU time exceeds wall
     # time; compare cpu figures only with cpu figures.
@@ -256,6 +280,8 @@ def main():
 
     print(f"limit_efficiency: {limit_s / ours_s:.3f}")
     print(f"clip_s: {clip_s:.3f}")
+    print(f"wide_zoom_s: {median(wides):.3f}  overview_path_s: {median(serves):.3f}")
+    print(f"wide_zoom_ratio: {median(wides) / median(serves):.2f}  (cpu {median(wides, 'cpu') / median(serves, 'cpu'):.2f})")
     print(f"ratio: {decode_all_s / ours_s:.2f}")
 
 

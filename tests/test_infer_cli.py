@@ -234,6 +234,21 @@ def test_model_directory_missing(cli_env, tmp_path):
     assert_one_line_error(run_infer(["--model", model_dir], cli_env), model_dir)
 
 
+def test_model_weights_of_the_wrong_shape(cli_env, tiny_dir, tmp_path):
+    # Weights that do not fit config.json: one line naming the weight (transformers raised a RuntimeError).
+    import shutil
+    from safetensors.torch import load_file, save_file
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"][:-1].clone()
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    video = str(tmp_path / "v.mp4")
+    write_index_video(video, num_frames=10, fps=5)
+    assert_one_line_error(run_infer(["--model", str(model_dir), "--video", video, "--question", "q?"], cli_env),
+                          str(model_dir), "up_proj.weight has shape")
+
+
 def test_model_directory_empty(runs):
     assert_one_line_error(runs["empty_model"].result(), runs["empty_model_dir"], "config.json")
 
@@ -287,7 +302,25 @@ def test_help_shows_groups_defaults_and_usage_examples(script, cli_env):
     for title in groups:
         assert f"\n{title}:\n" in result.stdout, title
     assert "(default: " in result.stdout
-    assert examples and all(example in result.stdout for example in examples), examples
+    # Whole up to where a narrow terminal wraps them.
+    assert examples and all(" ".join(example.split()) in " ".join(result.stdout.split()) for example in examples)
+
+
+@pytest.mark.parametrize("columns", [100, 80])
+@pytest.mark.parametrize("script", ["infer.py", "train_sft.py", "train_rl.py", "synth.py", "distill.py"])
+def test_help_fits_the_terminal_and_wraps_between_words(script, columns, cli_env):
+    # Every line within the terminal's width (argparse wraps at COLUMNS - 2), none starting with a lone
+    # punctuation mark, no flag broken at a hyphen (--max- / total-tokens), and no docstring line joined to the
+    # next by a backslash Python read as a line continuation ("Instruct         --data").
+    path = os.path.join(REPO, script)
+    result = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True,
+                            env=dict(cli_env, COLUMNS=str(columns)), timeout=120)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    for line in result.stdout.splitlines():
+        assert len(line) <= columns, line
+        assert not re.match(r"\s*[,.;:)\]]", line), line
+        assert not re.search(r"[a-z]-$", line), line
+        assert not re.search(r"\S {4,}--", line), line
 
 
 @pytest.mark.parametrize("bench", sorted(n for n in os.listdir(os.path.join(REPO, "bench")) if n.endswith(".py")))

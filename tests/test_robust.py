@@ -134,6 +134,26 @@ def test_clip_of_float_span_returns_all_frames(tiny, index_video):
     assert [round(f.time, 2) for f in frames] == [0.0, 0.2]  # 5 fps source: the frames showing at 0.1 and 0.3
 
 
+@pytest.mark.parametrize("fps", [0.5, 0.3])
+def test_prompt_check_decodes_no_overview_and_bounds_the_real_prompt(tiny, tmp_path, fps):
+    # train_rl.py checks at start-up that each prompt leaves room for a turn, on stand-ins for the overview frames:
+    # it decodes none (the overview is decoded once, when the prompt is sampled), and the prompt it measures is at
+    # least as long as the real one. At 0.3 fps the targets (3.33 s, 10.00 s, ...) fall between the 3 fps
+    # source's frames (3.33 s is served by the frame at 3.00 s), at 0.5 fps on them.
+    from videos import write_index_video
+    _, renderer = tiny
+    path = str(tmp_path / "v.mp4")
+    write_index_video(path, num_frames=60, fps=3, gop=15)
+    with plumbing.open_video(path) as video:
+        before = video.num_decoded
+        stand_ins = vz.overview_stand_ins(video, renderer.vcfg, fps, 64)
+        assert video.num_decoded == before
+        checked = vz.build_prompt(renderer, video, "Q?", [], vz.Limits(), fps, 64, frames=stand_ins)
+        real = vz.build_prompt(renderer, video, "Q?", [], vz.Limits(), fps, 64)
+    assert [f.time for f in stand_ins] == pytest.approx(vz.overview_times(video.duration, fps, 64))
+    assert 0 <= len(checked.ids) - len(real.ids) <= len(stand_ins), (len(checked.ids), len(real.ids))
+
+
 # -----------------------------------------------------------------------------
 # 13. A garbage config.json or tokenizer.json is named in the error
 
@@ -170,6 +190,14 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
 
+def reshape_a_weight(path):
+    """Rewrite model.safetensors whole, one weight a row short: a file that parses but does not fit config.json."""
+    from safetensors.torch import load_file, save_file
+    weights = load_file(str(path))
+    weights["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"][:-1].clone()
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+
 # (id, damage done to the newest checkpoint, words of the reason)
 DAMAGE = [
     ("model_truncated", lambda p: truncate(p / "model.safetensors"), "model.safetensors is truncated"),
@@ -177,6 +205,9 @@ DAMAGE = [
     ("state_garbage", lambda p: (p / "trainer_state.json").write_text("garbage{"), "trainer_state.json: not valid"),
     ("state_empty", lambda p: (p / "trainer_state.json").write_text(""), "trainer_state.json: not valid"),
     ("state_without_step", lambda p: (p / "trainer_state.json").write_text("{}"), "lacks 'step'"),
+    # whole files, but a weight of another shape than config.json makes (transformers raised RuntimeError)
+    ("weight_wrong_shape", lambda p: reshape_a_weight(p / "model.safetensors"),
+     "model.layers.0.mlp.up_proj.weight has shape [127, 64] where config.json makes [128, 64]"),
 ]
 
 
@@ -191,6 +222,52 @@ def test_resume_skips_a_damaged_newest_checkpoint(tiny_dir, tmp_path, capsys, da
     (line,) = capsys.readouterr().out.splitlines()
     assert "skipped" in line and "step_10" in line and reason in line
     plumbing.load_model(resume_dir)  # what it picked loads
+
+
+def test_weights_of_the_wrong_shape_are_one_error_line(tiny_dir, tmp_path):
+    # load_model names the weight (transformers printed a table and raised RuntimeError); infer.py and the
+    # trainers turn its ValueError into their one error line.
+    path = fake_step(tiny_dir, tmp_path, 1)
+    reshape_a_weight(path / "model.safetensors")
+    with pytest.raises(ValueError) as error:
+        plumbing.load_model(str(path))
+    assert "\n" not in str(error.value) and "up_proj.weight has shape [127, 64]" in str(error.value)
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_is_one_line_and_older_checkpoints_stay_whole(tiny_dir, tmp_path):
+    # A file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored so a write past it fails with EFBIG) stands in for a
+    # full disk: step_1 is written under no limit, step_2 under one smaller than the weights.
+    import resource
+    import signal
+    import subprocess
+    import sys
+    script = (
+        "import sys, torch, plumbing\n"
+        "model, tokenizer, vcfg = plumbing.load_model(sys.argv[1])\n"
+        "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)\n"
+        "model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()\n"
+        "optimizer.step()\n"
+        "plumbing.save_checkpoint(sys.argv[2], model, tokenizer, sys.argv[1], optimizer, {'step': 1}, 0, vcfg, "
+        "(0.5, 64), keep=2)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the tiny model's weights: ~800 kB
+
+    def save(step, preexec_fn=None):
+        return subprocess.run([sys.executable, "-c", script, tiny_dir, str(tmp_path / f"step_{step}")], env=env,
+                              cwd=str(tmp_path), capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+
+    assert save(1).returncode == 0
+    result = save(2, limit)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith(f"error: cannot write the checkpoint {tmp_path / 'step_2'} (") and "--resume" in line
+    assert sorted(os.listdir(tmp_path)) == ["step_1"]  # no half step_2, no .tmp left behind
+    assert plumbing.resume_checkpoint(str(tmp_path), ("step", "param_groups")) == (str(tmp_path / "step_1"), [])
 
 
 def test_resume_without_a_complete_checkpoint_says_so(tiny_dir, tmp_path, capsys):

@@ -393,3 +393,41 @@ def test_serve_any_order(videos, name):
         times = [0.0, 8.0, 16.0, 3.3, 3.5, 12.0, 0.5, 15.9, 15.9, 2.0]
         got = served(video.serve(times, CFG), v["times"], plumbing.resize_shape(video.height, video.width, CFG))
     assert got == [showing(v["times"], t) for t in times]
+
+
+@pytest.mark.parametrize("num_frames", [15, 3])
+def test_wide_zoom_decodes_about_the_frames_it_returns(tmp_path, num_frames):
+    # A zoom over the whole of a 60 s video (keyframe every 2 s): the frames showing at its times, and no more
+    # than a GOP decoded per frame returned (one seek and a forward decode decoded all 300 frames).
+    path = str(tmp_path / "wide.mp4")
+    write_index_video(path, num_frames=300, fps=5, gop=10)
+    times = probe_frame_times(path)
+    with plumbing.open_video(path) as video:
+        before = video.num_decoded
+        frames = vz.sample_clip(video, CFG, 0.0, 59.8, num_frames)
+        decoded = video.num_decoded - before
+    assert [read_index(f.image) for f in frames] == [showing(times, t) for t in vz.clip_times(0.0, 59.8, num_frames)]
+    assert decoded <= 10 * num_frames, decoded
+
+
+def test_joined_mpegts_reaches_its_second_half_with_monotone_times(tmp_path):
+    # Two MPEG-TS recordings joined byte for byte (cat a.ts b.ts): the second one's timestamps restart at the
+    # first's. Its frames must follow the first's: 10 s + 12 s (frames show 0-49, then 0-59) read as 22 s.
+    first, second = tmp_path / "a.ts", tmp_path / "b.ts"
+    write_index_video(str(first), num_frames=50, fps=5, gop=10)
+    write_index_video(str(second), num_frames=60, fps=5, gop=10)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    with plumbing.open_video(str(joined)) as video:
+        assert video.duration == pytest.approx(22.0, abs=0.01)
+        overview = vz.sample_overview(video, CFG, fps=0.5, max_frames=64)
+        assert [f.time for f in overview] == pytest.approx([2.0 * k for k in range(11)])
+        assert [read_index(f.image) for f in overview] == [0, 10, 20, 30, 40, 0, 10, 20, 30, 40, 50]
+        clip = vz.sample_clip(video, CFG, 15.0, 21.0, 4)  # a zoom inside the second recording
+        assert [f.time for f in clip] == pytest.approx([15.0, 17.0, 19.0, 21.0])
+        assert [read_index(f.image) for f in clip] == [25, 35, 45, 55]
+        served = video.serve([21.8, 4.0, 10.0], CFG)  # any order: back to the first recording and on again
+        assert [(round(f.time, 2), read_index(f.image)) for f in served] == [(21.8, 59), (4.0, 20), (10.0, 0)]
+    # One recording alone reads as before.
+    with plumbing.open_video(str(first)) as video:
+        assert not video.pts_restarts and read_index(video.serve([9.8], CFG)[0].image) == 49

@@ -601,3 +601,11 @@ def test_default_flags_write_the_world_the_shipped_model_was_trained_for(tmp_pat
     needles = [row for row in sft + test if row["kind"] == "needle"]
     assert needles and all(row["options"] == ["A. white", "B. black", "C. grey", "D. brown"] for row in needles)
     assert all(row["turns"][0].startswith("<think>Find ") for row in sft if row["kind"] != "glance")
+    # Its settings print as the flags that write it again, not as a Python dict; the sets asked for 0 rows (text,
+    # shapes, clips by default) are not written, and world.json (the settings) is the mark of a whole world.
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("settings: --seed 5 --out ") and "{" not in result.stdout, lines[:3]
+    assert "not written, 0 rows asked for: text.jsonl, shapes.jsonl, clips.jsonl" in lines, lines
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith((".jsonl", ".json"))) == [
+        "base.jsonl", "rl.jsonl", "sft.jsonl", "test.jsonl", "world.json"]
+    assert json.load(open(tmp_path / "world.json"))["num_videos"] == 3

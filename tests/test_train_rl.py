@@ -245,9 +245,25 @@ def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "stopped")) == ["step_1"]
+    # It said what it would run (one round, not --steps' two), counted steps against the run's length, and
+    # its last line names the directory to pass on.
+    lines = result.stdout.splitlines()
+    assert "steps 1-1 of 2 (--max-steps stops at step 1): 1 rollout round of 1 mini-batch; 2 groups of 4 " \
+           "per rank per round; 1 process" in lines, lines
+    assert any(line.startswith("step 1/2 |") for line in lines), lines
+    assert lines[-1].startswith(f"saved {tmp_path / 'stopped' / 'step_1'} (stopped by --max-steps; pass it to "
+                                f"--model, or --resume to go on"), lines[-1]
+    # A resume that would change what a step is (another group size) is refused, naming the flag.
+    result = subprocess.run(common + ["--out", str(tmp_path / "stopped"), "--resume", "--rollouts", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--rollouts" in result.stderr, result.stderr
+    assert "error: --rollouts is 2 but" in result.stderr
     result = subprocess.run(common + ["--out", str(tmp_path / "stopped"), "--resume"], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and "resumed from" in result.stdout and "step_1" in result.stdout, result.stderr
+    lines = result.stdout.splitlines()
+    assert "steps 2-2 of 2: 1 rollout round of 1 mini-batch; 2 groups of 4 per rank per round; 1 process" in lines
+    assert lines[-1].startswith(f"saved {tmp_path / 'stopped' / 'final'} ("), lines[-1]
     straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

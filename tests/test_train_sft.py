@@ -106,6 +106,30 @@ def test_resume_after_sigkill_is_exact(data_dir, tiny_dir, tmp_path):
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
+def test_max_steps_names_the_next_directory_and_resume_keeps_the_run(data_dir, tiny_dir, tmp_path):
+    # 4 rows, 2 a step: a run of 2 steps. --max-steps 1 stops at step_1 and its last line says what to pass
+    # next; step lines count against the run's 2 steps, before and after the resume. A resume with another
+    # batch size (a step of 4 rows: the run would be over at once, 2 rows never trained) is one error line.
+    out = tmp_path / "run"
+    stopped = train(data_dir / "good.jsonl", out, "--model", tiny_dir, "--max-steps", "1")
+    lines = stopped.stdout.splitlines()
+    assert any(line.startswith("step 1/2 |") for line in lines), lines
+    assert lines[-1].startswith(f"saved {out / 'step_1'} (stopped by --max-steps; pass it to --model, or --resume "
+                                f"to go on"), lines[-1]
+    assert sorted(os.listdir(out)) == ["step_1"]
+    refused = train(data_dir / "good.jsonl", out, "--model", tiny_dir, "--resume", "--batch-size", "4", check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: --batch-size is 4 but") and "trained with 2" in refused.stderr
+    assert sorted(os.listdir(out)) == ["step_1"]
+    resumed = train(data_dir / "good.jsonl", out, "--model", tiny_dir, "--resume")
+    lines = resumed.stdout.splitlines()
+    assert any(line.startswith("step 2/2 |") for line in lines) and lines[-1].startswith(f"saved {out / 'final'} (")
+    # The directory that --max-steps did not write: named as missing, not as a directory without a file.
+    missing = train(data_dir / "good.jsonl", tmp_path / "next", "--model", str(out / "final_not_there"), check=False)
+    assert missing.returncode == 2 and missing.stderr == f"error: model directory {out / 'final_not_there'} " \
+                                                         f"does not exist\n", missing.stderr
+
+
 def test_bad_rows_are_skipped_and_counted(data_dir, tiny_dir, tmp_path):
     rows = [json.dumps(trajectory(i)) for i in range(4)] + [
         json.dumps({**trajectory(0), "video": "missing.mp4"}),  # missing video
