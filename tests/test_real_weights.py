@@ -114,6 +114,7 @@ def test_readme_real_weights_section_runs_line_by_line(legacy, tmp_path):  # noq
     assert re.search(r"^answer: ", single, re.M), single[-2000:]
     assert "data: 8 usable of 8 rows" in sft and os.path.isfile(f"{work}/runs/sft/final/model.safetensors")
     assert "data: 2 usable of 2 rows" in rl and os.path.isfile(f"{work}/runs/rl/final/model.safetensors")
-    (record,) = [json.loads(line) for line in open(f"{work}/lvbench.jsonl")]
+    header, record = [json.loads(line) for line in open(f"{work}/lvbench.jsonl")]  # the run's header, then the record
+    assert header["videozoomer_results"]["model"] == os.path.join(work, "runs", "rl", "final")
     assert record["truth"] == "B" and record["question"].startswith(QUESTION), record
     assert "accuracy:" in evaluation
