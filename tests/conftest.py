@@ -15,7 +15,8 @@ from scripted import ASSET, load_scripted  # noqa: E402
 from tiny import QWEN_SPECIAL_TOKENS, QWEN_SPLIT, write_tiny_checkpoint  # noqa: E402
 from videos import write_index_video  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest -n 2 (pytest-xdist) two workers share the two cores: one thread each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def pytest_configure(config):
