@@ -360,11 +360,12 @@ for round_index in range(first_round, last_round):
     sums = {"clipped_low": 0.0, "clipped_high": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0}
     grad_norms, num_tokens_total = [], 0.0
     for plan in plans:
-        # Trained tokens of the whole mini-batch, every rank's: the token-level mean's denominator.
-        num_tokens = max(1.0, plumbing.all_reduce([sum(sum(m[1:]) for batch, rows, _, _ in plan if batch
-                                                       for _, m, _ in rows)], device)[0])
+        # Trained tokens and episodes of the whole mini-batch, every rank's (one collective): the means' denominators.
+        real = [batch_rows for batch, batch_rows, _, _ in plan if batch]
+        num_tokens, num_episodes = plumbing.all_reduce([sum(sum(m[1:]) for r in real for _, m, _ in r),
+                                                        sum(len(r) for r in real)], device)
+        num_tokens = max(1.0, num_tokens)
         num_tokens_total += num_tokens
-        num_rows = plumbing.all_reduce([sum(len(batch) for batch, _, _, _ in plan if batch)], device)[0]
         for batch, rows, old_logp, ref_logp in plan:
             with plumbing.autocast(device):
                 logp, mask, entropy = vz.token_logprobs(policy, renderer, rows, args.entropy_coef > 0, args.temperature,
@@ -372,7 +373,7 @@ for round_index in range(first_round, last_round):
             if old_logp is None:
                 old_logp = logp.detach()
             advantages = torch.tensor([a for _, a in batch] if batch else [0.0], device=logp.device)
-            norm = num_tokens if args.loss_agg == "token" else mask.sum(1, keepdim=True).clamp(min=1) * max(1.0, num_rows)
+            norm = num_tokens if args.loss_agg == "token" else mask.sum(1, keepdim=True).clamp(min=1) * max(1.0, num_episodes)
             loss, stats = vz.pg_loss(logp, old_logp, ref_logp, advantages, mask, norm / world_size,
                                      entropy, args.clip_low, args.clip_high, args.kl_coef, args.entropy_coef)
             (loss if batch else loss * 0).backward()  # FSDP averages over ranks: hence num_tokens / world
