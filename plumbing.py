@@ -706,6 +706,14 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def gather_root(model):
+    """Under FSDP2, gather the root unit's weights so that a part of it (the vision tower's patch embedding and
+    merger) can run outside the root's own forward; a model that is not sharded is left as it is."""
+    if hasattr(model, "unshard"):
+        model._get_fsdp_state()._lazy_init()  # the root is the first module to run forward, or FSDP2 picks another
+        model.unshard()
+
+
 def shard_model(model, world_size):
     """FSDP2: fully_shard each decoder and vision block, then the root. No-op for one process."""
     if world_size == 1:

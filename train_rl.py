@@ -87,6 +87,12 @@ group.add_argument("--mask-truncated", action=argparse.BooleanOptionalAction, de
 group.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout round; with more than 1 "
                    "the rollout policy's log-probs (old_logp) take a forward of their own, with 1 they are the update's own")
 group.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded tokens per forward/backward")
+group.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=True, help="the learner sends "
+                   "each group's prompt (system, overview frames, question) through the model once, and its episodes "
+                   "go on from the prompt's keys and values in one batch: the same log-probs and gradient as each "
+                   "episode whole, for the prompt's cost once a group instead of G times (every distinct frame goes "
+                   "through the vision tower once either way); off: each episode whole, as under --grad-checkpointing, "
+                   "where transformers drops the cache")
 group.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
 plumbing.add_trainer_flags(group)
 group.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
@@ -97,7 +103,13 @@ group.add_argument("--save-every", type=int, default=0, help="checkpoint step_N 
 group.add_argument("--log-jsonl", help="append one JSON line of metrics per rollout round")
 group.add_argument("--episodes-jsonl", help="append a few decoded episodes here every --episodes-every rounds")
 group.add_argument("--episodes-every", type=int, default=10, help="rollout rounds between episode dumps")
+group = parser.add_argument_group("Held-out evaluation")
+group.add_argument("--eval-data", help="held-out questions (JSONL, as --data): greedy accuracy, per kind and over all, "
+                   "before the first step, every --eval-every steps and after the last: an `eval step N` line and --log-jsonl")
+group.add_argument("--eval-every", type=int, default=10, help="optimizer steps between held-out evaluations")
+group.add_argument("--eval-max", type=int, default=64, help="the first N usable --eval-data questions are used; 0 = all")
 args = parser.parse_args()
+args.share_prompt = args.share_prompt and not args.grad_checkpointing  # transformers drops the cache there
 
 
 rank, local_rank, world_size, device = plumbing.compute_init(args.device)
@@ -115,8 +127,11 @@ if min(args.save_every, args.keep_checkpoints, args.max_steps) < 0 or args.save_
 for flag in ("steps", "max_steps", "save_every"):  # checkpoints and stops fall between rollout rounds
     if getattr(args, flag) % args.mini_batches:
         plumbing.fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a multiple of --mini-batches {args.mini_batches}")
-if not os.path.isfile(args.data):
-    plumbing.fail(f"{args.data}: no such data file")
+for path in (args.data, args.eval_data or args.data):
+    if not os.path.isfile(path):
+        plumbing.fail(f"{path}: no such data file")
+if args.eval_every < 1 or args.eval_max < 0:
+    plumbing.fail("--eval-every must be >= 1 and --eval-max >= 0")
 overview = plumbing.resolve_overview(args, args.model)  # saved with every checkpoint: later stages and infer.py keep it
 limits = vz.Limits(args.max_turns, args.max_frames, args.max_frames_per_call, args.max_new_tokens, args.max_total_tokens)
 num_rounds = args.steps // args.mini_batches
@@ -182,7 +197,7 @@ rows, reasons = plumbing.read_rows(args.data)
 num_rows = len(rows) + len(reasons)
 
 
-def check_prompt(row):
+def check_prompt(row, base_dir=base_dir):
     item = vz.question_row(row, base_dir, check_video=False)
     # The prompt is rendered once here, so one that leaves no room for a turn is a skipped row now, not a
     # crash hours into the run when it is first sampled. Rendered on stand-ins for the overview frames (at
@@ -203,6 +218,16 @@ reasons += bad
 plumbing.report_rows(args.data, len(prompts), num_rows, reasons, args.max_bad_frac, master)
 if len(prompts) < args.prompts_per_step:
     plumbing.fail(f"{len(prompts)} usable prompts are fewer than --prompts-per-step {args.prompts_per_step}")
+
+
+eval_items = []
+if args.eval_data:  # read and checked like --data; the first --eval-max usable ones
+    eval_rows, eval_reasons = plumbing.read_rows(args.eval_data)
+    eval_rows = eval_rows[:args.eval_max or len(eval_rows)]
+    eval_dir = os.path.dirname(os.path.abspath(args.eval_data))
+    eval_items, bad = plumbing.check_rows(eval_rows, lambda row: check_prompt(row, eval_dir),
+                                          (ValueError, plumbing.VideoError))
+    plumbing.report_rows(args.eval_data, len(eval_items), len(eval_rows), bad, args.max_bad_frac, master)
 
 
 def prompt_at(cursor):
@@ -261,14 +286,39 @@ def forward_batches(batches):
     return batches + [None] * (most - len(batches))
 
 
+def micro_batches(items):
+    """A mini-batch's (episode, advantage) items in micro-batches of at most --micro-batch-tokens, padding included.
+    Shared prompts: in order, so a group's episodes stay together and its prompt counts once (prompts x longest
+    prompt + episodes x longest rest). Otherwise each episode whole, longest first."""
+    if not args.share_prompt:
+        return plumbing.pack_by_tokens(items, lambda item: len(item[0].ids), args.micro_batch_tokens)
+    batches, current, size = [], [], (0, 0, 0)  # size: prompts, longest prompt, longest rest
+    for episode, advantage in items:
+        last = current[-1][0] if current else None
+        shared = last is not None and last.ids[:last.prompt_len] == episode.ids[:episode.prompt_len]
+        rest = len(episode.ids) - episode.prompt_len + 1
+        grown = (size[0] + (not shared), max(size[1], episode.prompt_len), max(size[2], rest))
+        if current and grown[0] * grown[1] + (len(current) + 1) * grown[2] > args.micro_batch_tokens:
+            batches.append(current)
+            current, grown = [], (1, episode.prompt_len, rest)
+        current.append((episode, advantage))
+        size = grown
+    return batches + [current] if current else batches
+
+
 def as_rows(batch):
-    return [(e.ids, e.mask, e.frames) for e, _ in batch]
+    """(rows, prompt lengths) of a micro-batch for vz.token_logprobs; None lengths: each row whole."""
+    rows = [(e.ids, e.mask, e.frames) for e, _ in batch] if batch else DUMMY_ROWS
+    lengths = [e.prompt_len for e, _ in batch] if batch else [DUMMY_PROMPT_LEN]
+    return rows, lengths if args.share_prompt else None
 
 
 # A stand-in for ranks with fewer micro-batches than the busiest: one black frame (so the vision tower
 # runs too: every sharded module must gather on every rank) and one trained token; its loss is x 0.
 _black = plumbing.Frame(0.0, torch.zeros(vcfg.factor * 2, vcfg.factor * 2, 3, dtype=torch.uint8).numpy())
-_ids = renderer.message("user", [_black])[0] + renderer.assistant_header()[0] + renderer.encode("x")
+_ids = renderer.message("user", [_black])[0] + renderer.assistant_header()[0]
+DUMMY_PROMPT_LEN = len(_ids)
+_ids += renderer.encode("x")
 DUMMY_ROWS = [(_ids, [0] * (len(_ids) - 1) + [1], [_black])]
 
 def round_metrics(round_index, sampled, num_kept, sums, grad_norms, num_tokens, timings):
@@ -309,6 +359,35 @@ def dump_episodes(round_index, sampled):
     episodes_log.flush()
 
 
+def evaluate():
+    """Greedy accuracy on the held-out questions, per kind and over all: each rank answers its share, one row per
+    question, in one KV batch. Returns {kind: accuracy, ..., "all": accuracy}."""
+    share = eval_items[rank::world_size]
+    with contextlib.ExitStack() as stack:
+        groups = []
+        for item in share:
+            video = stack.enter_context(plumbing.open_video(item["video"]))
+            groups.append((video, vz.build_prompt(renderer, video, item["question"], item["options"], limits,
+                                                  args.overview_fps, args.max_overview_frames, system_prompt), 1, None))
+        with torch.no_grad(), plumbing.autocast(device):
+            rolled = vz.rollout_groups(rollout_model, renderer, groups, limits, 0.0, 1.0, args.max_batch_rows)
+    kinds = sorted({item["kind"] or "-" for item in eval_items})
+    right = [(vz.reward(episodes[0], item["answer"])[1], item["kind"] or "-") for item, episodes in zip(share, rolled)]
+    sums = plumbing.all_reduce([sum(r for r, k in right if k == kind) for kind in kinds], device)
+    counts = [sum((item["kind"] or "-") == kind for item in eval_items) for kind in kinds]
+    scores = {kind: total / count for kind, total, count in zip(kinds, sums, counts)}
+    return {**scores, "all": sum(sums) / len(eval_items)}
+
+
+def report_eval(step):
+    scores = evaluate()
+    if master:
+        print(f"eval step {step}: " + " | ".join(f"{kind} {value:.3f}" for kind, value in scores.items()), flush=True)
+        if log:
+            log.write(json.dumps({"step": step, "eval": scores}) + "\n")
+            log.flush()
+
+
 # -----------------------------------------------------------------------------
 # Training loop
 
@@ -322,6 +401,8 @@ if resume_dir:
 log = open(args.log_jsonl, "a") if master and args.log_jsonl else None
 episodes_log = open(args.episodes_jsonl, "a") if master and args.episodes_jsonl else None
 run_started = last_saved = time.time()
+if eval_items and first_round == 0:
+    report_eval(0)  # where the curve starts
 for round_index in range(first_round, last_round):
     timings = {}
     # 1-3. Rollouts with the current policy; rewards; advantages within each group.
@@ -343,16 +424,18 @@ for round_index in range(first_round, last_round):
     with torch.no_grad():
         for chunk in mini_batch_items:
             plan = []
-            for batch in forward_batches(plumbing.pack_by_tokens(chunk, lambda item: len(item[0].ids), args.micro_batch_tokens)):
-                rows = as_rows(batch) if batch else DUMMY_ROWS
+            for batch in forward_batches(micro_batches(chunk)):
+                rows, prompt_lens = as_rows(batch)
                 old_logp = ref_logp = None
                 with plumbing.autocast(device):
                     if args.mini_batches > 1:
-                        old_logp = vz.token_logprobs(policy, renderer, rows, False, args.temperature, args.top_p)[0]
+                        old_logp = vz.token_logprobs(policy, renderer, rows, False, args.temperature, args.top_p,
+                                                     prompt_lens)[0]
                         old_forwards += 1
-                    if reference is not None:
-                        ref_logp = vz.token_logprobs(reference, renderer, rows, False, args.temperature)[0]  # no top-p: never -inf
-                plan.append((batch, rows, old_logp, ref_logp))
+                    if reference is not None:  # no top-p: never -inf
+                        ref_logp = vz.token_logprobs(reference, renderer, rows, False, args.temperature, 1.0,
+                                                     prompt_lens)[0]
+                plan.append((batch, rows, prompt_lens, old_logp, ref_logp))
             plans.append(plan)
     timings["logprob_s"] = time.time() - started
     # 5. Mini-batch updates: one optimizer step each, token-level mean over the mini-batch.
@@ -361,15 +444,15 @@ for round_index in range(first_round, last_round):
     grad_norms, num_tokens_total = [], 0.0
     for plan in plans:
         # Trained tokens and episodes of the whole mini-batch, every rank's (one collective): the means' denominators.
-        real = [batch_rows for batch, batch_rows, _, _ in plan if batch]
+        real = [batch_rows for batch, batch_rows, _, _, _ in plan if batch]
         num_tokens, num_episodes = plumbing.all_reduce([sum(sum(m[1:]) for r in real for _, m, _ in r),
                                                         sum(len(r) for r in real)], device)
         num_tokens = max(1.0, num_tokens)
         num_tokens_total += num_tokens
-        for batch, rows, old_logp, ref_logp in plan:
-            with plumbing.autocast(device):
+        for batch, rows, prompt_lens, old_logp, ref_logp in plan:
+            with plumbing.autocast(device):  # the sampler's distribution
                 logp, mask, entropy = vz.token_logprobs(policy, renderer, rows, args.entropy_coef > 0, args.temperature,
-                                                       args.top_p)  # the sampler's distribution
+                                                       args.top_p, prompt_lens)
             if old_logp is None:
                 old_logp = logp.detach()
             advantages = torch.tensor([a for _, a in batch] if batch else [0.0], device=logp.device)
@@ -403,6 +486,8 @@ for round_index in range(first_round, last_round):
         if episodes_log and round_index % args.episodes_every == 0:
             dump_episodes(round_index, sampled)
     step = metrics["step"]  # optimizer steps so far: the unit of --steps, --max-steps and --save-every
+    if eval_items and (step % args.eval_every == 0 or round_index + 1 == last_round):
+        report_eval(step)
     if round_index + 1 < last_round and plumbing.checkpoint_due(step, args.save_every, args.save_every_minutes, last_saved,
                                                           device):
         path = os.path.join(args.out, f"step_{step}")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from plumbing import Frame, VideoError, additive_mask, growing_cache, left_pad, open_video, resize_shape, text_field
+from plumbing import (Frame, VideoError, additive_mask, gather_root, growing_cache, left_pad, open_video, resize_shape,
+                      text_field)
 
 # -----------------------------------------------------------------------------
 # 1. Sampler policy: the overview's times and a zoom clip's times
@@ -444,6 +445,7 @@ class Episode:
     stop: str | None = None  # answer | no_answer | max_turns | length
     num_zooms: int = 0
     last_turn: bool = False  # the model has been told that its next turn is its last
+    prompt_len: int = 0  # tokens of the prompt it started from, shared with its group (the learner forwards it once)
 
     def add(self, ids_and_mask):
         ids, mask = ids_and_mask
@@ -548,7 +550,8 @@ def replay(renderer, video, prompt, texts, limits=Limits()):
     A turn that does not stop at </video_zoom> gets the <|im_end|> the model would have written.
     Raises ValueError when the episode ends before all texts are used.
     """
-    episode = Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames), last_turn=prompt.last_turn)
+    episode = Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames), last_turn=prompt.last_turn,
+                      prompt_len=len(prompt.ids))
     for index, text in enumerate(texts):
         if episode.stop is not None:
             raise ValueError(f"turn {index + 1} comes after the episode ended ({episode.stop})")
@@ -559,6 +562,18 @@ def replay(renderer, video, prompt, texts, limits=Limits()):
     return episode
 
 
+def encode_frames(model, vcfg, frames, done):
+    """Vision-tower outputs for frames, in order, each distinct Frame (by identity) encoded once. done: id(frame) ->
+    (frame, output) of frames encoded before, grown here; the entry holds the frame, so its id is not reused."""
+    new = list({id(frame): frame for frame in frames if id(frame) not in done}.values())
+    if new:
+        pixels, grids = zip(*[frame.patches(vcfg) for frame in new])
+        device = next(model.parameters()).device
+        out = model.model.get_image_features(torch.cat(pixels).to(device), torch.stack(grids).to(device))
+        done.update((id(frame), (frame, embeds)) for frame, embeds in zip(new, out.pooler_output))
+    return [done[id(frame)][1] for frame in frames]
+
+
 class KVBatch:
     """Rows of conversations over one KV cache. Each row grows by chunks; chunks are left-padded, and
     a 2-D attention mask over (past + chunk) hides the padding, so rows can differ in length."""
@@ -567,19 +582,11 @@ class KVBatch:
         self.model, self.renderer = model, renderer
         self.cache, self.attention = None, None  # attention: (rows, past) long
         self.next_pos = []  # per row: the text position the next token takes
-        # id(frame) -> (frame, vision-tower output): rows sharing a clip encode it once. The entry holds
-        # the frame itself, so its id cannot be reused by another frame while the entry lives.
+        # id(frame) -> (frame, vision-tower output): rows sharing a clip encode it once (encode_frames).
         self.embeds = {}
 
     def encode_frames(self, frames):
-        """Vision-tower outputs for frames, each distinct Frame encoded once per batch."""
-        new = list({id(frame): frame for frame in frames if id(frame) not in self.embeds}.values())
-        if new:
-            pixels, grids = zip(*[frame.patches(self.renderer.vcfg) for frame in new])
-            device = self.model.device
-            out = self.model.model.get_image_features(torch.cat(pixels).to(device), torch.stack(grids).to(device))
-            self.embeds.update((id(frame), (frame, embeds)) for frame, embeds in zip(new, out.pooler_output))
-        return [self.embeds[id(frame)][1] for frame in frames]
+        return encode_frames(self.model, self.renderer.vcfg, frames, self.embeds)
 
     def forget(self, frames):
         """Drop the vision outputs of frames no row needs any more (a finished prompt's clips)."""
@@ -795,7 +802,8 @@ def start_group(model, renderer, prompt, num_rows, limits, max_batch_rows=0):
     if why:
         raise ValueError(why)
     episodes = [Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames), list(prompt.turns),
-                        last_turn=prompt.last_turn, num_zooms=prompt.num_zooms) for _ in range(num_rows)]
+                        last_turn=prompt.last_turn, num_zooms=prompt.num_zooms, prompt_len=len(prompt.ids))
+                for _ in range(num_rows)]
     part = KVBatch(model, renderer)
     return episodes, part, part.start(prompt.ids, prompt.frames, num_rows)
 
@@ -908,42 +916,91 @@ def pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens, entropy=None
 # 7. Training: log-probs of a batch, checkpoints
 
 
-def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, top_p=1.0):
-    """Log-probabilities of every trainable token of a batch of episodes, in one training forward.
+def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, top_p=1.0, prompt_lens=None):
+    """Log-probabilities of every trainable token of a batch of episodes, with gradient when it is enabled.
 
     Args:
-        batch: list of (ids, mask, frames); rows are right-padded, frames are fed in row order.
+        batch: list of (ids, mask, frames), frames in the order their tokens appear.
         temperature, top_p: the sampler's (sample_tokens): the learner scores the distribution the episodes
             were drawn from, or its gradient would be off-policy (1 and 1 for SFT and for a reference).
+        prompt_lens: per row, the length of its prompt (Episode.prompt_len); the rows of a GRPO group sit next to
+            each other and share it. Each distinct prompt then goes through the language model once, and its rows
+            go on from its keys and values in one batch, their 3-D positions continuing from the prompt's (as in
+            the rollout's cache). The gradient of every row flows back through those keys and values into the
+            prompt's forward: the same log-probs and gradient as each row whole, for about 1/G of the prompt's cost.
+            None: each row whole, in one forward.
     Returns:
-        logp (B, T) with logp[b, t] = log p(ids[b][t] | ids[b][:t]) where mask[b][t] == 1, else 0;
-        mask (B, T) float; entropy (B, T) of the same distributions when asked (else None).
-        Only positions some row trains are sent through the lm_head, so a 150k vocabulary never
-        materialises logits for the prompt and the frames.
+        logp (B, T) with logp[b, t] = log p(token | the tokens before it) where mask[b, t] == 1, else 0; mask (B, T)
+        float; entropy (B, T) of the same distributions when asked (else None). Column t is token cut_b + t of
+        row b, where cut_b is where its shared prompt's forward stopped (0 when prompt_lens is None).
+        Each distinct frame of the batch goes through the vision tower once, and only positions some row trains
+        go through the lm_head, so a 150k vocabulary never materialises logits for the prompt and the frames.
     """
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
     device = next(model.parameters()).device
-    width = max(len(ids) for ids, _, _ in batch)
-    input_ids = torch.full((len(batch), width), renderer.pad, dtype=torch.long)
-    attention = torch.zeros(len(batch), width, dtype=torch.long)
-    positions = torch.zeros(3, len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width)
-    pixels, grids = [], []
-    for row, (ids, row_mask, frames) in enumerate(batch):
-        assert len(ids) == len(row_mask), "ids and mask must be in lockstep"
-        patches = [frame.patches(renderer.vcfg) for frame in frames]
-        pixels += [p for p, _ in patches]
-        grids += [g for _, g in patches]
-        positions[:, row, :len(ids)], _ = rope_positions(ids, [g for _, g in patches], renderer.image_pad,
-                                                         renderer.vcfg.merge_size, 0)
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention[row, :len(ids)] = 1
+    # Where a row's own forward starts: at its prompt's last token (whose logits predict the first written one),
+    # or before its first trained token. Under gradient checkpointing transformers drops the cache: rows go whole.
+    checkpointing = getattr(model, "is_activation_checkpointing", False) and model.training and torch.is_grad_enabled()
+    cuts = [0 if prompt_lens is None or checkpointing else max(0, min(length, mask.index(1) if 1 in mask else
+                                                                     len(mask)) - 1)
+            for (_, mask, _), length in zip(batch, prompt_lens or [0] * len(batch))]
+    assert all(cuts) or not any(cuts), "rows with a shared prompt and rows without cannot share a batch"
+    prompts, owner, rows = [], [], []  # distinct prompts (ids, frames); per row, its prompt and its own part
+    for (ids, mask, frames), cut in zip(batch, cuts):
+        assert len(ids) == len(mask), "ids and mask must be in lockstep"
+        image_tokens, shown = ids[:cut].count(renderer.image_pad), 0  # the prompt's frames
+        while image_tokens > 0:
+            image_tokens -= int(frames[shown].patches(renderer.vcfg)[1].prod()) // renderer.vcfg.merge_size ** 2
+            shown += 1
+        prompt = (ids[:cut], frames[:shown])
+        if not prompts or prompts[-1][0] != prompt[0] or any(a is not b for a, b in zip(prompts[-1][1], prompt[1])):
+            prompts.append(prompt)
+        owner.append(len(prompts) - 1)
+        rows.append((ids[cut:], frames[shown:], mask[cut:]))
+    # The vision tower, once per distinct frame; under FSDP2 the root's weights are gathered for it first.
+    gather_root(model)
+    features = iter(encode_frames(model, renderer.vcfg, [f for _, fs in prompts for f in fs]
+                                  + [f for _, fs, _ in rows for f in fs], {}))
+
+    def forward(parts, starts, past=None, cache=None, keep=1):
+        """One forward of right-padded parts (ids, frames) whose positions start at starts, after a cache."""
+        width = max(1, max(len(ids) for ids, _ in parts))
+        input_ids = torch.full((len(parts), width), renderer.pad, dtype=torch.long)
+        attention = torch.zeros(len(parts), width, dtype=torch.long)
+        positions = torch.zeros(3, len(parts), width, dtype=torch.long)
+        ends, vision = [], []
+        for row, ((ids, frames), start) in enumerate(zip(parts, starts)):
+            grids = [frame.patches(renderer.vcfg)[1] for frame in frames]
+            positions[:, row, :len(ids)], end = rope_positions(ids, grids, renderer.image_pad,
+                                                               renderer.vcfg.merge_size, start)
+            input_ids[row, :len(ids)], attention[row, :len(ids)] = torch.tensor(ids, dtype=torch.long), 1
+            ends.append(end)
+            vision += [next(features) for _ in frames]
+        out = model(input_ids=input_ids.to(device), position_ids=positions.to(device),
+                    attention_mask=(attention if past is None else torch.cat([past, attention], 1)).to(device),
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=vision)} if vision else None,
+                    cache=cache, use_cache=cache is not None, logits_to_keep=keep)
+        return out, input_ids, attention, ends
+
+    past = cache = None
+    starts, anchor = [0] * len(rows), 0.0
+    if any(cuts):  # each distinct prompt once; its keys and values are selected for its rows (gradient flows back)
+        out, _, attention, ends = forward(prompts, [0] * len(prompts), cache=DynamicCache(config=model.config))
+        # The prompt's output joins the result at weight 0, so the backward also enters the prompt's forward through
+        # its last layer's output: FSDP2's hooks there gather the weights that its keys' and values' gradient needs.
+        anchor = out.logits.sum() * 0
+        cache, index = out.cache, torch.tensor(owner)
+        cache.batch_select_indices(index.to(device))
+        past, starts = attention[index], [ends[i] for i in owner]
+    width = max(1, max(len(ids) for ids, _, _ in rows))
+    mask = torch.zeros(len(rows), width)
+    for row, (ids, _, row_mask) in enumerate(rows):
         mask[row, :len(ids)] = torch.tensor(row_mask, dtype=torch.float)
-    mask[:, 0] = 0  # the first token has no prediction
+    mask[:, 0] = 0  # a row's first token has no prediction (or its prompt's forward made it)
     # Logits at position t predict token t+1: keep the positions whose next token is trained.
     keep = mask[:, 1:].any(0).nonzero().squeeze(-1)  # (K,)
-    out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                position_ids=positions.to(device), pixel_values=torch.cat(pixels).to(device) if pixels else None,
-                image_grid_thw=torch.stack(grids).to(device) if grids else None, logits_to_keep=keep.to(device))
+    out, input_ids, _, _ = forward([(ids, frames) for ids, frames, _ in rows], starts, past, cache, keep.to(device))
     # The sampler's distribution (rollout_groups): its temperature, the vision placeholders banned, its top-p.
     # A recorded token keeps its logit anyway (a teacher may write a placeholder; rounding may move the nucleus).
     logits = out.logits.float() / temperature  # (B, K, V)
@@ -953,7 +1010,7 @@ def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, 
     if top_p < 1.0:
         logits = nucleus(logits, top_p, keep=targets.squeeze(-1))
     log_probs = logits.log_softmax(-1)
-    logp = torch.zeros(len(batch), width, device=device)
+    logp = torch.zeros(len(rows), width, device=device)
     logp[:, keep + 1] = log_probs.gather(-1, targets).squeeze(-1)
     mask = mask.to(device)
     entropy = None
@@ -961,7 +1018,7 @@ def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, 
         entropy = torch.zeros_like(logp)
         entropy[:, keep + 1] = -(log_probs.exp() * log_probs.clamp(min=-1e30)).sum(-1)  # 0 * -inf would be nan
         entropy = entropy * mask
-    return logp * mask, mask, entropy
+    return logp * mask + anchor, mask, entropy
 
 
 # -----------------------------------------------------------------------------

@@ -195,6 +195,7 @@ def test_train_rl_two_processes_match_one(scripted_dir, index_video, tmp_path):
     # train_rl.py end to end: 2 gloo processes (FSDP2 policy and reference, a rollout copy per rank)
     # sample the same episodes as 1 process (sampling is seeded per prompt) and log the same metrics. One
     # process decodes both prompts' rows in one KV batch, or with --max-batch-rows 4 one group at a time: the same.
+    # The learner shares each group's prompt under FSDP2 too, and --no-share-prompt (each episode whole) logs the same.
     # At temperature 1 the scripted model answers C in about half its episodes (the rest run out of tokens),
     # so a group of 4 whose truth is C is all right or all wrong (and dropped) about 1 time in 8.
     data = tmp_path / "rl.jsonl"
@@ -203,9 +204,10 @@ def test_train_rl_two_processes_match_one(scripted_dir, index_video, tmp_path):
     data.write_text("".join(json.dumps(row) + "\n" for row in rows * 2))
     common = ["--model", scripted_dir, "--data", str(data), "--prompts-per-step", "2", "--rollouts", "4",
               "--steps", "2", "--overview-fps", "0.25", "--max-new-tokens", "64", "--max-total-tokens", "4096",
-              "--temperature", "1.0", "--lr", "1e-4", "--max-resample", "0"]
-    logs = {}
-    for name, nproc, extra in ((1, 1, []), (2, 2, []), ("capped", 1, ["--max-batch-rows", "4"])):
+              "--temperature", "1.0", "--lr", "1e-4", "--max-resample", "0", "--eval-data", str(data), "--eval-every", "1"]
+    logs, evals = {}, {}
+    for name, nproc, extra in ((1, 1, []), (2, 2, []), ("capped", 1, ["--max-batch-rows", "4"]),
+                               ("whole", 1, ["--no-share-prompt"])):
         launcher = [sys.executable] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         log = tmp_path / f"log{name}.jsonl"
@@ -213,21 +215,27 @@ def test_train_rl_two_processes_match_one(scripted_dir, index_video, tmp_path):
                                             "--out", str(tmp_path / f"out{name}"), "--log-jsonl", str(log)],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        logs[name] = [json.loads(line) for line in open(log)]
+        lines = [json.loads(line) for line in open(log)]
+        logs[name], evals[name] = [m for m in lines if "round" in m], [m for m in lines if "eval" in m]
         assert os.path.isfile(tmp_path / f"out{name}" / "final" / "model.safetensors")
-    assert len(logs[1]) == len(logs[2]) == len(logs["capped"]) == 2
+    assert len(logs[1]) == len(logs[2]) == len(logs["capped"]) == len(logs["whole"]) == 2
     for one, two in zip(logs[1], logs[2]):
         for key in ("reward", "accuracy", "format", "zooms_per_ep", "frames_per_ep", "response_tokens", "episodes",
                     "dropped_groups"):
             assert one[key] == pytest.approx(two[key], rel=1e-6), key
         for key in ("kl", "entropy", "ratio", "clipfrac_low", "clipfrac_high"):
             assert one[key] == pytest.approx(two[key], rel=1e-4, abs=1e-6), key
-    for one, capped in zip(logs[1], logs["capped"]):
-        assert {k: v for k, v in one.items() if not k.endswith("_s")} == pytest.approx(
-            {k: v for k, v in capped.items() if not k.endswith("_s")}, rel=1e-5, abs=1e-6)
+    for one, capped, whole in zip(logs[1], logs["capped"], logs["whole"]):  # whole: the learner without shared prompts
+        for other in (capped, whole):
+            assert {k: v for k, v in one.items() if not k.endswith("_s")} == pytest.approx(
+                {k: v for k, v in other.items() if not k.endswith("_s")}, rel=1e-5, abs=1e-6)
     assert logs[1][0]["ratio"] == pytest.approx(1.0, abs=1e-6)  # first mini-batch: the policy is unchanged
     assert logs[1][0]["dropped_groups"] < 1.0  # the run really trained on something
     assert logs[1][0]["old_logp_forwards"] == 0  # one mini-batch: old_logp is the update forward's own
+    # --eval-data: greedy before the first step and after each; the scripted model answers C by a margin, every
+    # question's truth (needle and count, 2 each, split over the ranks with 2 processes).
+    assert [m["step"] for m in evals[1]] == [0, 1, 2] and evals[1] == evals[2] == evals["capped"]
+    assert evals[1][0]["eval"] == {"count": 1.0, "needle": 1.0, "all": 1.0}
 
 
 def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
