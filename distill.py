@@ -184,7 +184,7 @@ base_dir = os.path.dirname(os.path.abspath(args.data))
 questions = []
 for where, row in numbered:
     try:
-        questions.append(vz.question_row(row, base_dir))
+        questions.append(plumbing.question_row(row, base_dir))
     except (ValueError, plumbing.VideoError) as e:
         reasons.append((where, plumbing.one_line(e)))
 plumbing.report_rows(args.data, len(questions), num_rows, reasons, args.max_bad_frac)

@@ -181,7 +181,7 @@ if args.data:
         try:
             if layout != "ours":  # the first of the layout's candidate paths that exists
                 row = dict(row, video=next((p for p in row["video"] if os.path.isfile(p)), row["video"][0]))
-            item = vz.question_row(row, base_dir, check_video=False)
+            item = plumbing.question_row(row, base_dir, check_video=False)
             key = hashlib.sha1(json.dumps([item["video"], item["question"], item["options"]]).encode()).hexdigest()[:16]
             seen[key] = seen.get(key, 0) + 1  # a row repeated in the file is a question of its own: key.2, key.3, ...
             questions.append(dict(item, categories=row.get("categories") or {},

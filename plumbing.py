@@ -978,6 +978,48 @@ def read_rows(path):
     return rows, reasons
 
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, in order
+
+
+def answer_letter(text):
+    """The option letter a released solution's answer gives (its \\boxed{} content when there is one), read as
+    docs/protocol.md reads a model's answer (vz.parse_answer); None when it does not start with one."""
+    boxed = re.search(r"\\boxed\{([^{}]*)\}", text)
+    letter = re.match(r"^\(?([A-Z])(?:[.):\s]|$)", (boxed.group(1) if boxed else text).strip())
+    return letter.group(1) if letter else None
+
+
+def question_row(row, base_dir, check_video=True, need_answer=True):
+    """-> dict(video, question, options, answer, kind) from our question layout or the released RL layout (problem,
+    solution, videos, data_source). Raises ValueError naming the problem, or VideoError for a video that does not
+    open (check_video): a bad row is skipped at load time. need_answer False (an SFT row): a missing answer is ''."""
+    if "problem" in row:  # released layout: the frames go where <image> was; options are in the text
+        videos = row.get("videos")
+        if not videos:
+            raise ValueError("no 'videos' entry")
+        if not isinstance(videos, list) or not all(isinstance(v, str) and v for v in videos):
+            raise ValueError("videos must be a list of paths")
+        solution = text_field(row, "solution")
+        match = re.search(r"<answer>\s*(.*?)\s*</answer>", solution, re.S)
+        row = {"video": videos[0], "question": text_field(row, "problem").replace("<image>", "").strip(),
+               "options": [], "answer": answer_letter(match.group(1) if match else solution),
+               "kind": text_field(row, "data_source", required=False)}
+    video, question = text_field(row, "video"), text_field(row, "question")
+    options = row.get("options") or []
+    if not isinstance(options, list) or not all(isinstance(option, str) for option in options):
+        raise ValueError("options must be a list of strings"
+                         + ("" if isinstance(options, list) else f" ({type(options).__name__})"))
+    answer = text_field(row, "answer", need_answer).strip().upper()
+    if options and answer and answer not in LETTERS[:len(options)]:
+        raise ValueError(f"answer {answer[:20]!r} is not the letter of one of the {len(options)} options")
+    path = video if os.path.isabs(video) else os.path.join(base_dir, video)
+    if check_video:
+        with open_video(path):  # fail early on unreadable videos
+            pass
+    return {"video": path, "question": question, "options": options, "answer": answer,
+            "kind": text_field(row, "kind", required=False)}
+
+
 def text_field(row, key, required=True):
     """row[key] as a string; a missing optional key is ''. ValueError names the key and what it holds."""
     value = row.get(key)
@@ -1118,7 +1160,7 @@ def detect_layout(row):
 def read_benchmark(path, layout=None, video_dir=None):
     """-> (layout, [(where, row)], reasons): a question file (or MLVU's directory of task files) read as our
     question rows. A benchmark's row has `video` a list of candidate paths (the first that exists is the video)
-    and `categories` ({name: value}); our layout's rows are as in the file (vz.question_row reads them, paths
+    and `categories` ({name: value}); our layout's rows are as in the file (question_row reads them, paths
     against video_dir or the file's directory). Unreadable rows are reasons [(where, why)]."""
     files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".json")) if os.path.isdir(path) \
         else [path]
@@ -1361,6 +1403,23 @@ def pack_by_tokens(items, length, max_tokens):
     return groups + [current] if current else groups
 
 
+def pack_by_prompt(items, max_tokens):
+    """Group (episode, ...) items in order, so that a group's episodes (next to each other, sharing a prompt) stay
+    together, within max_tokens padded: distinct prompts x the longest prompt + episodes x the longest rest."""
+    batches, current, size = [], [], (0, 0, 0)  # size: prompts, longest prompt, longest rest
+    for item in items:
+        episode, last = item[0], current[-1][0] if current else None
+        shared = last is not None and last.ids[:last.prompt_len] == episode.ids[:episode.prompt_len]
+        rest = len(episode.ids) - episode.prompt_len + 1
+        grown = (size[0] + (not shared), max(size[1], episode.prompt_len), max(size[2], rest))
+        if current and grown[0] * grown[1] + (len(current) + 1) * grown[2] > max_tokens:
+            batches.append(current)
+            current, grown = [], (1, episode.prompt_len, rest)
+        current.append(item)
+        size = grown
+    return batches + [current] if current else batches
+
+
 def compute_cleanup():
     import torch.distributed as dist
     if dist.is_initialized():
@@ -1396,6 +1455,35 @@ def write_file(path, text):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         fail(f"{path}: cannot write ({e.strerror}); the file is as it was before this run")
+
+
+def curves_svg(title, series, width=640, height=360):
+    """A line chart as SVG text, no dependency: series is {name: [(x, y), ...]} with y in [0, 1] (accuracies,
+    rewards); x shares one axis. Each series its own colour, with a legend; gridlines at every 0.2."""
+    import html
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    left, right, top, bottom = 48, 150, 30, 36
+    xs = [x for points in series.values() for x, _ in points] or [0, 1]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
+    py = lambda y: top + (1 - min(max(y, 0.0), 1.0)) * (height - top - bottom)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{left}" y="18" font-size="13">{html.escape(title)}</text>']
+    for tick in range(6):
+        y = py(tick / 5)
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick / 5:.1f}</text>')
+    for tick in sorted({round(x0 + k * (x1 - x0) / 5) for k in range(6)}):
+        parts.append(f'<text x="{px(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{tick}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">step</text>')
+    for index, (name, points) in enumerate(series.items()):
+        colour = colours[index % len(colours)]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        parts.append(f'<rect x="{width - right + 10}" y="{top + 16 * index}" width="12" height="3" fill="{colour}"/>'
+                     f'<text x="{width - right + 26}" y="{top + 16 * index + 5}">{html.escape(name)}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
 
 
 def weights_hash(model_dir):

@@ -13,8 +13,10 @@ Each step: (1) G rollouts per prompt, a rank's prompts decoding together in one 
 (2) reward per trajectory (vz.reward); (3) group-normalised advantages, groups whose answers are all
 right or all wrong dropped and refilled from the next prompts; (4) log-probs under the rollout policy
 (with one mini-batch the update forward's own, so the ratio is exactly 1) and under the frozen
-reference, at the sampler's temperature and top-p; (5) mini-batch updates of vz.pg_loss; (6) metrics,
-and every --episodes-every steps a few decoded episodes to a JSONL.
+reference, at the sampler's temperature and top-p; the learner sends each group's prompt and each distinct
+frame through the model once, its G episodes going on from the prompt's keys and values (--share-prompt);
+(5) mini-batch updates of vz.pg_loss; (6) metrics, every --episodes-every steps a few decoded episodes to a
+JSONL, and with --eval-data the held-out greedy accuracy every --eval-every steps (curves beside --log-jsonl).
 
 Deliberate departures from textbook GRPO (docs/protocol.md):
 1. Clip-higher: ratio clipped to [1 - 0.2, 1 + 0.27] (DAPO), so rare good tokens can still grow.
@@ -100,7 +102,8 @@ group = parser.add_argument_group("Checkpointing and logging")
 plumbing.add_checkpoint_flags(group)
 group.add_argument("--save-every", type=int, default=0, help="checkpoint step_N every N optimizer steps (a multiple "
                    "of --mini-batches); 0 = off")
-group.add_argument("--log-jsonl", help="append one JSON line of metrics per rollout round")
+group.add_argument("--log-jsonl", help="append one JSON line of metrics per rollout round (and one per held-out "
+                   "evaluation); with --eval-data its curves are drawn beside it, as .svg")
 group.add_argument("--episodes-jsonl", help="append a few decoded episodes here every --episodes-every rounds")
 group.add_argument("--episodes-every", type=int, default=10, help="rollout rounds between episode dumps")
 group = parser.add_argument_group("Held-out evaluation")
@@ -198,7 +201,7 @@ num_rows = len(rows) + len(reasons)
 
 
 def check_prompt(row, base_dir=base_dir):
-    item = vz.question_row(row, base_dir, check_video=False)
+    item = plumbing.question_row(row, base_dir, check_video=False)
     # The prompt is rendered once here, so one that leaves no room for a turn is a skipped row now, not a
     # crash hours into the run when it is first sampled. Rendered on stand-ins for the overview frames (at
     # least as long as the real prompt): the overview is decoded when the prompt is sampled, not here as well.
@@ -287,23 +290,11 @@ def forward_batches(batches):
 
 
 def micro_batches(items):
-    """A mini-batch's (episode, advantage) items in micro-batches of at most --micro-batch-tokens, padding included.
-    Shared prompts: in order, so a group's episodes stay together and its prompt counts once (prompts x longest
-    prompt + episodes x longest rest). Otherwise each episode whole, longest first."""
-    if not args.share_prompt:
-        return plumbing.pack_by_tokens(items, lambda item: len(item[0].ids), args.micro_batch_tokens)
-    batches, current, size = [], [], (0, 0, 0)  # size: prompts, longest prompt, longest rest
-    for episode, advantage in items:
-        last = current[-1][0] if current else None
-        shared = last is not None and last.ids[:last.prompt_len] == episode.ids[:episode.prompt_len]
-        rest = len(episode.ids) - episode.prompt_len + 1
-        grown = (size[0] + (not shared), max(size[1], episode.prompt_len), max(size[2], rest))
-        if current and grown[0] * grown[1] + (len(current) + 1) * grown[2] > args.micro_batch_tokens:
-            batches.append(current)
-            current, grown = [], (1, episode.prompt_len, rest)
-        current.append((episode, advantage))
-        size = grown
-    return batches + [current] if current else batches
+    """A mini-batch's (episode, advantage) items in micro-batches of at most --micro-batch-tokens, padding included:
+    with shared prompts in order (a group's prompt counted once), otherwise each episode whole, longest first."""
+    if args.share_prompt:
+        return plumbing.pack_by_prompt(items, args.micro_batch_tokens)
+    return plumbing.pack_by_tokens(items, lambda item: len(item[0].ids), args.micro_batch_tokens)
 
 
 def as_rows(batch):
@@ -386,6 +377,14 @@ def report_eval(step):
         if log:
             log.write(json.dumps({"step": step, "eval": scores}) + "\n")
             log.flush()
+            lines = [json.loads(line) for line in open(args.log_jsonl)]  # this run's and those it resumed
+            series = {"train reward (sampled)": [(m["step"], m["reward"]) for m in lines if "reward" in m],
+                      "train accuracy (sampled)": [(m["step"], m["accuracy"]) for m in lines if "accuracy" in m]}
+            for kind in scores:
+                series[f"held-out {kind} (greedy)"] = [(m["step"], m["eval"][kind]) for m in lines
+                                                       if kind in m.get("eval", {})]
+            plumbing.write_file(os.path.splitext(args.log_jsonl)[0] + ".svg",
+                                plumbing.curves_svg(f"train_rl.py: {args.data}", series))
 
 
 # -----------------------------------------------------------------------------

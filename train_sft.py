@@ -175,7 +175,7 @@ def render_messages(row, base_dir):
 
 def render_row(row, base_dir, system_prompt):
     """Our layout: video, question, options, answer, turns (assistant texts)."""
-    item = vz.question_row(row, base_dir, check_video=False, need_answer=False)
+    item = plumbing.question_row(row, base_dir, check_video=False, need_answer=False)
     turns = row.get("turns")
     if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
         raise ValueError("turns must be a non-empty list of strings"

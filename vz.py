@@ -6,7 +6,7 @@ clips it asks a temporal zoom tool for. Read top to bottom, in the order of the 
 3. Parser: one assistant turn -> a zoom call, an answer, or a one-line error. Never raises.
 4. Qwen2.5-VL's 3-D rope positions, on which the rollout's cache and the learner's forward must agree.
 5. Environment (`respond`) and rollout: G trajectories per question, many prompts in one KV batch.
-6. Reward, group advantages and the clipped objective; 7. the learner's log-probs; 8. question rows.
+6. Reward, group advantages and the clipped objective; 7. the learner's log-probs, each prompt once.
 
 The protocol (tags, keys, budgets, reward, loss mask) is docs/protocol.md. Decoding video files, checkpoints,
 torchrun and the CLI are plumbing.py, which a reader learning the method may skip.
@@ -15,15 +15,14 @@ torchrun and the CLI are plumbing.py, which a reader learning the method may ski
 import itertools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from plumbing import (Frame, VideoError, additive_mask, gather_root, growing_cache, left_pad, open_video, resize_shape,
-                      text_field)
+from plumbing import (LETTERS, Frame, VideoError, additive_mask, answer_letter, gather_root, growing_cache, left_pad,
+                      resize_shape)
 
 # -----------------------------------------------------------------------------
 # 1. Sampler policy: the overview's times and a zoom clip's times
@@ -63,10 +62,8 @@ def clip_times(start, end, num_frames):
 
 
 def sample_clip(video, vcfg, start, end, num_frames):
-    """Frames showing at clip_times(...), from one seek and a forward decode; never a frame twice.
-
-    When [start, end] shows fewer source frames than asked, all of them are returned.
-    """
+    """Frames showing at clip_times(...), from one seek and a forward decode; never a frame twice (when [start, end]
+    shows fewer source frames than asked, all of them)."""
     key = (start, end, num_frames, resize_shape(video.height, video.width, vcfg))
     if key not in video.clips:  # rollouts of one prompt often ask for the same segment: decode it once
         if len(video.clips) >= 16:
@@ -114,9 +111,6 @@ LAST_TURN = "This is your last turn: do not call the tool again; give your final
 
 def frame_tag(index, seconds):
     return f"<frame{index}_time{seconds:.2f}s>"
-
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, in order
 
 
 def format_question(question, options):
@@ -347,9 +341,7 @@ def parse_zoom(body, duration, max_frames, video_frames=None):
 
 def parse_answer(content):
     boxed = re.search(r"\\boxed\{([^{}]*)\}", content)
-    text = (boxed.group(1) if boxed else content).strip()
-    letter = re.match(r"^\(?([A-Z])(?:[.):\s]|$)", text)
-    return Answer(text, letter.group(1) if letter else None)
+    return Answer((boxed.group(1) if boxed else content).strip(), answer_letter(content))
 
 
 def parse_turn(text, duration, max_frames, video_frames=None):
@@ -585,9 +577,6 @@ class KVBatch:
         # id(frame) -> (frame, vision-tower output): rows sharing a clip encode it once (encode_frames).
         self.embeds = {}
 
-    def encode_frames(self, frames):
-        return encode_frames(self.model, self.renderer.vcfg, frames, self.embeds)
-
     def forget(self, frames):
         """Drop the vision outputs of frames no row needs any more (a finished prompt's clips)."""
         for frame in frames:
@@ -604,7 +593,8 @@ class KVBatch:
         input_ids = torch.full((rows, width), self.renderer.pad, dtype=torch.long)
         positions = torch.zeros(3, rows, width, dtype=torch.long)
         chunk_mask = torch.zeros(rows, width, dtype=torch.long)
-        features = iter(self.encode_frames([frame for _, frames in chunks for frame in frames]))
+        features = iter(encode_frames(self.model, self.renderer.vcfg, [f for _, fs in chunks for f in fs],
+                                      self.embeds))
         image_rows = []  # per row: its image features in slot order, one (slots, hidden) tensor, or None
         for row, (ids, frames) in enumerate(chunks):
             image_rows.append(torch.cat([next(features) for _ in frames]) if frames else None)
@@ -696,11 +686,8 @@ def sample_tokens(logits, temperature, top_p, generator):
 
 def rollout(model, renderer, video, prompt, num_rollouts=1, limits=Limits(), temperature=1.0, top_p=1.0,
             generator=None, on_turn=None):
-    """Run num_rollouts trajectories of the zoom protocol from one prompt (rollout_groups, one group).
-
-    on_turn: optional callback(row, episode, turn_record) as each turn finishes.
-    Returns a list of Episode, one per row.
-    """
+    """num_rollouts trajectories of the zoom protocol from one prompt (rollout_groups, one group): a list of Episode.
+    on_turn: optional callback(row, episode, turn_record) as each turn finishes."""
     callback = None if on_turn is None else lambda group, row, episode, record: on_turn(row, episode, record)
     return rollout_groups(model, renderer, [(video, prompt, num_rollouts, generator)], limits, temperature, top_p,
                           on_turn=callback)[0]
@@ -718,22 +705,17 @@ def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, to
                    on_turn=None, on_done=None):
     """Run the zoom protocol for several prompts at once: the rows of all of them decode in one KV batch.
 
-    A group's prompt (system + overview + question) goes through the vision tower and prefill alone,
-    its cache is copied to the group's rows, and those rows join the running batch (KVBatch.join).
-    Each turn all rows decode together until each one stops at </video_zoom>, <|im_end|> or its token
-    cap; then respond() answers every row with its own group's video, and only the new tokens (the stop
-    token, the reply with its frames, the next header) are prefilled. Finished rows leave the batch;
-    between turns, waiting groups join while the batch has room for all their rows.
-
-    Sampling is per group: one sample_tokens call on the group's rows with the group's generator, on
-    every step where one of its rows is still writing: the same calls, in the same order, as when the
-    group runs alone. So a seeded group gets the same episodes whichever groups share its batch.
+    A group's prompt (system + overview + question) is prefilled alone, its cache copied to the group's rows,
+    which join the running batch (KVBatch.join). Each turn all rows decode together until each stops at
+    </video_zoom>, <|im_end|> or its cap; respond() answers each row with its group's video, and only the new
+    tokens (stop token, reply with its frames, next header) are prefilled. Finished rows leave; waiting groups
+    join while there is room. Sampling is per group, with its generator, on every step where one of its rows
+    writes: the same calls as alone, so a seeded group gets the same episodes whichever groups share its batch.
 
     Args:
-        groups: iterable of (video, prompt, num_rows, generator); prompt from build_prompt, or a replayed
-            episode to continue (copied for each row, its turns too), generator a seeded torch.Generator
-            (unused when greedy). Taken lazily: the next group is read only when the batch may have room for
-            it, so a long question set can stream.
+        groups: iterable of (video, prompt, num_rows, generator); prompt from build_prompt, or a replayed episode to
+            continue (copied for each row, its turns too), generator a seeded torch.Generator (unused when greedy).
+            Taken lazily, when the batch may have room for the next one, so a long question set can stream.
         max_batch_rows: most rows decoding at once (bounds the cache's memory); 0 = no cap.
         on_turn: optional callback(group index, row, episode, turn_record) as each turn finishes.
         on_done: optional callback(group index, episodes) when the group's last row has finished.
@@ -798,9 +780,8 @@ def start_group(model, renderer, prompt, num_rows, limits, max_batch_rows=0):
     A lone prefill gives exactly the logits of the one-prompt rollout, and lets a group join a running batch."""
     if max_batch_rows and num_rows > max_batch_rows:
         raise ValueError(f"a prompt with {num_rows} rows does not fit max_batch_rows={max_batch_rows}")
-    why = too_long(prompt, limits)
-    if why:
-        raise ValueError(why)
+    if too_long(prompt, limits):
+        raise ValueError(too_long(prompt, limits))
     episodes = [Episode(list(prompt.ids), list(prompt.mask), list(prompt.frames), list(prompt.turns),
                         last_turn=prompt.last_turn, num_zooms=prompt.num_zooms, prompt_len=len(prompt.ids))
                 for _ in range(num_rows)]
@@ -913,7 +894,7 @@ def pg_loss(logp, old_logp, ref_logp, advantages, mask, num_tokens, entropy=None
 
 
 # -----------------------------------------------------------------------------
-# 7. Training: log-probs of a batch, checkpoints
+# 7. The learner's log-probs: each group's prompt once
 
 
 def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, top_p=1.0, prompt_lens=None):
@@ -921,72 +902,31 @@ def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, 
 
     Args:
         batch: list of (ids, mask, frames), frames in the order their tokens appear.
-        temperature, top_p: the sampler's (sample_tokens): the learner scores the distribution the episodes
-            were drawn from, or its gradient would be off-policy (1 and 1 for SFT and for a reference).
-        prompt_lens: per row, the length of its prompt (Episode.prompt_len); the rows of a GRPO group sit next to
-            each other and share it. Each distinct prompt then goes through the language model once, and its rows
-            go on from its keys and values in one batch, their 3-D positions continuing from the prompt's (as in
-            the rollout's cache). The gradient of every row flows back through those keys and values into the
-            prompt's forward: the same log-probs and gradient as each row whole, for about 1/G of the prompt's cost.
-            None: each row whole, in one forward.
-    Returns:
-        logp (B, T) with logp[b, t] = log p(token | the tokens before it) where mask[b, t] == 1, else 0; mask (B, T)
-        float; entropy (B, T) of the same distributions when asked (else None). Column t is token cut_b + t of
-        row b, where cut_b is where its shared prompt's forward stopped (0 when prompt_lens is None).
-        Each distinct frame of the batch goes through the vision tower once, and only positions some row trains
-        go through the lm_head, so a 150k vocabulary never materialises logits for the prompt and the frames.
+        temperature, top_p: the sampler's, so the learner scores what the episodes were drawn from (SFT: 1, 1).
+        prompt_lens: per row, its prompt's length (Episode.prompt_len); a GRPO group's rows sit together. Each
+            distinct prompt then goes through the language model once, and its rows go on from its keys and values
+            in one batch, positions continuing from the prompt's (as in the rollout's cache); their gradient flows
+            back through those keys and values into the prompt's forward. None: each row whole.
+    Returns: logp (B, T), log p(token | tokens before) where mask (B, T) is 1, else 0; entropy (B, T) when asked.
+        Column t is token cut_b + t of row b, cut_b where its prompt's forward stopped (0 without prompt_lens).
+    Each distinct frame goes through the vision tower once; only trained positions go through the lm_head.
     """
     from transformers.cache_utils import DynamicCache
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
     device = next(model.parameters()).device
-    # Where a row's own forward starts: at its prompt's last token (whose logits predict the first written one),
-    # or before its first trained token. Under gradient checkpointing transformers drops the cache: rows go whole.
+    # A row's own forward starts at its prompt's last token (whose logits predict the first written one), or before
+    # its first trained token. Under gradient checkpointing transformers drops the cache: then each row goes whole.
     checkpointing = getattr(model, "is_activation_checkpointing", False) and model.training and torch.is_grad_enabled()
-    cuts = [0 if prompt_lens is None or checkpointing else max(0, min(length, mask.index(1) if 1 in mask else
-                                                                     len(mask)) - 1)
-            for (_, mask, _), length in zip(batch, prompt_lens or [0] * len(batch))]
+    cuts = [0 if prompt_lens is None or checkpointing else max(0, min(n, mask.index(1) if 1 in mask else n) - 1)
+            for (_, mask, _), n in zip(batch, prompt_lens or [0] * len(batch))]
     assert all(cuts) or not any(cuts), "rows with a shared prompt and rows without cannot share a batch"
-    prompts, owner, rows = [], [], []  # distinct prompts (ids, frames); per row, its prompt and its own part
-    for (ids, mask, frames), cut in zip(batch, cuts):
-        assert len(ids) == len(mask), "ids and mask must be in lockstep"
-        image_tokens, shown = ids[:cut].count(renderer.image_pad), 0  # the prompt's frames
-        while image_tokens > 0:
-            image_tokens -= int(frames[shown].patches(renderer.vcfg)[1].prod()) // renderer.vcfg.merge_size ** 2
-            shown += 1
-        prompt = (ids[:cut], frames[:shown])
-        if not prompts or prompts[-1][0] != prompt[0] or any(a is not b for a, b in zip(prompts[-1][1], prompt[1])):
-            prompts.append(prompt)
-        owner.append(len(prompts) - 1)
-        rows.append((ids[cut:], frames[shown:], mask[cut:]))
-    # The vision tower, once per distinct frame; under FSDP2 the root's weights are gathered for it first.
-    gather_root(model)
+    prompts, owner, rows = split_prompts(renderer, batch, cuts)
+    gather_root(model)  # the vision tower, once per distinct frame (under FSDP2 the root's weights gathered first)
     features = iter(encode_frames(model, renderer.vcfg, [f for _, fs in prompts for f in fs]
                                   + [f for _, fs, _ in rows for f in fs], {}))
-
-    def forward(parts, starts, past=None, cache=None, keep=1):
-        """One forward of right-padded parts (ids, frames) whose positions start at starts, after a cache."""
-        width = max(1, max(len(ids) for ids, _ in parts))
-        input_ids = torch.full((len(parts), width), renderer.pad, dtype=torch.long)
-        attention = torch.zeros(len(parts), width, dtype=torch.long)
-        positions = torch.zeros(3, len(parts), width, dtype=torch.long)
-        ends, vision = [], []
-        for row, ((ids, frames), start) in enumerate(zip(parts, starts)):
-            grids = [frame.patches(renderer.vcfg)[1] for frame in frames]
-            positions[:, row, :len(ids)], end = rope_positions(ids, grids, renderer.image_pad,
-                                                               renderer.vcfg.merge_size, start)
-            input_ids[row, :len(ids)], attention[row, :len(ids)] = torch.tensor(ids, dtype=torch.long), 1
-            ends.append(end)
-            vision += [next(features) for _ in frames]
-        out = model(input_ids=input_ids.to(device), position_ids=positions.to(device),
-                    attention_mask=(attention if past is None else torch.cat([past, attention], 1)).to(device),
-                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=vision)} if vision else None,
-                    cache=cache, use_cache=cache is not None, logits_to_keep=keep)
-        return out, input_ids, attention, ends
-
-    past = cache = None
-    starts, anchor = [0] * len(rows), 0.0
+    past, cache, starts, anchor = None, None, [0] * len(rows), 0.0
     if any(cuts):  # each distinct prompt once; its keys and values are selected for its rows (gradient flows back)
-        out, _, attention, ends = forward(prompts, [0] * len(prompts), cache=DynamicCache(config=model.config))
+        out, _, attention, ends = padded_forward(model, renderer, prompts, [0] * len(prompts), features,
+                                                 cache=DynamicCache(config=model.config))
         # The prompt's output joins the result at weight 0, so the backward also enters the prompt's forward through
         # its last layer's output: FSDP2's hooks there gather the weights that its keys' and values' gradient needs.
         anchor = out.logits.sum() * 0
@@ -994,13 +934,12 @@ def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, 
         cache.batch_select_indices(index.to(device))
         past, starts = attention[index], [ends[i] for i in owner]
     width = max(1, max(len(ids) for ids, _, _ in rows))
-    mask = torch.zeros(len(rows), width)
-    for row, (ids, _, row_mask) in enumerate(rows):
-        mask[row, :len(ids)] = torch.tensor(row_mask, dtype=torch.float)
+    mask = torch.tensor([list(row_mask) + [0] * (width - len(row_mask)) for _, _, row_mask in rows], dtype=torch.float)
     mask[:, 0] = 0  # a row's first token has no prediction (or its prompt's forward made it)
     # Logits at position t predict token t+1: keep the positions whose next token is trained.
     keep = mask[:, 1:].any(0).nonzero().squeeze(-1)  # (K,)
-    out, input_ids, _, _ = forward([(ids, frames) for ids, frames, _ in rows], starts, past, cache, keep.to(device))
+    out, input_ids, _, _ = padded_forward(model, renderer, [(ids, frames) for ids, frames, _ in rows], starts,
+                                          features, past, cache, keep.to(device))
     # The sampler's distribution (rollout_groups): its temperature, the vision placeholders banned, its top-p.
     # A recorded token keeps its logit anyway (a teacher may write a placeholder; rounding may move the nucleus).
     logits = out.logits.float() / temperature  # (B, K, V)
@@ -1012,45 +951,50 @@ def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, 
     log_probs = logits.log_softmax(-1)
     logp = torch.zeros(len(rows), width, device=device)
     logp[:, keep + 1] = log_probs.gather(-1, targets).squeeze(-1)
-    mask = mask.to(device)
-    entropy = None
+    mask, entropy = mask.to(device), None
     if with_entropy:
         entropy = torch.zeros_like(logp)
         entropy[:, keep + 1] = -(log_probs.exp() * log_probs.clamp(min=-1e30)).sum(-1)  # 0 * -inf would be nan
-        entropy = entropy * mask
+        entropy *= mask
     return logp * mask + anchor, mask, entropy
 
 
-# -----------------------------------------------------------------------------
-# 8. Question rows: checked once at load time, so a bad row is skipped, never met mid-run
+def split_prompts(renderer, batch, cuts):
+    """-> the distinct prompts (ids, frames) before cuts (shared by consecutive rows), each row's, and its rest."""
+    prompts, owner, rows = [], [], []
+    for (ids, mask, frames), cut in zip(batch, cuts):
+        assert len(ids) == len(mask), "ids and mask must be in lockstep"
+        image_tokens, shown = ids[:cut].count(renderer.image_pad), 0  # the prompt's frames
+        while image_tokens > 0:
+            image_tokens -= int(frames[shown].patches(renderer.vcfg)[1].prod()) // renderer.vcfg.merge_size ** 2
+            shown += 1
+        prompt = (ids[:cut], frames[:shown])
+        if not prompts or prompts[-1][0] != prompt[0] or any(a is not b for a, b in zip(prompts[-1][1], prompt[1])):
+            prompts.append(prompt)
+        owner.append(len(prompts) - 1)
+        rows.append((ids[cut:], frames[shown:], mask[cut:]))
+    return prompts, owner, rows
 
 
-def question_row(row, base_dir, check_video=True, need_answer=True):
-    """-> dict(video, question, options, answer, kind) from our question layout or the released RL layout (problem,
-    solution, videos, data_source). Raises ValueError naming the problem, or VideoError for a video that does not
-    open (check_video): a bad row is skipped at load time. need_answer False (an SFT row): a missing answer is ''."""
-    if "problem" in row:  # released layout: the frames go where <image> was; options are in the text
-        videos = row.get("videos")
-        if not videos:
-            raise ValueError("no 'videos' entry")
-        if not isinstance(videos, list) or not all(isinstance(v, str) and v for v in videos):
-            raise ValueError("videos must be a list of paths")
-        solution = text_field(row, "solution")
-        match = re.search(r"<answer>\s*(.*?)\s*</answer>", solution, re.S)
-        row = {"video": videos[0], "question": text_field(row, "problem").replace("<image>", "").strip(),
-               "options": [], "answer": parse_answer(match.group(1) if match else solution).letter,
-               "kind": text_field(row, "data_source", required=False)}
-    video, question = text_field(row, "video"), text_field(row, "question")
-    options = row.get("options") or []
-    if not isinstance(options, list) or not all(isinstance(option, str) for option in options):
-        raise ValueError("options must be a list of strings"
-                         + ("" if isinstance(options, list) else f" ({type(options).__name__})"))
-    answer = text_field(row, "answer", need_answer).strip().upper()
-    if options and answer and answer not in LETTERS[:len(options)]:
-        raise ValueError(f"answer {answer[:20]!r} is not the letter of one of the {len(options)} options")
-    path = video if os.path.isabs(video) else os.path.join(base_dir, video)
-    if check_video:
-        with open_video(path):  # fail early on unreadable videos
-            pass
-    return {"video": path, "question": question, "options": options, "answer": answer,
-            "kind": text_field(row, "kind", required=False)}
+def padded_forward(model, renderer, parts, starts, features, past=None, cache=None, keep=1):
+    """One forward of right-padded parts (ids, frames), positions from starts, after a cache's keys (past: their mask);
+    features: the frames' vision outputs in order. -> (output, input ids, attention mask, each part's next position)"""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    width = max(1, max(len(ids) for ids, _ in parts))
+    input_ids = torch.full((len(parts), width), renderer.pad, dtype=torch.long)
+    attention = torch.zeros(len(parts), width, dtype=torch.long)
+    positions = torch.zeros(3, len(parts), width, dtype=torch.long)
+    ends, vision = [], []
+    for row, ((ids, frames), start) in enumerate(zip(parts, starts)):
+        grids = [frame.patches(renderer.vcfg)[1] for frame in frames]
+        positions[:, row, :len(ids)], end = rope_positions(ids, grids, renderer.image_pad, renderer.vcfg.merge_size,
+                                                           start)
+        input_ids[row, :len(ids)], attention[row, :len(ids)] = torch.tensor(ids, dtype=torch.long), 1
+        ends.append(end)
+        vision += [next(features) for _ in frames]
+    device = next(model.parameters()).device
+    out = model(input_ids=input_ids.to(device), position_ids=positions.to(device),
+                attention_mask=(attention if past is None else torch.cat([past, attention], 1)).to(device),
+                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=vision)} if vision else None,
+                cache=cache, use_cache=cache is not None, logits_to_keep=keep)
+    return out, input_ids, attention, ends

@@ -111,3 +111,25 @@ def test_gradient_checkpointing_sends_each_episode_whole(tiny, index_video):
         model.gradient_checkpointing_disable()
         model.eval()
     assert logp.shape == whole.shape and torch.allclose(logp, whole, atol=1e-5)
+
+
+def test_micro_batches_keep_a_group_together_and_count_its_prompt_once():
+    # Two groups on prompts of 100 and 60 tokens, episodes 20-50 tokens past them. Packing is in order, a prompt
+    # counts once per micro-batch (prompts x longest prompt + episodes x longest rest <= the cap), and a group
+    # splits only when it does not fit.
+    def episode(prompt, rest):
+        return vz.Episode(ids=prompt + list(range(1000, 1000 + rest)), mask=[0] * len(prompt) + [1] * rest, frames=[],
+                          prompt_len=len(prompt))
+    first, second = list(range(100)), list(range(500, 560))
+    items = [(episode(first, r), k) for k, r in enumerate((20, 50, 30))] + \
+            [(episode(second, r), 3 + k) for k, r in enumerate((40, 25))]
+    assert [[k for _, k in batch] for batch in plumbing.pack_by_prompt(items, 10_000)] == [[0, 1, 2, 3, 4]]
+    # One group: 100 + 3 x 51 = 253; both: 2 x 100 + 5 x 51 = 455.
+    assert [[k for _, k in b] for b in plumbing.pack_by_prompt(items, 300)] == [[0, 1, 2], [3, 4]]
+    assert [[k for _, k in b] for b in plumbing.pack_by_prompt(items, 210)] == [[0, 1], [2], [3, 4]]  # 202, 131, 142
+    for cap in (160, 200, 300, 455):
+        for batch in plumbing.pack_by_prompt(items, cap):
+            prompts = len({tuple(e.ids[:e.prompt_len]) for e, _ in batch})
+            cost = prompts * max(e.prompt_len for e, _ in batch) + len(batch) * max(
+                len(e.ids) - e.prompt_len + 1 for e, _ in batch)
+            assert cost <= cap or len(batch) == 1

@@ -236,6 +236,8 @@ def test_train_rl_two_processes_match_one(scripted_dir, index_video, tmp_path):
     # question's truth (needle and count, 2 each, split over the ranks with 2 processes).
     assert [m["step"] for m in evals[1]] == [0, 1, 2] and evals[1] == evals[2] == evals["capped"]
     assert evals[1][0]["eval"] == {"count": 1.0, "needle": 1.0, "all": 1.0}
+    svg = (tmp_path / "log1.svg").read_text()  # the curves beside the log: 2 training ones, 3 held-out ones
+    assert svg.startswith("<svg") and svg.count("<polyline") == 5 and "held-out needle (greedy)" in svg
 
 
 def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
