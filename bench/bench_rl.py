@@ -8,8 +8,8 @@ prompt (every episode's overview through the vision tower and the language model
 shared (vz.token_logprobs with prompt_lens: the prompt and each distinct frame once). Same episodes, same
 process, alternating, median of --repeats: G = --rollouts episodes of a 64-frame overview and 3 zooms of 16 frames
 each, their thoughts of different lengths (a real batch is ragged, so it is padded and masked), on a tiny
-model of --hidden-size and --layers. Then the peak memory of each (RSS growth over the learner
-step, each in a fresh process) and their ratio.
+model of --hidden-size and --layers. Then the activation memory of each: the bytes the policy's forward saves
+for its backward (weights not counted), what a training step's peak memory grows with, and their ratio.
 
 Then the tiny model trained to follow two zoom scripts (tests/scripted.py, tests/assets/scripted), so its rollouts
 really call the tool and its groups have reward variance: train_rl.py runs for --rounds steps as a subprocess,
@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,8 +47,6 @@ parser.add_argument("--hidden-size", type=int, default=256, help="width of the l
 parser.add_argument("--layers", type=int, default=4, help="decoder layers of the learner bench's tiny model")
 parser.add_argument("--frame-tokens", type=int, default=16, help="visual tokens per frame of the learner bench (its "
                     "frame-size bound: 28 x 28 pixels a token)")
-parser.add_argument("--memory-of", choices=("whole", "shared"), help=argparse.SUPPRESS)  # a child: one learner's peak
-parser.add_argument("--work", help=argparse.SUPPRESS)
 args = parser.parse_args()
 
 
@@ -91,15 +88,18 @@ def learner_step(model, renderer, rows, prompt_lens):
     model.zero_grad(set_to_none=True)
 
 
-if args.memory_of:  # a child process: one learner step, after one to warm up; the peak RSS growth in MiB
-    model, renderer, _, _, variants = learner_setup(args.work)
-    rows, prompt_lens = variants[args.memory_of]
-    for pixels in {id(f): f for row in rows for f in row[2]}.values():
-        pixels.patches(renderer.vcfg)  # patchified before the baseline is read, like a warm run
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    learner_step(model, renderer, rows, prompt_lens)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-    sys.exit(0)
+def saved_bytes(model, renderer, rows, prompt_lens):
+    """Bytes of the tensors the policy's forward saves for its backward, each storage once, weights left out."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = set()
+
+    def pack(tensor):
+        seen.add((tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()))
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        vz.token_logprobs(model, renderer, rows, True, 1.0, 1.0, prompt_lens)
+    return sum(size for pointer, size in seen if pointer not in weights)
+
 
 torch.set_num_threads(2)
 work = tempfile.mkdtemp(prefix="bench_rl_")
@@ -116,15 +116,9 @@ print(f"learner: G={len(episodes)} episodes of {len(episodes[0].ids)}-{len(episo
       f"({len(prompt.frames)} overview frames), {len(episodes[0].frames) - len(prompt.frames)} zoom frames each; "
       f"whole {whole_s:.2f} s, shared {shared_s:.2f} s")
 print(f"learner_ratio: {whole_s / shared_s:.2f}")
-peaks = {}
-for name in variants:
-    child = subprocess.run([sys.executable, __file__, "--memory-of", name, "--work", work, "--hidden-size",
-                            str(args.hidden_size), "--layers", str(args.layers), "--rollouts", str(args.rollouts),
-                            "--frame-tokens", str(args.frame_tokens)],
-                           check=True, capture_output=True, text=True)
-    peaks[name] = float(child.stdout.split()[-1])
-print(f"learner peak memory: whole {peaks['whole']:.0f} MiB, shared {peaks['shared']:.0f} MiB "
-      f"(ratio {peaks['shared'] / max(peaks['whole'], 1e-9):.2f})")
+saved = {name: saved_bytes(model, renderer, *variant) / 2 ** 20 for name, variant in variants.items()}
+print(f"learner activation memory: whole {saved['whole']:.0f} MiB, shared {saved['shared']:.0f} MiB "
+      f"(shared / whole {saved['shared'] / saved['whole']:.2f})")
 
 video_path = os.path.join(work, "v.mp4")
 write_index_video(video_path, num_frames=100, fps=5, gop=25)

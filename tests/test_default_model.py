@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # every test here trains a model or runs a script end to end
 
@@ -98,3 +99,19 @@ def test_the_shipped_base_loads_with_its_metrics():
         metrics = json.load(f)
     assert metrics["command"].startswith("bash train_world.sh base") and metrics["steps"] == 7000
     assert {"base/span", "base/first_seen", "base/last_seen", "needle", "count"} <= set(metrics["heldout"])
+
+
+def test_the_shipped_sft_start_loads_with_its_metrics():
+    # assets/sft is the cold-start SFT that the RL run starts from (train_world.sh --install): it loads, says what
+    # it is, shares the base's shape and tokenizer, and metrics.json names its command, steps and held-out scores.
+    sys.path.insert(0, REPO)
+    import plumbing
+    sft, tokenizer, _ = plumbing.load_model(os.path.join(REPO, "assets", "sft"))
+    base, base_tokenizer, _ = plumbing.load_model(os.path.join(REPO, "assets", "base"))
+    assert "cold-start SFT on assets/base" in sft.config.videozoomer_note
+    assert tokenizer.get_vocab() == base_tokenizer.get_vocab()
+    assert [p.shape for p in sft.parameters()] == [p.shape for p in base.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(sft.parameters(), base.parameters()))  # trained, not a copy
+    with open(os.path.join(REPO, "assets", "sft", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["command"].startswith("bash train_world.sh") and metrics["steps"] == 200
