@@ -19,6 +19,7 @@ update of the last step).
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -41,10 +42,13 @@ from videos import write_index_video  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--rollouts", type=int, default=8, help="trajectories per prompt (G)")
 parser.add_argument("--prompts", type=int, default=2, help="prompt groups per train_rl.py step")
-parser.add_argument("--rounds", type=int, default=3, help="train_rl.py steps to run; the last one is reported")
+parser.add_argument("--rounds", type=int, default=3, help="train_rl.py steps to run, the last one reported; 0 = none")
 parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each learner (median kept)")
 parser.add_argument("--hidden-size", type=int, default=256, help="width of the learner bench's tiny language model")
 parser.add_argument("--layers", type=int, default=4, help="decoder layers of the learner bench's tiny model")
+parser.add_argument("--head-dim", type=int, default=16, help="attention head width of the learner bench's model")
+parser.add_argument("--device", default="cpu", help="where the learner bench runs (cuda: bf16 autocast, its peak "
+                    "memory too)")
 parser.add_argument("--frame-tokens", type=int, default=16, help="visual tokens per frame of the learner bench (its "
                     "frame-size bound: 28 x 28 pixels a token)")
 args = parser.parse_args()
@@ -54,9 +58,10 @@ def learner_setup(work):
     """(model, renderer, {"whole": (rows, None), "shared": (rows, prompt_lens)}) for one group of G episodes."""
     video_path, model_dir = os.path.join(work, "long.mp4"), os.path.join(work, "model")
     if not os.path.isdir(model_dir):
-        write_index_video(video_path, num_frames=300 * 5, fps=5, gop=50)
-        tiny.write_tiny_checkpoint(model_dir, hidden_size=args.hidden_size, num_layers=args.layers)
-    model, tokenizer, vcfg = plumbing.load_model(model_dir, min_pixels=784, max_pixels=args.frame_tokens * 28 * 28)
+        write_index_video(video_path, num_frames=300 * 5, fps=5, gop=50, width=448, height=252)
+        tiny.write_tiny_checkpoint(model_dir, hidden_size=args.hidden_size, num_layers=args.layers,
+                                   head_dim=args.head_dim)
+    model, tokenizer, vcfg = plumbing.load_model(model_dir, args.device, 784, args.frame_tokens * 28 * 28)
     model.train()
     model.model.visual.requires_grad_(False)  # frozen, as train_rl.py has it by default
     renderer = vz.Renderer(tokenizer, vcfg)
@@ -79,13 +84,16 @@ def learner_setup(work):
 
 def learner_step(model, renderer, rows, prompt_lens):
     """The reference's log-probs (no gradient), the policy's, the loss and its backward: one group's learner work."""
-    with torch.no_grad():
+    with torch.no_grad(), plumbing.autocast(torch.device(args.device)):
         ref_logp = vz.token_logprobs(model, renderer, rows, False, 1.0, 1.0, prompt_lens)[0]
-    logp, mask, entropy = vz.token_logprobs(model, renderer, rows, True, 1.0, 1.0, prompt_lens)
-    advantages = torch.linspace(-1, 1, len(rows))
+    with plumbing.autocast(torch.device(args.device)):
+        logp, mask, entropy = vz.token_logprobs(model, renderer, rows, True, 1.0, 1.0, prompt_lens)
+    advantages = torch.linspace(-1, 1, len(rows), device=logp.device)
     loss, _ = vz.pg_loss(logp, logp.detach(), ref_logp, advantages, mask, mask.sum(), entropy)
     loss.backward()
     model.zero_grad(set_to_none=True)
+    if logp.is_cuda:
+        torch.cuda.synchronize()
 
 
 def saved_bytes(model, renderer, rows, prompt_lens):
@@ -96,7 +104,7 @@ def saved_bytes(model, renderer, rows, prompt_lens):
     def pack(tensor):
         seen.add((tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()))
         return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), plumbing.autocast(torch.device(args.device)):
         vz.token_logprobs(model, renderer, rows, True, 1.0, 1.0, prompt_lens)
     return sum(size for pointer, size in seen if pointer not in weights)
 
@@ -119,6 +127,19 @@ print(f"learner_ratio: {whole_s / shared_s:.2f}")
 saved = {name: saved_bytes(model, renderer, *variant) / 2 ** 20 for name, variant in variants.items()}
 print(f"learner activation memory: whole {saved['whole']:.0f} MiB, shared {saved['shared']:.0f} MiB "
       f"(shared / whole {saved['shared'] / saved['whole']:.2f})")
+if args.device.startswith("cuda"):  # the peak itself, over what the weights take
+    peak = {}
+    for name, variant in reversed(variants.items()):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        learner_step(model, renderer, *variant)
+        peak[name] = (torch.cuda.max_memory_allocated() - before) / 2 ** 30
+    print(f"learner peak memory: whole {peak['whole']:.1f} GiB, shared {peak['shared']:.1f} GiB "
+          f"(shared / whole {peak['shared'] / peak['whole']:.2f})")
+if args.rounds == 0:
+    sys.exit(0)
 
 video_path = os.path.join(work, "v.mp4")
 write_index_video(video_path, num_frames=100, fps=5, gop=25)
