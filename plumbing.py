@@ -142,6 +142,14 @@ class Frame:
         return self._patches
 
 
+def blank_frames(video, vcfg, times):
+    """Blank frames at times, at the size the video's frames take, decoding nothing: a prompt on them is at least as
+    long as one on the real frames (a real frame's time is at most its target's; damaged ones are left out)."""
+    height, width = resize_shape(video.height, video.width, vcfg)
+    blank = np.broadcast_to(np.zeros(3, np.uint8), (height, width, 3))  # one pixel's memory
+    return [Frame(t, blank) for t in times]
+
+
 def patchify(image, vcfg):
     """(h, w, 3) uint8 -> pixel_values (h/p * w/p, 3*T*p*p) and grid_thw (3,), Qwen2.5-VL's layout.
 

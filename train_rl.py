@@ -93,8 +93,8 @@ group.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, defa
                    "each group's prompt (system, overview frames, question) through the model once, and its episodes "
                    "go on from the prompt's keys and values in one batch: the same log-probs and gradient as each "
                    "episode whole, for the prompt's cost once a group instead of G times (every distinct frame goes "
-                   "through the vision tower once either way); off: each episode whole, as under --grad-checkpointing, "
-                   "where transformers drops the cache")
+                   "through the vision tower once either way); off: each episode whole, as under --grad-checkpointing "
+                   "(transformers drops the cache) and --train-vision (the tower then runs inside each forward)")
 group.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
 plumbing.add_trainer_flags(group)
 group.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
@@ -112,7 +112,7 @@ group.add_argument("--eval-data", help="held-out questions (JSONL, as --data): g
 group.add_argument("--eval-every", type=int, default=10, help="optimizer steps between held-out evaluations")
 group.add_argument("--eval-max", type=int, default=64, help="the first N usable --eval-data questions are used; 0 = all")
 args = parser.parse_args()
-args.share_prompt = args.share_prompt and not args.grad_checkpointing  # transformers drops the cache there
+args.share_prompt = args.share_prompt and not (args.grad_checkpointing or args.train_vision)  # see its help
 
 
 rank, local_rank, world_size, device = plumbing.compute_init(args.device)
@@ -206,8 +206,8 @@ def check_prompt(row, base_dir=base_dir):
     # crash hours into the run when it is first sampled. Rendered on stand-ins for the overview frames (at
     # least as long as the real prompt): the overview is decoded when the prompt is sampled, not here as well.
     with plumbing.open_video(item["video"]) as video:  # a video that does not open is a skipped row
-        stand_ins = vz.overview_stand_ins(video, vcfg, args.overview_fps, min(args.max_overview_frames,
-                                                                             limits.max_frames))
+        stand_ins = plumbing.blank_frames(video, vcfg, vz.overview_times(
+            video.duration, args.overview_fps, min(args.max_overview_frames, limits.max_frames)))
         prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
                                  args.max_overview_frames, system_prompt, frames=stand_ins)
     why = vz.too_long(prompt, limits)

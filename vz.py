@@ -18,10 +18,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from plumbing import (LETTERS, Frame, VideoError, additive_mask, answer_letter, gather_root, growing_cache, left_pad,
+from plumbing import (LETTERS, VideoError, additive_mask, answer_letter, gather_root, growing_cache, left_pad,
                       resize_shape)
 
 # -----------------------------------------------------------------------------
@@ -46,14 +45,6 @@ def sample_overview(video, vcfg, fps=0.5, max_frames=64):
         video.warn(f"the overview leaves out {len(times) - len(frames)} of its {len(times)} times, "
                     f"where the file is damaged")
     return frames
-
-
-def overview_stand_ins(video, vcfg, fps=0.5, max_frames=64):
-    """Blank frames at the overview's times and size, decoding nothing: a prompt on them is at least as long as the
-    real one (a real frame's time is at most its target's; damaged ones are left out), so it tells whether one fits."""
-    height, width = resize_shape(video.height, video.width, vcfg)
-    blank = np.broadcast_to(np.zeros(3, np.uint8), (height, width, 3))  # one pixel's memory
-    return [Frame(t, blank) for t in overview_times(video.duration, fps, max_frames)]
 
 
 def clip_times(start, end, num_frames):
@@ -719,9 +710,7 @@ def rollout_groups(model, renderer, groups, limits=Limits(), temperature=1.0, to
         max_batch_rows: most rows decoding at once (bounds the cache's memory); 0 = no cap.
         on_turn: optional callback(group index, row, episode, turn_record) as each turn finishes.
         on_done: optional callback(group index, episodes) when the group's last row has finished.
-    Returns:
-        per group, a list of Episode (one per row): ids, mask (1 exactly on model-generated tokens),
-        frames, turns, answer, stop.
+    Returns: per group, a list of Episode (one per row): ids, mask (1 exactly on model-written tokens), frames, ...
     """
     groups = iter(groups)
     results, videos, generators, remaining = [], [], [], []  # per group
@@ -790,9 +779,9 @@ def start_group(model, renderer, prompt, num_rows, limits, max_batch_rows=0):
 
 
 def decode_turn(batch, logits, renderer, owner, caps, generators, temperature, top_p):
-    """One assistant turn of every row: rows decode together until each stops at </video_zoom>, <|im_end|> or
-    its cap, a stopped row feeding padding nobody attends to. Returns per row the tokens it wrote; the last
-    one is sampled but not fed. Each group samples with its own generator, only while one of its rows writes."""
+    """One assistant turn of every row: rows decode together until each stops at </video_zoom>, <|im_end|> or its cap
+    (a stopped row feeds padding nobody attends to). Returns per row the tokens it wrote, the last sampled but not
+    fed. Each group samples with its own generator, only while one of its rows writes."""
     members = {}  # group -> its batch rows, in order
     for row, (group, _) in enumerate(owner):
         members.setdefault(group, []).append(row)
@@ -914,23 +903,27 @@ def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, 
     from transformers.cache_utils import DynamicCache
     device = next(model.parameters()).device
     # A row's own forward starts at its prompt's last token (whose logits predict the first written one), or before
-    # its first trained token. Under gradient checkpointing transformers drops the cache: then each row goes whole.
-    checkpointing = getattr(model, "is_activation_checkpointing", False) and model.training and torch.is_grad_enabled()
-    cuts = [0 if prompt_lens is None or checkpointing else max(0, min(n, mask.index(1) if 1 in mask else n) - 1)
+    # its first trained token. Each row goes whole under gradient checkpointing (transformers drops the cache there)
+    # and when the vision tower trains: it then runs inside the forward, where FSDP2 finishes its gradient.
+    grad = torch.is_grad_enabled()
+    vision_trains = grad and any(p.requires_grad for p in model.model.visual.parameters())
+    whole = prompt_lens is None or vision_trains or grad and getattr(model, "is_activation_checkpointing", False)
+    cuts = [0 if whole else max(0, min(n, mask.index(1) if 1 in mask else n) - 1)
             for (_, mask, _), n in zip(batch, prompt_lens or [0] * len(batch))]
     assert all(cuts) or not any(cuts), "rows with a shared prompt and rows without cannot share a batch"
     prompts, owner, rows = split_prompts(renderer, batch, cuts)
-    gather_root(model)  # the vision tower, once per distinct frame (under FSDP2 the root's weights gathered first)
-    features = iter(encode_frames(model, renderer.vcfg, [f for _, fs in prompts for f in fs]
-                                  + [f for _, fs, _ in rows for f in fs], {}))
+    features = None  # else the frozen vision tower, once per distinct frame (under FSDP2 the root's weights gathered)
+    if not vision_trains:
+        gather_root(model)
+        features = iter(encode_frames(model, renderer.vcfg, [f for _, fs in prompts for f in fs]
+                                      + [f for _, fs, _ in rows for f in fs], {}))
     past, cache, starts, anchor = None, None, [0] * len(rows), 0.0
     if any(cuts):  # each distinct prompt once; its keys and values are selected for its rows (gradient flows back)
         out, _, attention, ends = padded_forward(model, renderer, prompts, [0] * len(prompts), features,
                                                  cache=DynamicCache(config=model.config))
         # The prompt's output joins the result at weight 0, so the backward also enters the prompt's forward through
         # its last layer's output: FSDP2's hooks there gather the weights that its keys' and values' gradient needs.
-        anchor = out.logits.sum() * 0
-        cache, index = out.cache, torch.tensor(owner)
+        cache, index, anchor = out.cache, torch.tensor(owner), out.logits.sum() * 0
         cache.batch_select_indices(index.to(device))
         past, starts = attention[index], [ends[i] for i in owner]
     width = max(1, max(len(ids) for ids, _, _ in rows))
@@ -964,10 +957,7 @@ def split_prompts(renderer, batch, cuts):
     prompts, owner, rows = [], [], []
     for (ids, mask, frames), cut in zip(batch, cuts):
         assert len(ids) == len(mask), "ids and mask must be in lockstep"
-        image_tokens, shown = ids[:cut].count(renderer.image_pad), 0  # the prompt's frames
-        while image_tokens > 0:
-            image_tokens -= int(frames[shown].patches(renderer.vcfg)[1].prod()) // renderer.vcfg.merge_size ** 2
-            shown += 1
+        shown = ids[:cut].count(renderer.vision_start)  # the prompt's frames: each opens with the token
         prompt = (ids[:cut], frames[:shown])
         if not prompts or prompts[-1][0] != prompt[0] or any(a is not b for a, b in zip(prompts[-1][1], prompt[1])):
             prompts.append(prompt)
@@ -978,23 +968,28 @@ def split_prompts(renderer, batch, cuts):
 
 def padded_forward(model, renderer, parts, starts, features, past=None, cache=None, keep=1):
     """One forward of right-padded parts (ids, frames), positions from starts, after a cache's keys (past: their mask);
-    features: the frames' vision outputs in order. -> (output, input ids, attention mask, each part's next position)"""
+    features: the frames' vision outputs in order, or None: pixels. -> (output, ids, attention, each part's next start)"""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     width = max(1, max(len(ids) for ids, _ in parts))
     input_ids = torch.full((len(parts), width), renderer.pad, dtype=torch.long)
     attention = torch.zeros(len(parts), width, dtype=torch.long)
     positions = torch.zeros(3, len(parts), width, dtype=torch.long)
-    ends, vision = [], []
+    ends, shown = [], []
     for row, ((ids, frames), start) in enumerate(zip(parts, starts)):
         grids = [frame.patches(renderer.vcfg)[1] for frame in frames]
         positions[:, row, :len(ids)], end = rope_positions(ids, grids, renderer.image_pad, renderer.vcfg.merge_size,
                                                            start)
         input_ids[row, :len(ids)], attention[row, :len(ids)] = torch.tensor(ids, dtype=torch.long), 1
         ends.append(end)
-        vision += [next(features) for _ in frames]
-    device = next(model.parameters()).device
-    out = model(input_ids=input_ids.to(device), position_ids=positions.to(device),
+        shown += frames
+    device, images = next(model.parameters()).device, {}
+    if shown and features is None:
+        pixels, grids = zip(*[frame.patches(renderer.vcfg) for frame in shown])
+        images = {"pixel_values": torch.cat(pixels).to(device), "image_grid_thw": torch.stack(grids).to(device)}
+    elif shown:
+        vision = BaseModelOutputWithPooling(pooler_output=[next(features) for _ in shown])
+        images = {"mm_encoder_outputs": {"image": vision}}
+    out = model(input_ids=input_ids.to(device), position_ids=positions.to(device), **images,
                 attention_mask=(attention if past is None else torch.cat([past, attention], 1)).to(device),
-                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=vision)} if vision else None,
                 cache=cache, use_cache=cache is not None, logits_to_keep=keep)
     return out, input_ids, attention, ends

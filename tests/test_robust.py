@@ -146,7 +146,7 @@ def test_prompt_check_decodes_no_overview_and_bounds_the_real_prompt(tiny, tmp_p
     write_index_video(path, num_frames=60, fps=3, gop=15)
     with plumbing.open_video(path) as video:
         before = video.num_decoded
-        stand_ins = vz.overview_stand_ins(video, renderer.vcfg, fps, 64)
+        stand_ins = plumbing.blank_frames(video, renderer.vcfg, vz.overview_times(video.duration, fps, 64))
         assert video.num_decoded == before
         checked = vz.build_prompt(renderer, video, "Q?", [], vz.Limits(), fps, 64, frames=stand_ins)
         real = vz.build_prompt(renderer, video, "Q?", [], vz.Limits(), fps, 64)

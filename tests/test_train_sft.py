@@ -84,6 +84,20 @@ def test_two_processes_match_one(data_dir, tiny_dir, tmp_path):
     assert (flags.overview_fps, flags.max_overview_frames) == (0.25, 16)
 
 
+def test_two_processes_train_the_vision_tower_as_one(data_dir, tiny_dir, tmp_path):
+    # --train-vision under FSDP2: the learner runs the vision tower outside the root's forward (each distinct frame
+    # once), so the root's weights are gathered for it and its gradient must still reach every rank's shards.
+    for nproc in (1, 2):
+        train(data_dir / "good.jsonl", tmp_path / f"run{nproc}", "--model", tiny_dir, "--train-vision",
+              "--log-jsonl", str(tmp_path / f"log{nproc}.jsonl"), nproc=nproc)
+    assert losses(tmp_path / "log1.jsonl") == pytest.approx(losses(tmp_path / "log2.jsonl"), rel=1e-5)
+    start = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    one, two = (load_file(str(tmp_path / f"run{nproc}" / "final" / "model.safetensors")) for nproc in (1, 2))
+    for key in ("visual.patch_embed.proj.weight", "visual.merger.mlp.0.weight", "visual.blocks.0.attn.qkv.weight"):
+        assert not torch.equal(one[key], start[key]), key  # trained
+        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), key
+
+
 def test_resume_after_sigkill_is_exact(data_dir, tiny_dir, tmp_path):
     # 6 steps straight == 3 steps, SIGKILL, --resume, 3 more steps: identical weights.
     args = ["--model", tiny_dir, "--epochs", "3"]
