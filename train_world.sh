@@ -120,11 +120,12 @@ sft sft world/sft.jsonl
 
 stage "train_rl.py: rl"
 # RL on the needle and count questions (320; glance is near chance for the base, so its groups are noise), the
-# held-out greedy accuracy every 10 steps (OUT/logs/rl.svg draws it). docs/rl.md has the ladder that chose this.
+# held-out greedy accuracy every 10 steps (OUT/logs/rl.svg draws it); top-p 0.95 keeps sampled turns from derailing.
+# docs/rl.md has the ladder that chose this.
 python -c "import json, sys; [print(json.dumps({**r, 'video': 'world/' + r['video']})) for r in map(json.loads, open(sys.argv[1])) if r['kind'] != 'glance']" \
   "$OUT/world/rl.jsonl" > "$OUT/rl_nc.jsonl"
 [ -d "$OUT/rl/final" ] || python train_rl.py --model "$OUT/sft/final" --data "$OUT/rl_nc.jsonl" --out "$OUT/rl" \
-  --rollouts 8 --prompts-per-step 16 --max-resample 1 --steps 200 --lr 1e-4 --tool-bonus 0 --max-new-tokens 160 \
+  --rollouts 8 --prompts-per-step 16 --max-resample 1 --steps 200 --lr 1e-4 --top-p 0.95 --tool-bonus 0 --max-new-tokens 160 \
   --save-every 10 --keep-checkpoints 1 --eval-data "$OUT/val/test.jsonl" --eval-every 10 --resume \
   --log-jsonl "$OUT/logs/rl.jsonl" --episodes-jsonl "$OUT/logs/rl_episodes.jsonl"
 stage "trained: $OUT/rl/final"
