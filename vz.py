@@ -912,9 +912,9 @@ def token_logprobs(model, renderer, batch, with_entropy=False, temperature=1.0, 
             for (_, mask, _), n in zip(batch, prompt_lens or [0] * len(batch))]
     assert all(cuts) or not any(cuts), "rows with a shared prompt and rows without cannot share a batch"
     prompts, owner, rows = split_prompts(renderer, batch, cuts)
-    features = None  # else the frozen vision tower, once per distinct frame (under FSDP2 the root's weights gathered)
-    if not vision_trains:
-        gather_root(model)
+    features = None  # whole rows: pixels into the forward; shared: the frozen tower once per distinct frame first
+    if not whole:
+        gather_root(model)  # under FSDP2 the tower's root weights are gathered for it
         features = iter(encode_frames(model, renderer.vcfg, [f for _, fs in prompts for f in fs]
                                       + [f for _, fs, _ in rows for f in fs], {}))
     past, cache, starts, anchor = None, None, [0] * len(rows), 0.0
