@@ -92,8 +92,8 @@ group.add_argument("--micro-batch-tokens", type=int, default=32768, help="padded
 group.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=True, help="the learner sends "
                    "each group's prompt (system, overview frames, question) through the model once, and its episodes "
                    "go on from the prompt's keys and values in one batch: the same log-probs and gradient as each "
-                   "episode whole, for the prompt's cost once a group instead of G times (every distinct frame goes "
-                   "through the vision tower once either way); off: each episode whole, as under --grad-checkpointing "
+                   "episode whole, for the prompt's cost once a group instead of G times, and every distinct frame goes "
+                   "through the vision tower once; off: each episode whole, as under --grad-checkpointing "
                    "(transformers drops the cache) and --train-vision (the tower then runs inside each forward)")
 group.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant)")
 plumbing.add_trainer_flags(group)
@@ -350,9 +350,17 @@ def dump_episodes(round_index, sampled):
     episodes_log.flush()
 
 
+def refresh_rollout_model():
+    """With several processes, the rollout copy takes the policy's current weights (gathered from the shards)."""
+    if rollout_model is not policy:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+
+
 def evaluate():
     """Greedy accuracy on the held-out questions, per kind and over all: each rank answers its share, one row per
-    question, in one KV batch. Returns {kind: accuracy, ..., "all": accuracy}."""
+    question, in one KV batch, with the policy's current weights. Returns {kind: accuracy, ..., "all": accuracy}."""
+    refresh_rollout_model()
     share = eval_items[rank::world_size]
     with contextlib.ExitStack() as stack:
         groups = []
@@ -406,9 +414,7 @@ for round_index in range(first_round, last_round):
     timings = {}
     # 1-3. Rollouts with the current policy; rewards; advantages within each group.
     started = time.time()
-    if rollout_model is not policy:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+    refresh_rollout_model()
     groups, sampled, cursor = sample_groups(cursor)
     timings["rollout_s"] = time.time() - started
     items = [item for group in groups for item in vz.loss_items(group["episodes"], [s[0] for s in group["scores"]],
