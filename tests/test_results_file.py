@@ -94,6 +94,7 @@ def test_a_second_run_on_one_results_file_refuses(scripted_dir, finished, tmp_pa
     for line in first.stdout:
         if line.startswith("note: "):  # the model is loading: the file is locked
             break
+    first.send_signal(signal.SIGSTOP)  # held, lock and all: on a fast machine it could otherwise finish first
     second = infer(scripted_dir, "--data", str(data), "--results", str(results), "--resume")
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
