@@ -989,12 +989,13 @@ def read_rows(path):
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, in order
 
 
-def answer_letter(text):
-    """The option letter a released solution's answer gives (its \\boxed{} content when there is one), read as
-    docs/protocol.md reads a model's answer (vz.parse_answer); None when it does not start with one."""
+def read_answer(text):
+    """(content, letter) of an answer as docs/protocol.md reads it: its \\boxed{} content when there is one, else the
+    text, stripped; the option letter it starts with, or None (vz.parse_answer; a released solution's answer)."""
     boxed = re.search(r"\\boxed\{([^{}]*)\}", text)
-    letter = re.match(r"^\(?([A-Z])(?:[.):\s]|$)", (boxed.group(1) if boxed else text).strip())
-    return letter.group(1) if letter else None
+    content = (boxed.group(1) if boxed else text).strip()
+    letter = re.match(r"^\(?([A-Z])(?:[.):\s]|$)", content)
+    return content, letter.group(1) if letter else None
 
 
 def question_row(row, base_dir, check_video=True, need_answer=True):
@@ -1010,7 +1011,7 @@ def question_row(row, base_dir, check_video=True, need_answer=True):
         solution = text_field(row, "solution")
         match = re.search(r"<answer>\s*(.*?)\s*</answer>", solution, re.S)
         row = {"video": videos[0], "question": text_field(row, "problem").replace("<image>", "").strip(),
-               "options": [], "answer": answer_letter(match.group(1) if match else solution),
+               "options": [], "answer": read_answer(match.group(1) if match else solution)[1],
                "kind": text_field(row, "data_source", required=False)}
     video, question = text_field(row, "video"), text_field(row, "question")
     options = row.get("options") or []

@@ -244,6 +244,20 @@ def prompt_at(cursor):
 # One round: roll out, score, keep the groups with signal
 
 
+def roll_out(items, num_rows, seeds, temperature, top_p):
+    """num_rows episodes of each item's question, all in one KV batch, by the rollout copy; seeds: one per item,
+    for its sampling generator (None when greedy)."""
+    with contextlib.ExitStack() as stack:
+        groups = []
+        for item, seed in zip(items, seeds):
+            video = stack.enter_context(plumbing.open_video(item["video"]))
+            prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits, args.overview_fps,
+                                     args.max_overview_frames, system_prompt)
+            groups.append((video, prompt, num_rows, None if seed is None else torch.Generator().manual_seed(seed)))
+        with plumbing.autocast(device):
+            return vz.rollout_groups(rollout_model, renderer, groups, limits, temperature, top_p, args.max_batch_rows)
+
+
 def sample_groups(cursor):
     """Roll out groups until this rank holds groups_per_rank with unequal accuracies, or retries run out.
 
@@ -259,18 +273,9 @@ def sample_groups(cursor):
             # prompts a one-at-a-time loop would have sampled before it had enough, with the same episodes.
             batch, share = share[:groups_per_rank - len(kept)], share[groups_per_rank - len(kept):]
             items = [prompt_at(index) for index in batch]
-            with contextlib.ExitStack() as stack:
-                groups = []
-                for index, item in zip(batch, items):
-                    video = stack.enter_context(plumbing.open_video(item["video"]))
-                    prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
-                                             args.overview_fps, args.max_overview_frames, system_prompt)
-                    # Seeded per prompt, not per rank: one process and several sample the same episodes.
-                    groups.append((video, prompt, args.rollouts,
-                                   torch.Generator().manual_seed(args.seed * 1_000_003 + index)))
-                with plumbing.autocast(device):
-                    rolled = vz.rollout_groups(rollout_model, renderer, groups, limits, args.temperature,
-                                               args.top_p, args.max_batch_rows)
+            # Seeded per prompt, not per rank: one process and several sample the same episodes.
+            rolled = roll_out(items, args.rollouts, [args.seed * 1_000_003 + index for index in batch],
+                              args.temperature, args.top_p)
             for item, episodes in zip(items, rolled):
                 scores = [vz.reward(e, item["answer"], args.tool_bonus) for e in episodes]
                 group = {"item": item, "episodes": episodes, "scores": scores}
@@ -362,14 +367,7 @@ def evaluate():
     question, in one KV batch, with the policy's current weights. Returns {kind: accuracy, ..., "all": accuracy}."""
     refresh_rollout_model()
     share = eval_items[rank::world_size]
-    with contextlib.ExitStack() as stack:
-        groups = []
-        for item in share:
-            video = stack.enter_context(plumbing.open_video(item["video"]))
-            groups.append((video, vz.build_prompt(renderer, video, item["question"], item["options"], limits,
-                                                  args.overview_fps, args.max_overview_frames, system_prompt), 1, None))
-        with torch.no_grad(), plumbing.autocast(device):
-            rolled = vz.rollout_groups(rollout_model, renderer, groups, limits, 0.0, 1.0, args.max_batch_rows)
+    rolled = roll_out(share, 1, [None] * len(share), 0.0, 1.0)
     kinds = sorted({item["kind"] or "-" for item in eval_items})
     right = [(vz.reward(episodes[0], item["answer"])[1], item["kind"] or "-") for item, episodes in zip(share, rolled)]
     sums = plumbing.all_reduce([sum(r for r, k in right if k == kind) for kind in kinds], device)

@@ -183,23 +183,27 @@ truth = {(os.path.basename(r["video"]), r["question"]): r for r in map(json.load
 rows = [("base, `--no-tool`, uniform frames at equal budget", "base_no_tool"), ("SFT on exemplars only", "sft_exemplar"),
         ("SFT on exemplars + reflection", "sft"), ("SFT + RL (`assets/model`)", "rl"),
         ("SFT + RL, `--no-tool`, uniform frames at equal budget", "rl_no_tool")]
-lines = ["| model | needle | count | glance | all | zooms/q | frames/q | zooms on the named scene |",
-         "|---|---|---|---|---|---|---|---|"]
+lines = ["| model | needle | count | glance | all | zooms/q | frames/q | zooms on the named scene | "
+         "zoomed again after a first zoom off the scene (again on it) |", "|---|---|---|---|---|---|---|---|---|"]
 for label, name in rows:
     records = [r for r in map(json.loads, open(f"{out}/eval_{name}.jsonl")) if "videozoomer_results" not in r]  # header
     def accuracy(kind=None):
         picked = [r for r in records if kind in (None, r["kind"])]
         return f"{sum(bool(r['correct']) for r in picked) / len(picked):.3f}"
-    zooms = on_scene = 0  # needle and count name a scene: a zoom is on it when its segment overlaps the scene
-    for r in records:
+    zooms = on_scene = missed = again = again_on = 0  # needle and count name a scene: a zoom is on it when its
+    for r in records:                                    # segment overlaps the scene
         scene = truth[(os.path.basename(r["video"]), r["question"])]["meta"].get("scene")
-        for turn in r["turns"]:
-            if turn["kind"] == "zoom" and r["kind"] in ("needle", "count") and scene:
-                zooms += 1
-                on_scene += turn["segment"][0] < scene["end"] and turn["segment"][1] > scene["start"]
+        if r["kind"] not in ("needle", "count") or not scene:
+            continue
+        hits = [turn["segment"][0] < scene["end"] and turn["segment"][1] > scene["start"]
+                for turn in r["turns"] if turn["kind"] == "zoom"]
+        zooms, on_scene = zooms + len(hits), on_scene + sum(hits)
+        if hits and not hits[0]:  # reflection's case: the first zoom missed; did the agent look again?
+            missed, again, again_on = missed + 1, again + (len(hits) > 1), again_on + any(hits[1:])
     lines.append(f"| {label} | {accuracy('needle')} | {accuracy('count')} | {accuracy('glance')} | {accuracy()} | "
                  f"{sum(r['num_zooms'] for r in records) / len(records):.2f} | "
-                 f"{sum(r['num_frames'] for r in records) / len(records):.1f} | {on_scene}/{zooms} |")
+                 f"{sum(r['num_frames'] for r in records) / len(records):.1f} | {on_scene}/{zooms} | "
+                 f"{again}/{missed} ({again_on}) |")
 open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from plumbing import (LETTERS, VideoError, additive_mask, answer_letter, gather_root, growing_cache, left_pad,
+from plumbing import (LETTERS, VideoError, additive_mask, gather_root, growing_cache, left_pad, read_answer,
                       resize_shape)
 
 # -----------------------------------------------------------------------------
@@ -331,8 +331,7 @@ def parse_zoom(body, duration, max_frames, video_frames=None):
 
 
 def parse_answer(content):
-    boxed = re.search(r"\\boxed\{([^{}]*)\}", content)
-    return Answer((boxed.group(1) if boxed else content).strip(), answer_letter(content))
+    return Answer(*read_answer(content))
 
 
 def parse_turn(text, duration, max_frames, video_frames=None):
