@@ -32,8 +32,10 @@ Split: the last --num-test-videos videos are held out for test.jsonl; base, sft 
 scripted teacher that only uses what the model could see: the overview's scene spans, then what each
 zoom returned. Exemplar: one zoom on the scene's overview span (8 s) at 2 fps (16 frames 0.53 s apart, so
 no flash and no gap between two flashes falls between them), then the answer. Reflection: a wrong first
-zoom (the right span at 0.5 fps, too sparse; without --walk also the neighbouring scene), a turn saying
-why it was not enough, the right zoom, the answer (sft rows carry `teacher`: exemplar | reflection).
+zoom (the right span at 0.5 fps, too sparse, or the neighbouring scene's span), a turn saying why it was not
+enough, the right zoom, the answer (sft rows carry `teacher`: exemplar | reflection). With --walk the wrong
+neighbour comes from a slipped walk (yes at the neighbour), the model's own mistake; that first turn is context
+(`context_turns: 1`), so SFT does not teach the slip, only what to do after it.
 With --walk (the default) every reasoning is local steps a model trained from nothing can take: the
 overview read scene by scene against the named colour, zoomed frames read one by one, the options
 walked against the answer. The cold start is small on purpose (hundreds to a few thousand rows); RL
@@ -99,8 +101,9 @@ group.add_argument("--walk", action=argparse.BooleanOptionalAction, default=True
                    "scene reads the overview scene by scene against its colour (\"Find black: 0s red vs black no, "
                    "10s black vs black yes.\"), the zoomed frames are read one by one (\"0 -, 1 circle.\"), the "
                    "options are walked against the answer (\"A. red vs blue no, B. blue vs blue yes.\"); base rows "
-                   "add the whole walk, reflection is the sparse kind only (README: what it teaches a model trained "
-                   "from nothing, and what not yet)")
+                   "add the whole walk; in the colours world a turn after a zoom first checks the first frame's "
+                   "colour (\"0 cyan vs red no\"), and a reflection row's slipped walk is context, not trained "
+                   "(README: what it teaches a model trained from nothing, and what not yet)")
 group.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
                    "reflection trajectories (where the turn budget allows one)")
 args = parser.parse_args()
@@ -301,9 +304,10 @@ def span(scene):
     return f"from {scene['first_seen']:g}s to {scene['last_seen']:g}s"
 
 
-def scan(scenes, target):
+def scan(scenes, target, stop=None):
     """With --walk, the overview read scene by scene up to scene `target`, each entry set against the colour
-    the question names: "Find black: 0s red vs black no, 10s black vs black yes. " Every step is local (read
+    the question names: "Find black: 0s red vs black no, 10s black vs black yes. " With stop, a slip: the walk
+    says yes at scene `stop` instead (a reflection row's first, untrained turn). Every step is local (read
     the frames at the next 10 s, compare two colour words side by side, copy the colour from the entry
     before), so a small model trained from nothing learns where to stop, which it does not when each entry
     must be matched against the question far back (README). The one copy from the question comes first,
@@ -311,9 +315,8 @@ def scan(scenes, target):
     without --walk."""
     if not args.walk:
         return ""
-    colour = scenes[target]["colour"]
-    entries = [f"{at(s)} vs {colour} " + ("yes." if i == target else "no,")
-               for i, s in enumerate(scenes[:target + 1])]
+    colour, stop = scenes[target]["colour"], target if stop is None else stop
+    entries = [f"{at(s)} vs {colour} " + ("yes." if i == stop else "no,") for i, s in enumerate(scenes[:stop + 1])]
     return f"Find {colour}: " + " ".join(entries) + " "
 
 
@@ -423,46 +426,65 @@ def zoom(think, start, end, fps):
     return f'<think>{think}</think><video_zoom> {json.dumps({"segment": [start, end], "fps": fps})} </video_zoom>'
 
 
+def check(frame_colour, colour):
+    """With --walk in the colours world, a turn after a zoom first sets the colour of the first returned frame
+    against the named one ("0 cyan vs red no"): the local step that shows whether the zoom landed on the scene."""
+    return f"0 {frame_colour} vs {colour} {'yes' if frame_colour == colour else 'no'}" if args.walk and COLOURS else ""
+
+
 def teach(rng, row, scenes, target, reflect):
     """The assistant turns of a needle/count row: one zoom on the scene's overview span at ZOOM_FPS, then the
     answer; with reflect, first a wrong zoom and a turn saying why it was wrong. None when the scene has no
-    wrong zoom to teach (a single-scene video whose sparse zoom would catch a flash)."""
+    wrong zoom to teach. Returns (turns, context): the first `context` turns are context, not trained."""
     scene = scenes[target]
     colour, first, last = scene["colour"], int(scene["first_seen"]), int(scene["last_seen"])
     plan = f"A flash is shorter than the {SPACING}s between overview frames, so I zoom there at {ZOOM_FPS:g} fps."
-    turns = []
+    turns, context = [], 0
     if not reflect:
         opening = f"{scan(scenes, target)}The {colour} scene is seen {span(scene)}. {plan}"
     else:
-        # The right span at SPARSE_FPS (10 s scenes: 4 frames 2.67 s apart); a lesson only when it misses every flash.
-        # With --walk only this kind: the neighbour's slip would teach a wrong "yes" in the walk.
-        sparse = not seen(scene, first, last, SPARSE_FPS) and (len(scenes) == 1 or args.walk or rng.random() < 0.5)
-        if (len(scenes) == 1 or args.walk) and not sparse:
-            return None
+        # The right span at SPARSE_FPS (10 s scenes: 4 frames 2.67 s apart): a lesson only when it misses every
+        # flash. Or the neighbouring scene's span; with --walk that slip is a wrong "yes" in the walk, so it is
+        # context, not trained (the shapes world, whose frames have no colour check, has the sparse kind only).
+        can_slip = len(scenes) > 1 and (COLOURS or not args.walk)
+        sparse = not seen(scene, first, last, SPARSE_FPS) and (not can_slip or rng.random() < 0.5)
+        if not (sparse or can_slip):
+            return None, 0
         if sparse:
             turns.append(zoom(f"{scan(scenes, target)}The overview shows the {colour} scene {span(scene)}; "
                               f"I look at it at {SPARSE_FPS:g} fps.",
                               first, last, SPARSE_FPS))
             gap = (last - first) / (len(clip_frames(first, last, SPARSE_FPS)) - 1)
-            opening = (f"Those frames are {gap:.2f}s apart and show only the {colour} background, but a flash is "
-                       f"shorter than that and can fall between them. I zoom again at {ZOOM_FPS:g} fps, {span(scene)}.")
+            said = check(colour, colour)
+            opening = (f"{said + ': t' if said else 'T'}hose frames are {gap:.2f}s apart and show only the {colour} "
+                       f"background, but a flash is shorter than that and can fall between them. I zoom again at "
+                       f"{ZOOM_FPS:g} fps, {span(scene)}.")
         else:  # the neighbouring scene's span
             earlier = target == len(scenes) - 1 or (target > 0 and rng.random() < 0.5)
-            near = scenes[target - 1] if earlier else scenes[target + 1]
-            # The slip: the neighbouring scene's span, as if its time had been read for this one.
-            turns.append(zoom(f"The {colour} scene is seen {span(near)}. {plan}", int(near["first_seen"]),
-                              int(near["last_seen"]), ZOOM_FPS))
-            opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene comes "
-                       f"{'later' if earlier else 'earlier'}, {span(scene)}. I zoom there at {ZOOM_FPS:g} fps.")
+            stop = target - 1 if earlier else target + 1
+            near = scenes[stop]
+            if args.walk:  # the model's own slip: the walk says yes at the neighbour
+                turns.append(zoom(f"{scan(scenes, target, stop)}The {near['colour']} scene is seen {span(near)}. {plan}",
+                                  int(near["first_seen"]), int(near["last_seen"]), ZOOM_FPS))
+                context = 1
+                opening = (f"{check(near['colour'], colour)}: those frames show the {near['colour']} scene, not the "
+                           f"{colour} one. {scan(scenes, target)}The {colour} scene is seen {span(scene)}. I zoom "
+                           f"there at {ZOOM_FPS:g} fps.")
+            else:  # as if the neighbour's time had been read for this scene
+                turns.append(zoom(f"The {colour} scene is seen {span(near)}. {plan}", int(near["first_seen"]),
+                                  int(near["last_seen"]), ZOOM_FPS))
+                opening = (f"Those frames show the {near['colour']} scene, not the {colour} one; the {colour} scene "
+                           f"comes {'later' if earlier else 'earlier'}, {span(scene)}. I zoom there at {ZOOM_FPS:g} fps.")
     turns.append(zoom(opening, first, last, ZOOM_FPS))
-    turns.append(read_zoom(row, scene))
-    return turns
+    turns.append(read_zoom(row, scene, check(colour, colour)))
+    return turns, context
 
 
-def read_zoom(row, scene):
+def read_zoom(row, scene, said=""):
     """The answering turn after a zoom on the scene's overview span at ZOOM_FPS: with --walk the frames read one
     by one ("0 -, 1 -, 2 circle"; a needle walk stops at its flash, a count walk numbers each new one), then the
-    options walked; else the frames that show a shape, named."""
+    options walked; else the frames that show a shape, named. said: the first frame's colour check (check()), read
+    in its place."""
     first, last = int(scene["first_seen"]), int(scene["last_seen"])
     hits = seen(scene, first, last, ZOOM_FPS)
     # The zoom is sound: frames 0.53 s apart never miss a >= 1 s flash, nor a >= 0.6 s gap between two.
@@ -476,8 +498,9 @@ def read_zoom(row, scene):
             new, last_event = ev is not None and ev is not last_event, ev
             flashes += new
             plain = scene["colour"] if COLOURS else "-"  # a frame without a flash: its colour, or a dash
-            entries.append(f"{j} {ev['shape'] if ev else plain}" + (f" #{flashes}" if new and row["kind"] == "count"
-                                                                     else ""))
+            entries.append(said if j == 0 and said and ev is None else
+                           f"{j} {ev['shape'] if ev else plain}" + (f" #{flashes}" if new and row["kind"] == "count"
+                                                                    else ""))
             if ev is not None and row["kind"] == "needle":  # one flash: the walk stops at it
                 break
         return answer_turn(row, f"{', '.join(entries)}.")
@@ -550,9 +573,11 @@ for row, why, scenes, target in files["sft"] + files["base"] + files["text"]:
         row["turns"] = [answer_turn(row, why + no_zoom)]
     else:
         reflect = rng.random() < args.reflection_frac
-        row["turns"] = teach(rng, row, scenes, target, reflect)
-        reflect = reflect and row["turns"] is not None
-        row["turns"] = row["turns"] or teach(rng, row, scenes, target, False)
+        row["turns"], context = teach(rng, row, scenes, target, reflect)
+        if row["turns"] is None:
+            reflect, (row["turns"], context) = False, teach(rng, row, scenes, target, False)
+        if context:
+            row["context_turns"] = context  # train_sft.py: these first turns are context, not trained
     if row["kind"] != "base":
         row["teacher"] = "reflection" if why is None and reflect else "exemplar"
 

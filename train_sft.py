@@ -14,7 +14,8 @@ Hugging Face directories (runs/sft/step_N, runs/sft/final) that infer.py and fro
 
 Deliberate choices, against textbook SFT:
 1. Loss only on tokens the model writes: assistant text, and <|im_end|> only after an answer (a zoom
-   turn stops at </video_zoom>; its <|im_end|> comes from the environment).
+   turn stops at </video_zoom>; its <|im_end|> comes from the environment), and not on a row's first
+   `context_turns` turns (a mistake to recover from: docs/data.md).
 2. Token-level mean over every trained token of the optimizer step, across micro-batches and ranks.
 3. Vision tower and merger frozen (--train-vision to unfreeze); full fine-tuning of the language model.
 4. Micro-batches are packed by a padded-token budget, so long trajectories don't OOM.
@@ -190,6 +191,12 @@ def render_row(row, base_dir, system_prompt):
         raise ValueError(f"turn {bad[0]['turn']} is {bad[0]['kind']}: {bad[0].get('error', '')}".rstrip(": "))
     if episode.stop != "answer":
         raise ValueError(f"trajectory does not end with an answer ({episode.stop or 'unfinished'})")
+    context = row.get("context_turns", 0)  # leading turns the model sees but is not trained on (a slip to recover from)
+    if type(context) is not int or not 0 <= context < len(turns):
+        raise ValueError(f"context_turns must be a whole number from 0 to {len(turns) - 1} (turns - 1)")
+    untrained = sum(turn["num_tokens"] for turn in episode.turns[:context])
+    for index in [i for i, trained in enumerate(episode.mask) if trained][:untrained]:
+        episode.mask[index] = 0
     return episode, {"video": path, "times": [f.time for f in episode.frames]}
 
 

@@ -550,8 +550,19 @@ def test_colour_events_flash_the_whole_picture_between_overview_frames_and_the_w
             zoom, ok = vz.parse_turn(row["turns"][-2], video.duration, 16)
             assert ok and (zoom.start, zoom.end, zoom.fps) == (scene["start"], scene["start"] + 8, 2), row["turns"]
             frames = vz.sample_clip(video, small, zoom.start, zoom.end, zoom.num_frames)
+            # Every turn after a zoom first sets the colour its first frame shows against the named one; a slip
+            # (context_turns) zoomed on another scene, so its check says no, and the walk that follows is right.
+            named = scene["colour"]
+            for index, (turn, after) in enumerate(zip(row["turns"], row["turns"][1:])):
+                call, _ = vz.parse_turn(turn, video.duration, 16)
+                first = picture_colour(vz.sample_clip(video, small, call.start, call.end, 1)[0].image, palette)
+                assert after.startswith(f"<think>0 {first} vs {named} {'yes' if first == named else 'no'}"), after
+                assert (first != named) == (index < row.get("context_turns", 0)), row
+            if row.get("context_turns"):
+                assert row["context_turns"] == 1 and f"Find {named}: " in row["turns"][1], row["turns"]
+                checked["slip"] += 1
         last = row["turns"][-1]
-        entries = re.findall(r"(\d+) (\w+)(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
+        entries = re.findall(r"(\d+) (\w+)(?: vs \w+ yes)?(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
         assert [int(j) for j, *_ in entries] == list(range(len(entries))), last
         assert [c for _, c, _ in entries] == [picture_colour(f.image, palette) for f in frames[:len(entries)]], last
         answer = row["options"]["ABCD".index(row["answer"])][3:]
@@ -562,7 +573,7 @@ def test_colour_events_flash_the_whole_picture_between_overview_frames_and_the_w
             marks = [int(n) for *_, n in entries if n]
             assert len(entries) == 16 and marks == list(range(1, len(marks) + 1)) and str(len(marks)) == answer
         checked[row["kind"]] += 1
-    assert {"walk", "needle", "count"} <= set(checked), checked
+    assert {"walk", "needle", "count", "slip"} <= set(checked), checked
     for row in clips:  # the same walk, asked of the clip's PNGs alone
         images = [read_png(tmp_path / path) for path in row["images"]]
         last = row["messages"][-1]["content"]

@@ -188,6 +188,28 @@ def test_llama_factory_layout(tiny_dir, tiny, tmp_path):
     assert log["trained_tokens"] == expected
 
 
+def test_context_turns_are_replayed_but_not_trained(data_dir, tiny_dir, tiny, tmp_path):
+    # A reflection row that starts from a mistake: its first context_turns turns are in the input, not in the loss.
+    _, renderer = tiny
+    zoom, answer = ZOOM_THEN_ANSWER[0] % (2, 5), ZOOM_THEN_ANSWER[1]
+    row = {**trajectory(0), "turns": [zoom, answer]}
+    trained = {}
+    for context in (0, 1):
+        path = data_dir / f"context{context}.jsonl"
+        path.write_text(2 * (json.dumps({**row, "context_turns": context}) + "\n"))
+        train(path, tmp_path / f"out{context}", "--model", tiny_dir, "--log-jsonl", str(tmp_path / f"{context}.jsonl"))
+        (log,) = [json.loads(line) for line in open(tmp_path / f"{context}.jsonl")]
+        trained[context] = log["trained_tokens"]
+    assert trained == {0: 2 * (len(renderer.encode(zoom)) + len(renderer.encode(answer)) + 1),
+                       1: 2 * (len(renderer.encode(answer)) + 1)}
+    bad = [json.dumps({**row, "context_turns": value}) for value in (2, -1, "1", 1.0)]
+    path = data_dir / "bad_context.jsonl"
+    path.write_text("\n".join(bad + [json.dumps(row)] * 4) + "\n")
+    result = train(path, tmp_path / "bad", "--model", tiny_dir, "--max-bad-frac", "0.5", "--max-steps", "1")
+    assert "data: 4 usable of 8 rows" in result.stdout and "context_turns must be a whole number from 0 to 1" \
+        in result.stdout, result.stdout
+
+
 def test_training_tokens_equal_rollout_tokens(scripted):
     # Train/inference consistency: replaying recorded assistant turns gives the same ids and mask as
     # the rollout loop produces when its choices are those turns' tokens.
