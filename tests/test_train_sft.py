@@ -150,18 +150,19 @@ def test_bad_rows_are_skipped_and_counted(data_dir, tiny_dir, tmp_path):
         "{not json",  # malformed JSON
         json.dumps({**trajectory(0), "turns": [SCRIPTS[0][0], SCRIPTS[0][2]]}),  # a call the parser rejects
         json.dumps({**trajectory(0), "turns": [ZOOM_THEN_ANSWER[0] % (1, 4)]}),  # never answers
-    ]
+    ] + [json.dumps({**trajectory(0), "context_turns": value}) for value in (2, -1, "1", 1.0)]  # 2 turns: 0 or 1
     path = data_dir / "mixed.jsonl"
     path.write_text("\n".join(rows) + "\n")
-    result = train(path, tmp_path / "ok", "--model", tiny_dir, "--max-bad-frac", "0.5", "--max-steps", "1")
-    assert "data: 4 usable of 8 rows" in result.stdout
-    for reason in ("missing.mp4: no such file", "line 6:", "before its end", "does not end with an answer"):
+    result = train(path, tmp_path / "ok", "--model", tiny_dir, "--max-bad-frac", "0.7", "--max-steps", "1")
+    assert "data: 4 usable of 12 rows" in result.stdout
+    for reason in ("missing.mp4: no such file", "line 6:", "before its end", "does not end with an answer",
+                   "line 12: context_turns must be a whole number from 0 to 1 (turns - 1)"):
         assert reason in result.stdout, reason
     # Over the threshold: one clear line, no traceback.
     result = train(path, tmp_path / "bad", "--model", tiny_dir, "--max-bad-frac", "0.25", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {path}: 4 of 8 rows are unusable (more than --max-bad-frac 0.25)"]
+        f"error: {path}: 8 of 12 rows are unusable (more than --max-bad-frac 0.25)"]
 
 
 def test_llama_factory_layout(tiny_dir, tiny, tmp_path):
@@ -192,22 +193,13 @@ def test_context_turns_are_replayed_but_not_trained(data_dir, tiny_dir, tiny, tm
     # A reflection row that starts from a mistake: its first context_turns turns are in the input, not in the loss.
     _, renderer = tiny
     zoom, answer = ZOOM_THEN_ANSWER[0] % (2, 5), ZOOM_THEN_ANSWER[1]
-    row = {**trajectory(0), "turns": [zoom, answer]}
-    trained = {}
-    for context in (0, 1):
-        path = data_dir / f"context{context}.jsonl"
-        path.write_text(2 * (json.dumps({**row, "context_turns": context}) + "\n"))
-        train(path, tmp_path / f"out{context}", "--model", tiny_dir, "--log-jsonl", str(tmp_path / f"{context}.jsonl"))
-        (log,) = [json.loads(line) for line in open(tmp_path / f"{context}.jsonl")]
-        trained[context] = log["trained_tokens"]
-    assert trained == {0: 2 * (len(renderer.encode(zoom)) + len(renderer.encode(answer)) + 1),
-                       1: 2 * (len(renderer.encode(answer)) + 1)}
-    bad = [json.dumps({**row, "context_turns": value}) for value in (2, -1, "1", 1.0)]
-    path = data_dir / "bad_context.jsonl"
-    path.write_text("\n".join(bad + [json.dumps(row)] * 4) + "\n")
-    result = train(path, tmp_path / "bad", "--model", tiny_dir, "--max-bad-frac", "0.5", "--max-steps", "1")
-    assert "data: 4 usable of 8 rows" in result.stdout and "context_turns must be a whole number from 0 to 1" \
-        in result.stdout, result.stdout
+    path = data_dir / "context.jsonl"
+    path.write_text("".join(json.dumps({**trajectory(0), "turns": [zoom, answer], "context_turns": context}) + "\n"
+                            for context in (0, 1)))
+    train(path, tmp_path / "out", "--model", tiny_dir, "--log-jsonl", str(tmp_path / "log.jsonl"))
+    (log,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log["trained_tokens"] == (len(renderer.encode(zoom)) + len(renderer.encode(answer)) + 1) \
+        + (len(renderer.encode(answer)) + 1)
 
 
 def test_training_tokens_equal_rollout_tokens(scripted):
