@@ -102,7 +102,7 @@ group.add_argument("--walk", action=argparse.BooleanOptionalAction, default=True
                    "10s black vs black yes.\"), the zoomed frames are read one by one (\"0 -, 1 circle.\"), the "
                    "options are walked against the answer (\"A. red vs blue no, B. blue vs blue yes.\"); base rows "
                    "add the whole walk; in the colours world a turn after a zoom first checks the first frame's "
-                   "colour (\"0 cyan vs red no\"), and a reflection row's slipped walk is context, not trained "
+                   "colour (\"Find red: 0 cyan no\"), and a reflection row's slipped walk is context, not trained "
                    "(README: what it teaches a model trained from nothing, and what not yet)")
 group.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
                    "reflection trajectories (where the turn budget allows one)")
@@ -428,8 +428,10 @@ def zoom(think, start, end, fps):
 
 def check(frame_colour, colour):
     """With --walk in the colours world, a turn after a zoom first sets the colour of the first returned frame
-    against the named one ("0 cyan vs red no"): the local step that shows whether the zoom landed on the scene."""
-    return f"0 {frame_colour} vs {colour} {'yes' if frame_colour == colour else 'no'}" if args.walk and COLOURS else ""
+    against the named one ("Find red: 0 cyan no"): the local step that shows whether the zoom landed on the scene.
+    The named colour comes first, copied as the walk's "Find red:" is, before the frame's colour is written."""
+    return (f"Find {colour}: 0 {frame_colour} {'yes' if frame_colour == colour else 'no'}"
+            if args.walk and COLOURS else "")
 
 
 def teach(rng, row, scenes, target, reflect):

@@ -556,13 +556,13 @@ def test_colour_events_flash_the_whole_picture_between_overview_frames_and_the_w
             for index, (turn, after) in enumerate(zip(row["turns"], row["turns"][1:])):
                 call, _ = vz.parse_turn(turn, video.duration, 16)
                 first = picture_colour(vz.sample_clip(video, small, call.start, call.end, 1)[0].image, palette)
-                assert after.startswith(f"<think>0 {first} vs {named} {'yes' if first == named else 'no'}"), after
+                assert after.startswith(f"<think>Find {named}: 0 {first} {'yes' if first == named else 'no'}"), after
                 assert (first != named) == (index < row.get("context_turns", 0)), row
             if row.get("context_turns"):
-                assert row["context_turns"] == 1 and f"Find {named}: " in row["turns"][1], row["turns"]
+                assert row["context_turns"] == 1 and f"Find {named}: 0s " in row["turns"][1], row["turns"]
                 checked["slip"] += 1
         last = row["turns"][-1]
-        entries = re.findall(r"(\d+) (\w+)(?: vs \w+ yes)?(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
+        entries = re.findall(r"(\d+) (\w+)(?: yes)?(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
         assert [int(j) for j, *_ in entries] == list(range(len(entries))), last
         assert [c for _, c, _ in entries] == [picture_colour(f.image, palette) for f in frames[:len(entries)]], last
         answer = row["options"]["ABCD".index(row["answer"])][3:]
