@@ -34,8 +34,8 @@ zoom returned. Exemplar: one zoom on the scene's overview span (8 s) at 2 fps (1
 no flash and no gap between two flashes falls between them), then the answer. Reflection: a wrong first
 zoom (the right span at 0.5 fps, too sparse, or the neighbouring scene's span), a turn saying why it was not
 enough, the right zoom, the answer (sft rows carry `teacher`: exemplar | reflection). With --walk the wrong
-neighbour comes from a slipped walk (yes at the neighbour), the model's own mistake; that first turn is context
-(`context_turns: 1`), so SFT does not teach the slip, only what to do after it.
+neighbour comes only with --check-frames, from a slipped walk (yes at the neighbour), the model's own mistake; that
+first turn is context (`context_turns: 1`), so SFT does not teach the slip, only what to do after it.
 With --walk (the default) every reasoning is local steps a model trained from nothing can take: the
 overview read scene by scene against the named colour, zoomed frames read one by one, the options
 walked against the answer. The cold start is small on purpose (hundreds to a few thousand rows); RL
@@ -101,9 +101,12 @@ group.add_argument("--walk", action=argparse.BooleanOptionalAction, default=True
                    "scene reads the overview scene by scene against its colour (\"Find black: 0s red vs black no, "
                    "10s black vs black yes.\"), the zoomed frames are read one by one (\"0 -, 1 circle.\"), the "
                    "options are walked against the answer (\"A. red vs blue no, B. blue vs blue yes.\"); base rows "
-                   "add the whole walk; in the colours world a turn after a zoom first checks the first frame's "
-                   "colour (\"Find red: 0 cyan no\"), and a reflection row's slipped walk is context, not trained "
-                   "(README: what it teaches a model trained from nothing, and what not yet)")
+                   "add the whole walk, reflection is the sparse kind only unless --check-frames (README: what it "
+                   "teaches a model trained from nothing, and what not yet)")
+group.add_argument("--check-frames", action="store_true", help="(colours world, --walk) every turn after a zoom "
+                   "first checks the first frame's colour against the named one (\"Find red: 0 cyan vs red no\"), "
+                   "and reflection rows may start from the model's own slip, a walk that says yes at a neighbouring "
+                   "scene, as a context turn (context_turns: 1, not trained); off: reflection is the sparse kind only")
 group.add_argument("--reflection-frac", type=float, default=0.3, help="share of sft needle/count rows written as "
                    "reflection trajectories (where the turn budget allows one)")
 args = parser.parse_args()
@@ -129,6 +132,8 @@ if args.num_videos < 2 or not 1 <= num_test_videos < args.num_videos:
 counts = (args.num_base, args.num_text, args.num_shapes, args.num_clips, args.num_sft, args.num_rl, args.num_test)
 if min(counts) < 0 or not 0 <= args.reflection_frac <= 1:
     plumbing.fail("question counts must be >= 0 and --reflection-frac in [0, 1]")
+if args.check_frames and not (args.walk and args.events == "colours"):
+    plumbing.fail("--check-frames needs --walk and --events colours (it checks a frame's colour against the named one)")
 if args.events == "colours" and args.seconds // args.scene_seconds > 8:
     plumbing.fail(f"--events colours leaves 8 scene colours (white, black, grey and brown are the flashes), so at most 8 "
             f"scenes: --seconds {args.seconds} / --scene-seconds {args.scene_seconds} makes "
@@ -428,10 +433,11 @@ def zoom(think, start, end, fps):
 
 def check(frame_colour, colour):
     """With --walk in the colours world, a turn after a zoom first sets the colour of the first returned frame
-    against the named one ("Find red: 0 cyan no"): the local step that shows whether the zoom landed on the scene.
-    The named colour comes first, copied as the walk's "Find red:" is, before the frame's colour is written."""
-    return (f"Find {colour}: 0 {frame_colour} {'yes' if frame_colour == colour else 'no'}"
-            if args.walk and COLOURS else "")
+    against the named one ("Find red: 0 cyan vs red no"), the walk's own form: the local step that shows whether the
+    zoom landed on the scene. The named colour comes first, copied as the walk's "Find red:" is, before the frame's
+    colour is written, and the comparison sets two colour words side by side."""
+    return (f"Find {colour}: 0 {frame_colour} vs {colour} {'yes' if frame_colour == colour else 'no'}"
+            if args.check_frames else "")
 
 
 def teach(rng, row, scenes, target, reflect):
@@ -446,9 +452,9 @@ def teach(rng, row, scenes, target, reflect):
         opening = f"{scan(scenes, target)}The {colour} scene is seen {span(scene)}. {plan}"
     else:
         # The right span at SPARSE_FPS (10 s scenes: 4 frames 2.67 s apart): a lesson only when it misses every
-        # flash. Or the neighbouring scene's span; with --walk that slip is a wrong "yes" in the walk, so it is
-        # context, not trained (the shapes world, whose frames have no colour check, has the sparse kind only).
-        can_slip = len(scenes) > 1 and (COLOURS or not args.walk)
+        # flash. Or the neighbouring scene's span; with --walk only with --check-frames: the slip is then a wrong
+        # "yes" in the walk, context, not trained, and the next turn's check shows the miss.
+        can_slip = len(scenes) > 1 and (args.check_frames or not args.walk)
         sparse = not seen(scene, first, last, SPARSE_FPS) and (not can_slip or rng.random() < 0.5)
         if not (sparse or can_slip):
             return None, 0

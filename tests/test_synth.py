@@ -504,7 +504,8 @@ def test_bad_geometry_flags_give_one_error_line(tmp_path):
     for extra, says in ((["--scene-seconds", "7"], "--seconds must"), (["--overview-frames", "7"], "--overview-frames"),
                         (["--shape-size", "97"], "--shape-size"),
                         (["--scene-seconds", "40", "--overview-frames", "6"], "at most 16 s"),
-                        (["--events", "colours"], "at most 8 scenes")):
+                        (["--events", "colours"], "at most 8 scenes"),
+                        (["--events", "shapes", "--check-frames"], "--check-frames needs --walk and --events colours")):
         result = synth(tmp_path, 0, "--seconds", "120", *extra)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and says in result.stderr, extra
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
@@ -522,8 +523,10 @@ def picture_colour(image, palette):
 def test_colour_events_flash_the_whole_picture_between_overview_frames_and_the_walks_read_them(tmp_path):
     # --events colours: scenes take 8 colours, flashes fill the picture with white, black, grey or brown. Checked on
     # the frames the agent gets at 56x28 (2 visual tokens): the overview shows scene colours only, in the order the
-    # whole-walk rows give; each entry of a zoom's frame walk names the colour its frame shows.
-    result = synth(tmp_path, 3, "--seconds", "40", "--events", "colours", "--walk", "--num-clips", "12")
+    # whole-walk rows give; each entry of a zoom's frame walk names the colour its frame shows. --check-frames: each
+    # turn after a zoom checks its first frame, and reflection rows may start from a slipped walk.
+    result = synth(tmp_path, 3, "--seconds", "40", "--events", "colours", "--walk", "--num-clips", "12",
+                   "--check-frames")
     assert result.returncode == 0, result.stderr
     rows = load(tmp_path)
     clips = [json.loads(line) for line in open(tmp_path / "clips.jsonl")]
@@ -556,13 +559,13 @@ def test_colour_events_flash_the_whole_picture_between_overview_frames_and_the_w
             for index, (turn, after) in enumerate(zip(row["turns"], row["turns"][1:])):
                 call, _ = vz.parse_turn(turn, video.duration, 16)
                 first = picture_colour(vz.sample_clip(video, small, call.start, call.end, 1)[0].image, palette)
-                assert after.startswith(f"<think>Find {named}: 0 {first} {'yes' if first == named else 'no'}"), after
+                assert after.startswith(f"<think>Find {named}: 0 {first} vs {named} {'yes' if first == named else 'no'}"), after
                 assert (first != named) == (index < row.get("context_turns", 0)), row
             if row.get("context_turns"):
                 assert row["context_turns"] == 1 and f"Find {named}: 0s " in row["turns"][1], row["turns"]
                 checked["slip"] += 1
         last = row["turns"][-1]
-        entries = re.findall(r"(\d+) (\w+)(?: yes)?(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
+        entries = re.findall(r"(\d+) (\w+)(?: vs \w+ yes)?(?: #(\d+))?[,.]", last[len("<think>"):last.index(" A. ")])
         assert [int(j) for j, *_ in entries] == list(range(len(entries))), last
         assert [c for _, c, _ in entries] == [picture_colour(f.image, palette) for f in frames[:len(entries)]], last
         answer = row["options"]["ABCD".index(row["answer"])][3:]
