@@ -432,10 +432,10 @@ def zoom(think, start, end, fps):
 
 
 def check(frame_colour, colour):
-    """With --walk in the colours world, a turn after a zoom first sets the colour of the first returned frame
-    against the named one ("Find red: 0 cyan vs red no"), the walk's own form: the local step that shows whether the
-    zoom landed on the scene. The named colour comes first, copied as the walk's "Find red:" is, before the frame's
-    colour is written, and the comparison sets two colour words side by side."""
+    """With --check-frames (--walk, colours world), a turn after a zoom first sets the colour of the first
+    returned frame against the named one ("Find red: 0 cyan vs red no"), the walk's own form: the local step that
+    shows whether the zoom landed on the scene. The named colour comes first, copied as the walk's "Find red:" is,
+    before the frame's colour is written, and the comparison sets two colour words side by side. Else ""."""
     return (f"Find {colour}: 0 {frame_colour} vs {colour} {'yes' if frame_colour == colour else 'no'}"
             if args.check_frames else "")
 

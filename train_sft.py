@@ -181,6 +181,9 @@ def render_row(row, base_dir, system_prompt):
     if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
         raise ValueError("turns must be a non-empty list of strings"
                          + ("" if isinstance(turns, list) else f" ({type(turns).__name__})"))
+    context = row.get("context_turns", 0)  # leading turns the model sees but is not trained on (a slip to recover from)
+    if type(context) is not int or not 0 <= context < len(turns):
+        raise ValueError(f"context_turns must be a whole number from 0 to {len(turns) - 1} (turns - 1)")
     path = item["video"]
     with plumbing.open_video(path) as video:
         prompt = vz.build_prompt(renderer, video, item["question"], item["options"], limits,
@@ -191,9 +194,6 @@ def render_row(row, base_dir, system_prompt):
         raise ValueError(f"turn {bad[0]['turn']} is {bad[0]['kind']}: {bad[0].get('error', '')}".rstrip(": "))
     if episode.stop != "answer":
         raise ValueError(f"trajectory does not end with an answer ({episode.stop or 'unfinished'})")
-    context = row.get("context_turns", 0)  # leading turns the model sees but is not trained on (a slip to recover from)
-    if type(context) is not int or not 0 <= context < len(turns):
-        raise ValueError(f"context_turns must be a whole number from 0 to {len(turns) - 1} (turns - 1)")
     untrained = sum(turn["num_tokens"] for turn in episode.turns[:context])
     for index in [i for i, trained in enumerate(episode.mask) if trained][:untrained]:
         episode.mask[index] = 0
