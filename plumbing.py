@@ -1430,10 +1430,20 @@ def pack_by_prompt(items, max_tokens):
 
 
 def compute_cleanup():
+    """A script's last line. Under torchrun: every rank meets, and the process ends without Python's teardown.
+
+    Each gloo collective's worker thread frees the finished work, and with it tensors that belong to Python,
+    which takes the GIL. When a loaded machine delays that until the interpreter is shutting down, the thread
+    is stopped mid-unwind and the rank aborts (SIGABRT, "terminate called without an active exception"),
+    so torchrun fails a run that had finished. os._exit skips the shutdown; everything the scripts write is
+    closed or flushed before this line."""
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()  # gloo aborts at exit if one rank tears down while another is still talking
         dist.destroy_process_group()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(0)
 
 
 # -----------------------------------------------------------------------------

@@ -355,17 +355,23 @@ def dump_episodes(round_index, sampled):
     episodes_log.flush()
 
 
-def refresh_rollout_model():
-    """With several processes, the rollout copy takes the policy's current weights (gathered from the shards)."""
-    if rollout_model is not policy:
+rollout_step = None  # the optimizer step whose weights the rollout copy holds (None: not yet gathered)
+
+
+def refresh_rollout_model(step):
+    """With several processes, the rollout copy takes the policy's weights after `step` optimizer steps (gathered
+    from the shards), once: an evaluation and the next round's rollouts share one gather."""
+    global rollout_step
+    if rollout_model is not policy and rollout_step != step:
+        rollout_step = step
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         rollout_model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
 
 
-def evaluate():
+def evaluate(step):
     """Greedy accuracy on the held-out questions, per kind and over all: each rank answers its share, one row per
-    question, in one KV batch, with the policy's current weights. Returns {kind: accuracy, ..., "all": accuracy}."""
-    refresh_rollout_model()
+    question, in one KV batch, with the policy's weights after `step` steps. Returns {kind: accuracy, ..., "all": ...}."""
+    refresh_rollout_model(step)
     share = eval_items[rank::world_size]
     rolled = roll_out(share, 1, [None] * len(share), 0.0, 1.0)
     kinds = sorted({item["kind"] or "-" for item in eval_items})
@@ -377,7 +383,7 @@ def evaluate():
 
 
 def report_eval(step):
-    scores = evaluate()
+    scores = evaluate(step)
     if master:
         print(f"eval step {step}: " + " | ".join(f"{kind} {value:.3f}" for kind, value in scores.items()), flush=True)
         if log:
@@ -412,7 +418,7 @@ for round_index in range(first_round, last_round):
     timings = {}
     # 1-3. Rollouts with the current policy; rewards; advantages within each group.
     started = time.time()
-    refresh_rollout_model()
+    refresh_rollout_model(round_index * args.mini_batches)
     groups, sampled, cursor = sample_groups(cursor)
     timings["rollout_s"] = time.time() - started
     items = [item for group in groups for item in vz.loss_items(group["episodes"], [s[0] for s in group["scores"]],
@@ -511,4 +517,7 @@ plumbing.save_checkpoint(final, policy, tokenizer, args.model, optimizer,
                          keep=args.keep_checkpoints)
 if master:
     print(f"{plumbing.stop_message(final, last_round < num_rounds)} ({time.time() - run_started:.1f} s)")
+for stream in (log, episodes_log):
+    if stream:
+        stream.close()
 plumbing.compute_cleanup()
