@@ -1269,6 +1269,11 @@ def format_eta(seconds):
 def fail(message):
     """A user's mistake: one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():  # under torchrun: as compute_cleanup
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(2)
     sys.exit(2)
 
 
