@@ -1270,11 +1270,19 @@ def fail(message):
     """A user's mistake: one line on stderr and exit code 2, never a traceback."""
     print(f"error: {message}", file=sys.stderr)
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():  # under torchrun: as compute_cleanup
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(2)
+    if dist is not None and dist.is_available() and dist.is_initialized():  # under torchrun: see compute_cleanup
+        leave_now(2)
     sys.exit(2)
+
+
+def leave_now(code):
+    """Flush stdout and stderr, then end the process at once (os._exit): no Python teardown, no atexit."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -1381,12 +1389,7 @@ def stop_on_ctrl_c(message="interrupted"):
             return default_hook(kind, value, traceback)
         if os.environ.get("RANK", "0") == "0":
             print(message, file=sys.stderr)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed pipe: nothing more to say
-                pass
-        os._exit(130)
+        leave_now(130)
 
     signal.signal(signal.SIGINT, on_sigint)
     sys.excepthook = hook
@@ -1440,15 +1443,13 @@ def compute_cleanup():
     Each gloo collective's worker thread frees the finished work, and with it tensors that belong to Python,
     which takes the GIL. When a loaded machine delays that until the interpreter is shutting down, the thread
     is stopped mid-unwind and the rank aborts (SIGABRT, "terminate called without an active exception"),
-    so torchrun fails a run that had finished. os._exit skips the shutdown; everything the scripts write is
+    so torchrun fails a run that had finished. leave_now skips the shutdown; everything the scripts write is
     closed or flushed before this line."""
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()  # gloo aborts at exit if one rank tears down while another is still talking
         dist.destroy_process_group()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(0)
+        leave_now(0)
 
 
 # -----------------------------------------------------------------------------
