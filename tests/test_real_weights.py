@@ -108,7 +108,10 @@ def test_readme_real_weights_section_runs_line_by_line(legacy, tmp_path):  # noq
         script = next(a for a in args if a.endswith(".py"))
         args[args.index(script)] = os.path.join(REPO, script)
         result = subprocess.run(args + SHORT[script], cwd=work, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, (line, result.stdout[-2000:], result.stderr[-3000:])
+        # A string, not a tuple (pytest shortens a tuple's repr), and the ranks' own stderr without torchrun's
+        # traceback after it, which would push a rank's last words out of the tail.
+        ranks = result.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+        assert result.returncode == 0, f"{line}\n{result.stdout[-2000:]}\n{ranks[-3000:]}"
         outputs.append(result.stdout)
     single, sft, rl, evaluation = outputs
     assert re.search(r"^answer: ", single, re.M), single[-2000:]
