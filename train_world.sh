@@ -177,24 +177,31 @@ if [ $EVAL = 1 ]; then
 
   stage "table: $OUT/table.md"
   python - "$OUT" <<'PY'
-import json, os, sys
+import json, os, re, sys
 out = sys.argv[1]
 truth = {(os.path.basename(r["video"]), r["question"]): r for r in map(json.loads, open(f"{out}/test/test.jsonl"))}
 rows = [("base, `--no-tool`, uniform frames at equal budget", "base_no_tool"), ("SFT on exemplars only", "sft_exemplar"),
         ("SFT on exemplars + reflection", "sft"), ("SFT + RL (`assets/model`)", "rl"),
         ("SFT + RL, `--no-tool`, uniform frames at equal budget", "rl_no_tool")]
 lines = ["| model | needle | count | glance | all | zooms/q | frames/q | zooms on the named scene | "
-         "zoomed again after a first zoom off the scene (again on it) |", "|---|---|---|---|---|---|---|---|---|"]
+         "zoomed again after a first zoom off the scene (again on it) | walk steps that say yes to two colours |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
 for label, name in rows:
     records = [r for r in map(json.loads, open(f"{out}/eval_{name}.jsonl")) if "videozoomer_results" not in r]  # header
     def accuracy(kind=None):
         picked = [r for r in records if kind in (None, r["kind"])]
         return f"{sum(bool(r['correct']) for r in picked) / len(picked):.3f}"
     zooms = on_scene = missed = again = again_on = 0  # needle and count name a scene: a zoom is on it when its
-    for r in records:                                    # segment overlaps the scene
+    differ = differ_yes = 0                              # segment overlaps the scene
+    for r in records:
         scene = truth[(os.path.basename(r["video"]), r["question"])]["meta"].get("scene")
         if r["kind"] not in ("needle", "count") or not scene:
             continue
+        # The first turn's walk, "Find red: 0s blue vs red no, 10s red vs red yes.": a yes where the colour it
+        # read differs from the one it looks for sends the zoom to the wrong scene.
+        steps = re.findall(r"\d+s (\w+) vs (\w+) (yes|no)", r["turns"][0]["text"] or "") if r["turns"] else []
+        differ += sum(seen != wanted for seen, wanted, _ in steps)
+        differ_yes += sum(seen != wanted and said == "yes" for seen, wanted, said in steps)
         hits = [turn["segment"][0] < scene["end"] and turn["segment"][1] > scene["start"]
                 for turn in r["turns"] if turn["kind"] == "zoom"]
         zooms, on_scene = zooms + len(hits), on_scene + sum(hits)
@@ -203,7 +210,7 @@ for label, name in rows:
     lines.append(f"| {label} | {accuracy('needle')} | {accuracy('count')} | {accuracy('glance')} | {accuracy()} | "
                  f"{sum(r['num_zooms'] for r in records) / len(records):.2f} | "
                  f"{sum(r['num_frames'] for r in records) / len(records):.1f} | {on_scene}/{zooms} | "
-                 f"{again}/{missed} ({again_on}) |")
+                 f"{again}/{missed} ({again_on}) | {differ_yes}/{differ} |")
 open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
