@@ -191,8 +191,7 @@ for label, name in rows:
     def accuracy(kind=None):
         picked = [r for r in records if kind in (None, r["kind"])]
         return f"{sum(bool(r['correct']) for r in picked) / len(picked):.3f}"
-    zooms = on_scene = missed = again = again_on = 0  # needle and count name a scene: a zoom is on it when its
-    differ = differ_yes = 0                              # segment overlaps the scene
+    zooms = on_scene = missed = again = again_on = differ = differ_yes = 0
     for r in records:
         scene = truth[(os.path.basename(r["video"]), r["question"])]["meta"].get("scene")
         if r["kind"] not in ("needle", "count") or not scene:
@@ -202,6 +201,7 @@ for label, name in rows:
         steps = re.findall(r"\d+s (\w+) vs (\w+) (yes|no)", r["turns"][0]["text"] or "") if r["turns"] else []
         differ += sum(seen != wanted for seen, wanted, _ in steps)
         differ_yes += sum(seen != wanted and said == "yes" for seen, wanted, said in steps)
+        # Needle and count name a scene: a zoom is on it when its segment overlaps the scene.
         hits = [turn["segment"][0] < scene["end"] and turn["segment"][1] > scene["start"]
                 for turn in r["turns"] if turn["kind"] == "zoom"]
         zooms, on_scene = zooms + len(hits), on_scene + sum(hits)
