@@ -409,7 +409,8 @@ if resume_dir:
     first_round, cursor = resumed_step // args.mini_batches, state["cursor"]
     if master:
         print(f"resumed from {resume_dir} at step {resumed_step}")
-log = open(args.log_jsonl, "a") if master and args.log_jsonl else None
+log = (plumbing.open_metrics_log(args.log_jsonl, first_round * args.mini_batches if resume_dir else None)
+       if master and args.log_jsonl else None)
 episodes_log = open(args.episodes_jsonl, "a") if master and args.episodes_jsonl else None
 run_started = last_saved = time.time()
 if eval_items and first_round == 0:

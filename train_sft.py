@@ -324,7 +324,8 @@ if resume_dir:
     if master:
         print(f"resumed from {resume_dir} at step {first_step}")
 last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-log = open(args.log_jsonl, "a") if master and args.log_jsonl else None
+log = (plumbing.open_metrics_log(args.log_jsonl, first_step if resume_dir else None)
+       if master and args.log_jsonl else None)
 run_started, tokens_seen = time.time(), 0
 last_saved = run_started
 for step in range(first_step, last_step):

@@ -104,7 +104,7 @@ def test_resume_after_sigkill_is_exact(data_dir, tiny_dir, tmp_path):
     train(data_dir / "good.jsonl", tmp_path / "straight", *args)
     cmd = [sys.executable, os.path.join(REPO, "train_sft.py"), "--data", str(data_dir / "good.jsonl"),
            "--out", str(tmp_path / "killed"), "--overview-fps", "0.25", "--lr", "1e-3", "--batch-size", "2",
-           "--save-every", "1", *args]
+           "--save-every", "1", "--log-jsonl", str(tmp_path / "killed.jsonl"), *args]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if "saved" in line and "step_3" in line:
@@ -113,8 +113,14 @@ def test_resume_after_sigkill_is_exact(data_dir, tiny_dir, tmp_path):
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not os.path.exists(tmp_path / "killed" / "final")
-    resumed = train(data_dir / "good.jsonl", tmp_path / "killed", *args, "--save-every", "1", "--resume")
+    with open(tmp_path / "killed.jsonl", "a") as f:  # a step the kill lost, and a line it cut off mid-write
+        f.write(json.dumps({"step": 6, "loss": -7.0}) + "\n" + '{"step": 7, "lo')
+    resumed = train(data_dir / "good.jsonl", tmp_path / "killed", *args, "--save-every", "1", "--resume",
+                    "--log-jsonl", str(tmp_path / "killed.jsonl"))
     assert "resumed from" in resumed.stdout
+    logged = [json.loads(line) for line in (tmp_path / "killed.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2, 3, 4, 5, 6], logged  # each once, by the kept run
+    assert all(m["loss"] != -7.0 for m in logged if "loss" in m)
     straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     again = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
     assert all(torch.equal(straight[k], again[k]) for k in straight)
