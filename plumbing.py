@@ -819,16 +819,16 @@ def load_training_state(checkpoint_dir, model, optimizer):
     return state
 
 
-def open_metrics_log(path, resumed_step=None):
-    """A run's metrics log (one JSON object a line, each with its "step"), opened to append. A resumed run redoes
-    the steps after its checkpoint, so the crashed run's lines for them, and a line cut off mid-write, are dropped
-    first: each step is logged once, by the run whose weights were kept."""
+def open_metrics_log(path, resumed_step=None, key="step"):
+    """A run's metrics log (one JSON object a line, each with its step under `key`), opened to append. A resumed
+    run redoes the steps after its checkpoint, so the crashed run's lines for them, and a line cut off mid-write,
+    are dropped first: each step is logged once, by the run whose weights were kept."""
     if resumed_step is not None and os.path.exists(path):
         kept = []
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    if json.loads(line).get("step", 0) <= resumed_step:
+                    if json.loads(line).get(key, 0) <= resumed_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, AttributeError):
                     pass  # cut off by the crash, or not a metrics line

@@ -411,7 +411,8 @@ if resume_dir:
         print(f"resumed from {resume_dir} at step {resumed_step}")
 log = (plumbing.open_metrics_log(args.log_jsonl, first_round * args.mini_batches if resume_dir else None)
        if master and args.log_jsonl else None)
-episodes_log = open(args.episodes_jsonl, "a") if master and args.episodes_jsonl else None
+episodes_log = (plumbing.open_metrics_log(args.episodes_jsonl, first_round if resume_dir else None, key="round")
+                if master and args.episodes_jsonl else None)
 run_started = last_saved = time.time()
 if eval_items and first_round == 0:
     report_eval(0)  # where the curve starts

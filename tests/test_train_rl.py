@@ -250,8 +250,9 @@ def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
     common = [sys.executable, os.path.join(REPO, "train_rl.py"), "--model", scripted_dir, "--data", str(data),
               "--prompts-per-step", "2", "--rollouts", "4", "--steps", "2", "--overview-fps", "0.25",
               "--max-new-tokens", "64", "--max-total-tokens", "4096", "--temperature", "0.7", "--lr", "1e-4"]
-    log = tmp_path / "stopped.jsonl"
-    for out, extra in (("straight", []), ("stopped", ["--max-steps", "1", "--log-jsonl", str(log)])):
+    log, episodes = tmp_path / "stopped.jsonl", tmp_path / "episodes.jsonl"
+    logs = ["--log-jsonl", str(log), "--episodes-jsonl", str(episodes), "--episodes-every", "1"]
+    for out, extra in (("straight", []), ("stopped", ["--max-steps", "1", *logs])):
         result = subprocess.run(common + ["--out", str(tmp_path / out), *extra], capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -269,14 +270,19 @@ def test_train_rl_resume_is_exact(scripted_dir, index_video, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--rollouts" in result.stderr, result.stderr
     assert "error: --rollouts is 2 but" in result.stderr
-    # What a crash after step_1 leaves in the log: step 2's line (lost with its weights) and a line cut mid-write.
+    # What a crash after step_1 leaves in the logs: step 2's line (lost with its weights) and a line cut mid-write;
+    # in the episodes log, round 2's episodes.
     with open(log, "a") as f:
         f.write(json.dumps({"step": 2, "reward": -7.0}) + "\n" + '{"step": 3, "rew')
-    result = subprocess.run(common + ["--out", str(tmp_path / "stopped"), "--resume", "--log-jsonl", str(log)],
+    with open(episodes, "a") as f:
+        f.write(json.dumps({"round": 2, "reward": -7.0}) + "\n")
+    result = subprocess.run(common + ["--out", str(tmp_path / "stopped"), "--resume", *logs],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "resumed from" in result.stdout and "step_1" in result.stdout, result.stderr
     logged = [json.loads(line) for line in log.read_text().splitlines()]  # each step once, by the kept run
     assert [m["step"] for m in logged] == [1, 2] and logged[1]["reward"] != -7.0, logged
+    dumped = [json.loads(line) for line in episodes.read_text().splitlines()]  # each round's episodes once
+    assert [e["round"] for e in dumped] == [1] * 4 + [2] * 4 and all(e["reward"] != -7.0 for e in dumped), dumped
     lines = result.stdout.splitlines()
     assert "steps 2-2 of 2: 1 rollout round of 1 mini-batch; 2 groups of 4 per rank per round; 1 process" in lines
     assert lines[-1].startswith(f"saved {tmp_path / 'stopped' / 'final'} ("), lines[-1]
