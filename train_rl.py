@@ -176,7 +176,7 @@ dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # of the fro
 policy.train()
 policy.model.visual.requires_grad_(args.train_vision)
 if args.grad_checkpointing:
-    policy.gradient_checkpointing_enable()
+    policy.activation_checkpointing_enable()
 rollout_model = None
 if world_size > 1:
     rollout_model, _, _ = load(resume_dir or args.model)  # a full copy: generation without collectives

@@ -112,7 +112,7 @@ renderer = vz.Renderer(tokenizer, vcfg)
 model.train()
 model.model.visual.requires_grad_(args.train_vision)
 if args.grad_checkpointing:
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
 model.to(device)
 model = plumbing.shard_model(model, world_size)
 trainable = [p for p in model.parameters() if p.requires_grad]

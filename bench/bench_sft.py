@@ -65,7 +65,7 @@ with plumbing.open_video(os.path.join(args.work, "video.mp4")) as video:
 model.train()
 model.model.visual.requires_grad_(False)
 if args.child == "checkpointing":
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 num_tokens = sum(len(ids) for ids, _, _ in batch)
 

@@ -105,7 +105,7 @@ def test_the_learner_sends_each_episode_whole_where_it_must(tiny, index_video, r
     model = copy.deepcopy(model)
     model.model.visual.requires_grad_(reason == "vision trains")
     if reason == "checkpointing":
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     with plumbing.open_video(index_video) as video:
         episodes = groups_of(tiny, video, (2,))
